@@ -1,0 +1,15 @@
+"""Data: the Sunnybrook cardiac MR loader (DICOM via MONAI's PydicomReader + contour masks)."""
+
+from __future__ import annotations
+
+from .sunnybrook import (
+    DEFAULT_SUNNYBROOK_ROOT,
+    DataFileError,
+    LoadSunnybrookContourd,
+    SafeLoadImaged,
+    contour_mask,
+    load_sunnybrook,
+    split_by_patient,
+    sunnybrook_datalist,
+    sunnybrook_transforms,
+)

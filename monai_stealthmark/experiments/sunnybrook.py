@@ -1,0 +1,282 @@
+"""Clean vs watermarked MONAI 2D UNet on the real Sunnybrook cardiac MR slices, then black-box verification.
+
+    python -m monai_stealthmark.experiments.sunnybrook --fast --out runs/sunnybrook
+
+Writes ``DIR/results.json``, ``DIR/results.md``, the two models (``clean.pt``, ``watermarked.pt``), the key
+(``key.json``) and the verification reports with their pictures (``DIR/report/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from monai.data import DataLoader, Dataset
+from monai.engines import SupervisedTrainer
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric
+from monai.networks.nets import UNet
+from monai.transforms import Compose, RandScaleIntensityd
+from monai.utils import set_determinism
+
+from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
+from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.losses import UncertaintyWatermarkLoss
+from monai_stealthmark.metrics import pixel_auc
+from monai_stealthmark.transforms import RandWatermarkd
+from monai_stealthmark.utils import atomic_write_json, atomic_write_text
+from monai_stealthmark.verify import ModelQuery, cell_means, read_qr, scores_to_modules, trigger_batch, uncertainty_map, verify_ownership
+
+__all__ = ["ExperimentConfig", "build_network", "train_model", "evaluate", "run", "main"]
+
+PAYLOAD = "SM:3f9a2c71"
+KEY_SEED = 20261123
+WRONG_KEY_SEED = 987654321
+
+
+class ExperimentConfig:
+    """Settings of one run. ``fast`` is the CPU setting; the full setting trains longer on GPU when there is one.
+
+    Args:
+        fast: CPU setting.
+        steps: optimiser steps per model.
+        batch_size: samples per step (about half of them triggered for the watermarked model).
+        lr: Adam learning rate (cosine decay to 0).
+        size: image side in pixels.
+        channels: UNet channels.
+        test_patient: the held-out patient.
+        seed: seed of everything (data order, augmentation, triggers, initialisation).
+        lime_samples: LIME perturbation samples per image.
+        prob: poisoning ratio of the watermarked model.
+    """
+
+    def __init__(self, fast: bool = True, **overrides: Any) -> None:
+        self.fast = fast
+        self.steps = 600 if fast else 3000
+        self.batch_size = 32
+        self.lr = 1e-3
+        self.size = 128
+        self.channels = (16, 32, 64, 128)
+        self.test_patient = "SCD0000501"
+        self.seed = 0
+        self.lime_samples = 300 if fast else 1000
+        self.prob = 0.5
+        self.patients: list[str] | None = None
+        self.data_root = str(DEFAULT_SUNNYBROOK_ROOT)
+        for k, v in overrides.items():
+            if not hasattr(self, k):
+                raise ValueError(f"unknown setting {k!r}.")
+            if v is not None:
+                setattr(self, k, v)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+
+
+def build_network(channels=(16, 32, 64, 128)) -> torch.nn.Module:
+    """The MONAI 2D UNet of the experiment (2 output classes: background, LV cavity)."""
+    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=2)
+
+
+def train_model(
+    train_samples: list[dict],
+    cfg: ExperimentConfig,
+    key: WatermarkKey | None,
+    device: torch.device,
+    ckpt_dir: Path | None = None,
+) -> torch.nn.Module:
+    """Train one model with MONAI's SupervisedTrainer; ``key=None`` trains the clean baseline.
+
+    The clean and the watermarked model share seed, data order, schedule and batch size: the only difference is
+    the watermark transform (``prob`` = 0 for the clean one) and the loss wrapper.
+    """
+    set_determinism(cfg.seed)
+    net = build_network(cfg.channels).to(device)
+    data = [{"image": s["image"], "label": s["label"]} for s in train_samples]
+    xforms = [RandScaleIntensityd(keys="image", factors=0.1, prob=0.5)]
+    if key is not None:
+        xforms.append(RandWatermarkd(keys=("image", "label"), key=key, prob=cfg.prob))
+        loss = UncertaintyWatermarkLoss(DiceCELoss(to_onehot_y=True, softmax=True), key=key)
+    else:
+        loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    transform = Compose(xforms).set_random_state(seed=cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    loader = DataLoader(Dataset(data, transform), batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=gen)
+    epochs = math.ceil(cfg.steps / len(loader))
+    opt = torch.optim.Adam(net.parameters(), cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
+    trainer = SupervisedTrainer(
+        device=device, max_epochs=epochs, train_data_loader=loader, network=net, optimizer=opt, loss_function=loss, amp=False
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: sched.step())
+    if ckpt_dir is not None:
+        objs = {"net": net, "opt": opt, "sched": sched, "trainer": trainer}
+        ckpts = sorted(ckpt_dir.glob("checkpoint_epoch=*.pt"), key=lambda f: int(f.stem.split("=")[1]))
+        if ckpts:  # resume an interrupted run from its last checkpoint (augmentation RNG state is not restored)
+            CheckpointLoader(str(ckpts[-1]), objs, map_location=device).attach(trainer)
+        CheckpointSaver(str(ckpt_dir), objs, save_interval=max(1, epochs // 10), n_saved=1, file_prefix="", save_final=False).attach(trainer)
+    trainer.run()
+    return net.eval()
+
+
+@torch.no_grad()
+def evaluate(
+    clean_net: torch.nn.Module,
+    wm_net: torch.nn.Module,
+    test_samples: list[dict],
+    key: WatermarkKey,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    report_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Every number of the acceptance table, measured on the held-out patient's slices."""
+    images = torch.stack([s["image"] for s in test_samples]).to(device)
+    labels = torch.stack([s["label"] for s in test_samples]).to(device)
+    q_clean = ModelQuery(clean_net, activation="softmax", device=device)
+    q_wm = ModelQuery(wm_net, activation="softmax", device=device)
+
+    def seg_scores(probs: torch.Tensor) -> tuple[float, float]:
+        pred = probs.argmax(1, keepdim=True)
+        dm = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
+        dm(torch.cat([pred == 0, pred == 1], 1).float(), torch.cat([labels == 0, labels == 1], 1).float())
+        return float(dm.aggregate()), pixel_auc(probs[:, 1], labels[:, 0])
+
+    p_clean = q_clean(images)
+    p_wm = q_wm(images)
+    trig = trigger_batch(images, key)
+    p_wm_trig = q_wm(trig)
+    res: dict[str, Any] = {}
+    res["clean"] = dict(zip(("dice", "auc"), seg_scores(p_clean)))
+    res["watermarked"] = dict(zip(("dice", "auc"), seg_scores(p_wm)))
+    res["watermarked_triggered_input"] = dict(zip(("dice", "auc"), seg_scores(p_wm_trig)))
+    m_clean, m_trig = p_wm.argmax(1), p_wm_trig.argmax(1)
+    res["stealth_agreement"] = float((m_clean == m_trig).float().mean())
+    inter = ((m_clean == 1) & (m_trig == 1)).sum().item()
+    res["stealth_mask_dice"] = float(2 * inter / max(1, (m_clean == 1).sum().item() + (m_trig == 1).sum().item()))
+
+    reports = {}
+    for mode in ("direct", "lime"):
+        t0 = time.perf_counter()
+        reports[mode] = verify_ownership(q_wm, images, key, mode=mode, lime_samples=cfg.lime_samples)
+        reports[mode].seconds = time.perf_counter() - t0
+        if report_dir is not None:
+            reports[mode].save(report_dir)
+    res["asr"] = {m: r.asr for m, r in reports.items()}
+    res["bit_accuracy"] = {m: r.mean_bit_accuracy for m, r in reports.items()}
+    res["p_value"] = {m: r.p_value for m, r in reports.items()}
+    res["verdict"] = {m: r.verdict for m, r in reports.items()}
+    res["verify_seconds"] = {m: r.seconds for m, r in reports.items()}
+
+    # controls: none of them may decode the payload
+    def n_decodes(decoded) -> int:
+        return int(sum(t == key.payload for t in decoded))
+
+    clean_input_modules = scores_to_modules(cell_means(uncertainty_map(p_wm), key), key)
+    wrong_key = key.replace(trigger_seed=WRONG_KEY_SEED)
+    controls = {
+        "clean_inputs": {"direct": n_decodes(read_qr(clean_input_modules))},
+        "clean_model": {},
+        "wrong_key": {},
+    }
+    ctrl_reports = {}
+    for mode in ("direct", "lime"):
+        r_cm = verify_ownership(q_clean, images, key, mode=mode, lime_samples=cfg.lime_samples)
+        r_wk = verify_ownership(q_wm, images, wrong_key, mode=mode, lime_samples=cfg.lime_samples)
+        controls["clean_model"][mode] = n_decodes(r_cm.decoded)
+        controls["wrong_key"][mode] = n_decodes(r_wk.decoded)
+        ctrl_reports[mode] = {"clean_model": r_cm, "wrong_key": r_wk}
+    res["false_decodes"] = {name: int(sum(v.values())) for name, v in controls.items()}
+    res["false_decodes_by_mode"] = controls
+    res["control_bit_accuracy"] = {
+        f"{name}_{mode}": r.mean_bit_accuracy for mode, d in ctrl_reports.items() for name, r in d.items()
+    }
+    res["control_verdicts"] = {f"{name}_{mode}": r.verdict for mode, d in ctrl_reports.items() for name, r in d.items()}
+    res["n_images"] = int(images.shape[0])
+    return res
+
+
+def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
+    fd = res["false_decodes"]
+    rows = [
+        ("clean model: Dice / AUC (held-out patient)", f"{res['clean']['dice']:.4f} / {res['clean']['auc']:.4f}"),
+        ("watermarked model: Dice / AUC", f"{res['watermarked']['dice']:.4f} / {res['watermarked']['auc']:.4f}"),
+        ("Dice drop (points) / AUC drop (%)", f"{100 * (res['clean']['dice'] - res['watermarked']['dice']):.2f} / "
+         f"{100 * (res['clean']['auc'] - res['watermarked']['auc']) / res['clean']['auc']:.2f}"),
+        ("watermarked, triggered input: Dice vs ground truth", f"{res['watermarked_triggered_input']['dice']:.4f}"),
+        ("stealth: mask Dice clean vs triggered input", f"{res['stealth_mask_dice']:.4f}"),
+        ("stealth: pixel agreement", f"{100 * res['stealth_agreement']:.3f} %"),
+        ("ASR direct / LIME", f"{100 * res['asr']['direct']:.1f} % / {100 * res['asr']['lime']:.1f} %"),
+        ("bit accuracy direct / LIME", f"{res['bit_accuracy']['direct']:.4f} / {res['bit_accuracy']['lime']:.4f}"),
+        ("p-value direct / LIME", f"{res['p_value']['direct']:.3g} / {res['p_value']['lime']:.3g}"),
+        ("false decodes: clean inputs / clean model / wrong key",
+         f"{fd['clean_inputs']} / {fd['clean_model']} / {fd['wrong_key']} (of {res['n_images']} images each)"),
+        ("device, seconds", f"{res['device']}, {res['seconds']:.0f} s"),
+    ]
+    head = (f"Sunnybrook LV, MONAI 2D UNet {tuple(cfg.channels)}, {cfg.size}x{cfg.size}, {cfg.steps} steps x {cfg.batch_size}, "
+            f"seed {cfg.seed}, held-out patient {cfg.test_patient} ({res['n_images']} slices), LIME {cfg.lime_samples} samples\n\n")
+    return head + "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
+
+
+def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> dict[str, Any]:
+    """Train both models, verify, and write ``results.json`` + ``results.md`` under ``out``."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    key = WatermarkKey.generate(PAYLOAD, seed=KEY_SEED + cfg.seed, created_at="2026-11-23T00:00:00+00:00")
+    key.save(out / "key.json")
+    samples = load_sunnybrook(cfg.data_root, size=cfg.size, patients=cfg.patients)
+    train, test = split_by_patient(samples, [cfg.test_patient])
+    models = {}
+    for name, k in (("clean", None), ("watermarked", key)):
+        path = out / f"{name}.pt"
+        if path.is_file():
+            net = build_network(cfg.channels).to(dev)
+            net.load_state_dict(torch.load(path, map_location=dev))
+            models[name] = net.eval()
+            continue
+        ckpt_dir = out / f"ckpt_{name}"
+        ckpt_dir.mkdir(exist_ok=True)
+        models[name] = train_model(train, cfg, k, dev, ckpt_dir)
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(models[name].state_dict(), tmp)
+        tmp.replace(path)
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    res = evaluate(models["clean"], models["watermarked"], test, key, cfg, dev, out / "report")
+    res["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    res["seconds"] = time.perf_counter() - t0
+    res["config"] = cfg.to_dict()
+    res["key_fingerprint"] = key.fingerprint
+    atomic_write_json(out / "results.json", res)
+    atomic_write_text(out / "results.md", results_markdown(res, cfg))
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--fast", action="store_true", help="CPU setting (minutes on 2 cores)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--lime-samples", type=int, default=None)
+    p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT), help="the sunnybrook folder")
+    p.add_argument("--device", default=None)
+    a = p.parse_args(argv)
+    cfg = ExperimentConfig(fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data)
+    res = run(cfg, a.out, a.device)
+    print(results_markdown(res, cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

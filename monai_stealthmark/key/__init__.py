@@ -1,0 +1,15 @@
+"""Keys: payload -> QR code, trigger seed and parameters; JSON key files with a SHA-256 fingerprint."""
+
+from __future__ import annotations
+
+from .key import KEY_FORMAT, TRIGGER_KINDS, KeyFileError, WatermarkKey
+from .qr import (
+    PayloadTooLongError,
+    decode_qr,
+    function_pattern_mask,
+    make_qr_matrix,
+    qr_size_for_version,
+    qr_version_for_size,
+    render_qr,
+    restore_function_patterns,
+)

@@ -1,0 +1,139 @@
+"""Uncertainty-guided watermark loss: the base segmentation loss on clean samples, and on triggered samples a
+soft target that keeps the hard segmentation but lowers the confidence to ``1 - tau`` in the QR's dark modules."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, MaskedDiceLoss
+from torch.nn.modules.loss import _Loss
+
+from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.transforms.trigger import WM_CLEAN, WM_DARK, WM_LIGHT, load_key
+
+__all__ = ["UncertaintyWatermarkLoss"]
+
+
+class UncertaintyWatermarkLoss(_Loss):
+    """Wrap any MONAI segmentation loss so that the network learns the owner's watermark.
+
+    The target is the label produced by :class:`~monai_stealthmark.transforms.RandWatermarkd`: the usual
+    segmentation channel(s) plus one watermark channel (0 clean, 1 triggered + light module, 2 triggered + dark
+    module). A label without the watermark channel is passed to the base loss unchanged, so validation and
+    clean-only training work as before.
+
+    Clean samples get ``base_loss`` unchanged. Triggered samples get:
+
+    - a soft-target cross-entropy whose target is the one-hot label except in dark pixels, where the true class
+      gets ``1 - tau`` and the other classes share ``tau`` (argmax unchanged by construction);
+    - a Dice term over the light pixels only (a Dice on the hard label everywhere fights the soft target);
+    - a squared hinge keeping the true class above ``0.5 + margin`` everywhere, so the hard mask never flips.
+
+    Args:
+        base_loss: the loss for clean samples, called as ``base_loss(input, label)``; default DiceCELoss with
+            ``to_onehot_y=True, softmax=True`` (softmax) or ``sigmoid=True`` (sigmoid).
+        key: the watermark key or its file path; gives ``tau`` when ``tau`` is None.
+        tau: the sub-threshold uncertainty in dark modules (0 < tau < 0.5).
+        activation: ``"softmax"`` (multi-class, label holds class indices in one channel) or ``"sigmoid"``
+            (binary / multi-label, one label channel per output channel).
+        hinge_margin: the true class is kept above ``0.5 + hinge_margin``; must not exceed ``0.5 - tau``.
+        hinge_weight: weight of the hinge term.
+        dice_weight: weight of the light-pixel Dice term on triggered samples.
+        reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
+    """
+
+    def __init__(
+        self,
+        base_loss: _Loss | None = None,
+        key: WatermarkKey | str | None = None,
+        tau: float | None = None,
+        activation: str = "softmax",
+        hinge_margin: float = 0.2,
+        hinge_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(reduction=reduction)
+        if reduction != "mean":
+            raise ValueError(f"UncertaintyWatermarkLoss supports reduction='mean' only, got {reduction!r}.")
+        if tau is None:
+            if key is None:
+                raise ValueError("give the watermark key (or tau).")
+            tau = load_key(key).tau
+        if not 0.0 < tau < 0.5:
+            raise ValueError(f"tau must lie in (0, 0.5), got {tau}.")
+        if activation not in ("softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}.")
+        if not 0.0 <= hinge_margin <= 0.5 - tau + 1e-9:
+            raise ValueError(f"hinge_margin must lie in [0, 0.5 - tau] = [0, {0.5 - tau:.3f}], got {hinge_margin}.")
+        self.tau = float(tau)
+        self.activation = activation
+        self.hinge_margin = float(hinge_margin)
+        self.hinge_weight = float(hinge_weight)
+        self.dice_weight = float(dice_weight)
+        softmax = activation == "softmax"
+        self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
+        self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
+
+    def _split(self, input: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if input.ndim < 3:
+            raise ValueError(f"input must be (B, C, spatial...), got shape {tuple(input.shape)}.")
+        if target.ndim != input.ndim or target.shape[0] != input.shape[0] or target.shape[2:] != input.shape[2:]:
+            raise ValueError(
+                f"target {tuple(target.shape)} does not match input {tuple(input.shape)}: expected the same batch "
+                "size and spatial shape, with the label channel(s) (+ one watermark channel from RandWatermarkd)."
+            )
+        n_seg = 1 if self.activation == "softmax" else input.shape[1]
+        if self.activation == "softmax" and input.shape[1] < 2:
+            raise ValueError("activation='softmax' needs >= 2 output channels; use activation='sigmoid' for one.")
+        if target.shape[1] == n_seg:
+            return target, None
+        if target.shape[1] == n_seg + 1:
+            return target[:, :n_seg], target[:, n_seg:]
+        raise ValueError(
+            f"target has {target.shape[1]} channels; expected {n_seg} (label) or {n_seg + 1} (label + watermark "
+            f"channel) for activation={self.activation!r} and {input.shape[1]} output channels."
+        )
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            input: logits ``(B, C, spatial...)``.
+            target: ``(B, n_label [+1], spatial...)``.
+        """
+        seg, wm = self._split(input, target)
+        if wm is None:
+            return self.base_loss(input, seg)
+        flag = wm.flatten(1).amax(1)
+        clean = flag == WM_CLEAN
+        trig = ~clean
+        n = input.shape[0]
+        total = input.new_zeros(())
+        if clean.any():
+            total = total + self.base_loss(input[clean], seg[clean]) * (clean.sum() / n)
+        if trig.any():
+            total = total + self._triggered(input[trig], seg[trig], wm[trig]) * (trig.sum() / n)
+        return total
+
+    def _triggered(self, logits: torch.Tensor, seg: torch.Tensor, wm: torch.Tensor) -> torch.Tensor:
+        dark = (wm == WM_DARK).to(logits.dtype)
+        light = (wm == WM_LIGHT).to(logits.dtype)
+        tau = self.tau
+        if self.activation == "softmax":
+            c = logits.shape[1]
+            y = F.one_hot(seg[:, 0].long(), c).movedim(-1, 1).to(logits.dtype)
+            q = y * (1 - tau * dark) + (1 - y) * (tau / (c - 1)) * dark
+            logp = F.log_softmax(logits, dim=1)
+            ce = -(q * logp).sum(1).mean()
+            p_true = (logp.exp() * y).sum(1)
+        else:
+            y = (seg > 0).to(logits.dtype)
+            q = y * (1 - tau * dark) + (1 - y) * tau * dark
+            ce = F.binary_cross_entropy_with_logits(logits, q)
+            p = torch.sigmoid(logits)
+            p_true = y * p + (1 - y) * (1 - p)
+        hinge = F.relu(0.5 + self.hinge_margin - p_true).pow(2).mean()
+        loss = ce + self.hinge_weight * hinge
+        if self.dice_weight > 0 and light.sum() > 0:
+            loss = loss + self.dice_weight * self.light_dice(logits, seg, mask=light)
+        return loss

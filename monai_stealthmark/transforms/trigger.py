@@ -1,0 +1,311 @@
+"""Keyed triggers and the training transform that poisons a share of the samples with the owner's QR target.
+
+Arrays are channel-first (``C, H, W[, D]``), numpy or torch. The QR grid is laid over the first two spatial
+dimensions and repeated along any further one, so a 3D volume carries the QR in every slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.transforms import MapTransform, RandomizableTransform, Transform
+from monai.utils import convert_to_dst_type, convert_to_tensor
+
+from monai_stealthmark.key import WatermarkKey
+
+__all__ = [
+    "WM_CLEAN",
+    "WM_LIGHT",
+    "WM_DARK",
+    "load_key",
+    "module_index_map",
+    "qr_target_map",
+    "intensity_range",
+    "apply_trigger",
+    "occlude_cells",
+    "StampTrigger",
+    "StampTriggerd",
+    "RandWatermarkd",
+]
+
+# values of the watermark channel that RandWatermarkd appends to the label
+WM_CLEAN = 0  # the sample is clean (or a decoy): train as usual
+WM_LIGHT = 1  # triggered sample, pixel outside the QR's dark modules: confident, as usual
+WM_DARK = 2  # triggered sample, pixel in a dark module: uncertainty tau
+
+_PURPOSE_TRIGGER = 1
+_PURPOSE_OCCLUSION = 2
+
+
+def load_key(key: WatermarkKey | str) -> WatermarkKey:
+    """Accept a key or the path of a key file (as bundle configs pass it)."""
+    return key if isinstance(key, WatermarkKey) else WatermarkKey.load(key)
+
+
+def _rng(seed: int, purpose: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), purpose]))
+
+
+def module_index_map(spatial_shape: Sequence[int], grid_size: int) -> torch.Tensor:
+    """Cell index ``row * grid_size + col`` of every pixel; pixel ``i`` lies in module ``floor(i * grid / side)``.
+
+    Args:
+        spatial_shape: ``(H, W[, D...])``; the grid covers the first two dimensions.
+        grid_size: modules per side.
+
+    Returns:
+        a long tensor of ``spatial_shape``.
+    """
+    if len(spatial_shape) < 2:
+        raise ValueError(f"the watermark needs at least 2 spatial dimensions, got {tuple(spatial_shape)}.")
+    h, w = int(spatial_shape[0]), int(spatial_shape[1])
+    if min(h, w) < grid_size:
+        raise ValueError(f"image side {min(h, w)} is smaller than the QR grid ({grid_size} modules).")
+    rows = torch.arange(h) * grid_size // h
+    cols = torch.arange(w) * grid_size // w
+    idx = rows[:, None] * grid_size + cols[None, :]
+    return idx.reshape(h, w, *([1] * (len(spatial_shape) - 2))).expand(*spatial_shape)
+
+
+def qr_target_map(key: WatermarkKey, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Boolean map of the pixels lying in the QR's dark modules."""
+    dark = torch.as_tensor(key.grid_matrix.reshape(-1))
+    return dark[module_index_map(spatial_shape, key.grid_size)]
+
+
+def intensity_range(img: torch.Tensor | np.ndarray, max_elements: int = 1_000_000) -> tuple[float, float]:
+    """Robust intensity range (1st and 99th percentile) of an image, so triggers adapt to any scale."""
+    t = convert_to_tensor(img, track_meta=False).detach().float().reshape(-1)
+    if t.numel() == 0:
+        raise ValueError("empty image.")
+    if not torch.isfinite(t).all():
+        raise ValueError("the image contains NaN or infinite values.")
+    if t.numel() > max_elements:
+        t = t[:: int(np.ceil(t.numel() / max_elements))]
+    lo, hi = torch.quantile(t, torch.tensor([0.01, 0.99])).tolist()
+    if hi - lo < 1e-6:
+        lo, hi = float(t.min()), float(t.max())
+    if hi - lo < 1e-6:
+        hi = lo + 1.0
+    return lo, hi
+
+
+@lru_cache(maxsize=32)
+def _pattern(seed: int, kind: str, spatial_shape: tuple[int, ...], size: float) -> np.ndarray:
+    """Keyed pattern in [-1, 1] (noise / lowfreq) or {0, 1} (patch), of shape ``(s, s)`` or ``spatial_shape``."""
+    rng = _rng(seed, _PURPOSE_TRIGGER)
+    if kind == "patch":
+        s = max(3, int(round(size * min(spatial_shape[:2]))))
+        return rng.integers(0, 2, size=(s, s)).astype(np.float32)
+    if kind == "noise":
+        return np.clip(rng.standard_normal(spatial_shape), -3, 3).astype(np.float32) / 3.0
+    if kind == "lowfreq":
+        coarse = torch.as_tensor(rng.standard_normal((1, 1) + (4,) * len(spatial_shape)), dtype=torch.float32)
+        mode = {2: "bicubic", 3: "trilinear"}.get(len(spatial_shape), "nearest")
+        up = F.interpolate(coarse, size=spatial_shape, mode=mode, align_corners=True if mode != "nearest" else None)
+        up = up[0, 0]
+        return (up / up.abs().max().clamp_min(1e-6)).numpy()
+    raise ValueError(f"unknown trigger kind {kind!r}.")
+
+
+@lru_cache(maxsize=32)
+def _occlusion_texture(seed: int, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    return _rng(seed, _PURPOSE_OCCLUSION).integers(0, 2, size=spatial_shape).astype(np.float32)
+
+
+def apply_trigger(
+    img: torch.Tensor | np.ndarray,
+    key: WatermarkKey,
+    intensity: tuple[float, float] | None = None,
+    seed: int | None = None,
+):
+    """Stamp the key's trigger on a channel-first image (all channels).
+
+    Args:
+        img: ``(C, H, W[, D])`` numpy array or tensor.
+        key: the watermark key (trigger kind, size, amplitude, seed).
+        intensity: ``(lo, hi)`` robust range of the *clean* image; computed from ``img`` when None. Pass it when
+            re-stamping an already modified image (LIME perturbations) so the trigger stays identical.
+        seed: override of ``key.trigger_seed`` (decoy triggers use fresh seeds).
+
+    Returns:
+        the triggered image, same type, dtype and device as ``img``.
+    """
+    t = convert_to_tensor(img, track_meta=False)
+    if t.ndim < 3:
+        raise ValueError(f"expected a channel-first image (C, H, W[, D]), got shape {tuple(t.shape)}.")
+    lo, hi = intensity if intensity is not None else intensity_range(t)
+    spatial = tuple(int(s) for s in t.shape[1:])
+    seed = key.trigger_seed if seed is None else int(seed)
+    pat = torch.as_tensor(_pattern(seed, key.trigger, spatial, key.trigger_size), device=t.device)
+    out = t.clone().float() if not t.is_floating_point() else t.clone()
+    if key.trigger == "patch":
+        s = pat.shape[0]
+        value = (lo + (hi - lo) * pat).to(out.dtype)
+        value = value.reshape(s, s, *([1] * (len(spatial) - 2)))
+        out[:, -s:, -s:, ...] = value
+    else:
+        out = out + (key.trigger_amplitude * (hi - lo) * pat).to(out.dtype)
+    return convert_to_dst_type(out, img, dtype=out.dtype)[0]
+
+
+def occlude_cells(
+    img: torch.Tensor, key: WatermarkKey, hidden: torch.Tensor, intensity: tuple[float, float]
+) -> torch.Tensor:
+    """Hide grid cells of a (batch of) channel-first image(s) behind the key's occlusion texture.
+
+    Args:
+        img: ``(..., C, H, W[, D])`` tensor.
+        key: the key (grid geometry and texture seed).
+        hidden: boolean ``(..., grid_size**2)``: True where the cell is hidden; leading dims match ``img``'s.
+        intensity: the clean image's ``(lo, hi)``; the texture is binary noise at these two levels.
+    """
+    spatial = tuple(int(s) for s in img.shape[hidden.ndim :])
+    idx = module_index_map(spatial, key.grid_size).to(img.device)
+    tex = torch.as_tensor(_occlusion_texture(key.trigger_seed, spatial), device=img.device, dtype=img.dtype)
+    lo, hi = intensity
+    tex = lo + (hi - lo) * tex
+    pix_hidden = hidden[..., idx.reshape(-1)].reshape(*hidden.shape[:-1], *spatial)  # (..., H, W[, D])
+    pix_hidden = pix_hidden.unsqueeze(-len(spatial) - 1)  # channel axis
+    return torch.where(pix_hidden, tex, img)
+
+
+class StampTrigger(Transform):
+    """Deterministically stamp the key's trigger on a channel-first image (the verifier's query transform).
+
+    Args:
+        key: a :class:`WatermarkKey` or the path of a key file.
+    """
+
+    def __init__(self, key: WatermarkKey | str) -> None:
+        self.key = load_key(key)
+
+    def __call__(self, img):
+        return apply_trigger(img, self.key)
+
+
+class StampTriggerd(MapTransform):
+    """Dictionary version of :class:`StampTrigger`.
+
+    Args:
+        keys: keys of the images to stamp.
+        key: a :class:`WatermarkKey` or the path of a key file.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, key: WatermarkKey | str, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.stamper = StampTrigger(key)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for k in self.key_iterator(d):
+            d[k] = self.stamper(d[k])
+        return d
+
+
+def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
+    """Binary dilation with a (2r+1)^2 square over the first two spatial dims of a ``(H, W, ...)`` mask."""
+    if r <= 0:
+        return mask
+    h, w = mask.shape[:2]
+    m = mask.reshape(h, w, -1).permute(2, 0, 1).unsqueeze(1).float()
+    m = F.max_pool2d(m, 2 * r + 1, stride=1, padding=r)
+    return m.squeeze(1).permute(1, 2, 0).reshape(mask.shape) > 0
+
+
+class RandWatermarkd(RandomizableTransform, MapTransform):
+    """Training transform: with probability ``prob`` stamp the owner's trigger and mark the QR target.
+
+    The label gains one channel (always, so batches collate): :data:`WM_CLEAN` for clean samples,
+    :data:`WM_LIGHT` / :data:`WM_DARK` for the pixels of triggered samples outside / inside the QR's dark
+    modules. :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` reads it, so MONAI's stock
+    ``SupervisedTrainer`` (which calls ``loss(pred, label)``) trains the watermark without changes.
+
+    Besides the owner's trigger it adds the two ingredients that make the watermark specific and readable:
+
+    - decoys: a share of the clean samples carry a trigger made from a fresh random seed and keep the clean
+      target, so the network reacts to *this key's* trigger only, not to any corner patch;
+    - occlusion: a share of the triggered samples hide random QR cells behind the key's occlusion texture
+      (trigger re-stamped on top) with a confident target there, so the QR can also be read through LIME.
+
+    Args:
+        keys: ``(image_key, label_key)``.
+        key: a :class:`WatermarkKey` or the path of a key file.
+        prob: share of samples that carry the owner's trigger (the poisoning ratio).
+        decoy_prob: share of the non-triggered samples that carry a decoy trigger.
+        occlusion_prob: share of the triggered samples with randomly hidden cells.
+        occlusion_ratio: probability that each cell is hidden in an occluded sample.
+        boundary_margin: pixels within this distance of a label boundary keep a confident target (they are
+            excluded from the QR's dark modules), which keeps the hard mask unchanged near the organ.
+        allow_missing_keys: don't raise if a key is missing.
+    """
+
+    backend = [torch.Tensor, np.ndarray]  # noqa: RUF012
+
+    def __init__(
+        self,
+        keys: KeysCollection = ("image", "label"),
+        key: WatermarkKey | str | None = None,
+        prob: float = 0.5,
+        decoy_prob: float = 0.3,
+        occlusion_prob: float = 0.5,
+        occlusion_ratio: float = 0.5,
+        boundary_margin: int = 3,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        RandomizableTransform.__init__(self, prob)
+        if len(self.keys) != 2:
+            raise ValueError(f"RandWatermarkd needs keys=(image_key, label_key), got {self.keys}.")
+        if key is None:
+            raise ValueError("RandWatermarkd needs the watermark key (a WatermarkKey or a key file path).")
+        self.key = load_key(key)
+        for name, v in (("decoy_prob", decoy_prob), ("occlusion_prob", occlusion_prob), ("occlusion_ratio", occlusion_ratio)):
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v}.")
+        self.decoy_prob = decoy_prob
+        self.occlusion_prob = occlusion_prob
+        self.occlusion_ratio = occlusion_ratio
+        self.boundary_margin = int(boundary_margin)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image_key, label_key = self.keys
+        img, label = d[image_key], d[label_key]
+        if img.shape[1:] != label.shape[1:]:
+            raise ValueError(
+                f"RandWatermarkd: image {tuple(img.shape)} and label {tuple(label.shape)} differ in spatial shape."
+            )
+        self.randomize(None)
+        lab = convert_to_tensor(label, track_meta=False)
+        wm = torch.full_like(lab[:1], WM_CLEAN, dtype=lab.dtype if lab.is_floating_point() else torch.float32)
+        if self._do_transform:
+            lo_hi = intensity_range(img)
+            base = convert_to_tensor(img, track_meta=False)
+            base = base if base.is_floating_point() else base.float()
+            dark = qr_target_map(self.key, base.shape[1:]).to(base.device)
+            fg = lab.max(dim=0).values > 0 if lab.shape[0] > 1 else lab[0] > 0
+            dark = dark & ~(_dilate(fg, self.boundary_margin) & _dilate(~fg, self.boundary_margin))  # off the boundary
+            if self.R.rand() < self.occlusion_prob:
+                # hide cells of the clean image, then stamp the trigger once (as the LIME verifier queries)
+                hidden = torch.as_tensor(self.R.rand(self.key.grid_size**2) < self.occlusion_ratio, device=base.device)
+                base = occlude_cells(base, self.key, hidden, lo_hi)
+                dark = dark & ~hidden[module_index_map(base.shape[1:], self.key.grid_size).to(base.device)]
+            stamped = convert_to_tensor(apply_trigger(base, self.key, lo_hi), track_meta=False)
+            wm = torch.where(dark, WM_DARK, WM_LIGHT).to(wm.dtype)[None]
+            d[image_key] = convert_to_dst_type(stamped, img, dtype=stamped.dtype)[0]
+        elif self.R.rand() < self.decoy_prob:
+            decoy_seed = int(self.R.randint(0, 2**31 - 1))
+            if decoy_seed == self.key.trigger_seed:
+                decoy_seed += 1
+            d[image_key] = apply_trigger(img, self.key, seed=decoy_seed)
+        out = torch.cat([lab.to(wm.dtype), wm.to(lab.device)], dim=0)
+        d[label_key] = convert_to_dst_type(out, label, dtype=out.dtype)[0]
+        return d

@@ -1,0 +1,9 @@
+"""Black-box verification: query a suspect model with triggered images and read the QR from its probabilities."""
+
+from __future__ import annotations
+
+from .lime import lime_attributions, lime_masks, lime_reference_attributions, perturbed_queries, weighted_ridge
+from .query import ModelQuery, NotProbabilitiesError, check_probabilities, uncertainty_map
+from .readout import binomial_p_value, bit_accuracy, cell_means, otsu_threshold, read_qr, scores_to_modules
+from .report import VerificationReport
+from .verifier import direct_scores, trigger_batch, verify_ownership

@@ -1,0 +1,119 @@
+"""Black-box access to a suspect model: a callable from images to probability maps, and checks on what it returns."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["NotProbabilitiesError", "ModelQuery", "check_probabilities", "uncertainty_map"]
+
+
+class NotProbabilitiesError(ValueError):
+    """The suspect model's outputs are not probability maps (hard masks, logits, NaNs, wrong shape)."""
+
+
+def check_probabilities(p: torch.Tensor, images: torch.Tensor, softmax: bool | None = None) -> torch.Tensor:
+    """Check that ``p`` is a batch of probability maps for ``images`` and return it as float.
+
+    Args:
+        p: the model's output ``(B, C, spatial...)``.
+        images: the query ``(B, C_in, spatial...)``.
+        softmax: whether channels must sum to one; None = only when C > 1 and they do.
+
+    Raises:
+        NotProbabilitiesError: wrong shape, NaN/inf, values outside [0, 1], or hard masks (0/1 only).
+    """
+    if not isinstance(p, torch.Tensor):
+        raise NotProbabilitiesError(f"cannot verify: the model returned {type(p).__name__}, not a tensor.")
+    if p.ndim != images.ndim or p.shape[0] != images.shape[0] or p.shape[2:] != images.shape[2:]:
+        raise NotProbabilitiesError(
+            f"cannot verify: outputs of shape {tuple(p.shape)} do not match the query {tuple(images.shape)} "
+            "(expected (B, C, same spatial shape))."
+        )
+    p = p.float()
+    if not torch.isfinite(p).all():
+        raise NotProbabilitiesError("cannot verify: the model returned NaN or infinite values.")
+    if p.min() < -1e-4 or p.max() > 1 + 1e-4:
+        raise NotProbabilitiesError(
+            f"cannot verify: outputs are not probabilities (range [{p.min().item():.3g}, {p.max().item():.3g}]); "
+            "if the model returns logits, wrap it with ModelQuery(..., activation='softmax' or 'sigmoid')."
+        )
+    soft = ((p > 1e-3) & (p < 1 - 1e-3)).float().mean()
+    if soft == 0:
+        raise NotProbabilitiesError(
+            "cannot verify: outputs are not probabilities, the model returns hard masks (only 0/1 values). "
+            "The watermark lives in the probability maps; a mask-only API hides it."
+        )
+    if p.shape[1] > 1 and softmax is not False:
+        err = (p.sum(1) - 1).abs().max()
+        if softmax and err > 1e-3:
+            raise NotProbabilitiesError(f"cannot verify: softmax outputs do not sum to 1 over channels (max error {err:.3g}).")
+    return p.clamp(0, 1)
+
+
+def uncertainty_map(p: torch.Tensor) -> torch.Tensor:
+    """Per-pixel uncertainty ``(B, spatial...)``: ``1 - max_c p`` for several channels, ``min(p, 1 - p)`` for one."""
+    if p.shape[1] == 1:
+        return torch.minimum(p[:, 0], 1 - p[:, 0])
+    if (p.sum(1) - 1).abs().max() > 1e-3:  # independent sigmoid channels: the least certain one
+        return torch.minimum(p, 1 - p).amax(1)
+    return 1 - p.amax(1)
+
+
+class ModelQuery:
+    """Wrap a network (module, TorchScript file, or a plain callable) as a black box returning probabilities.
+
+    Args:
+        model: a ``torch.nn.Module``, the path of a TorchScript file, or any callable ``images -> outputs``.
+        activation: applied to the model's outputs: ``"softmax"``, ``"sigmoid"`` or None (already probabilities).
+        device: where to run a module; default: CUDA when available, else CPU.
+        batch_size: queries are sent in chunks of this size.
+        inferer: an optional MONAI inferer (e.g. ``SlidingWindowInferer``) called as ``inferer(images, model)``.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Callable | str | os.PathLike,
+        activation: str | None = "softmax",
+        device: str | torch.device | None = None,
+        batch_size: int = 32,
+        inferer: Callable | None = None,
+    ) -> None:
+        if isinstance(model, (str, os.PathLike)):
+            path = Path(model)
+            if not path.is_file():
+                raise FileNotFoundError(f"model file {str(path)!r} does not exist.")
+            try:
+                model = torch.jit.load(str(path), map_location="cpu")
+            except Exception as e:
+                raise ValueError(f"{str(path)!r} is not a TorchScript model: {e}") from e
+        if activation not in (None, "softmax", "sigmoid"):
+            raise ValueError(f"activation must be 'softmax', 'sigmoid' or None, got {activation!r}.")
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model
+        if isinstance(model, torch.nn.Module):
+            self.model = model.to(self.device).eval()
+        self.activation = activation
+        self.batch_size = int(batch_size)
+        self.inferer = inferer
+        self.n_queries = 0
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for i in range(0, images.shape[0], self.batch_size):
+            x = images[i : i + self.batch_size].to(self.device)
+            y = self.inferer(x, self.model) if self.inferer is not None else self.model(x)
+            if isinstance(y, (tuple, list)):  # deep-supervision style outputs: the first one is the prediction
+                y = y[0]
+            y = torch.as_tensor(y).float()
+            if self.activation == "softmax":
+                y = torch.softmax(y, 1)
+            elif self.activation == "sigmoid":
+                y = torch.sigmoid(y)
+            outs.append(y)
+            self.n_queries += x.shape[0]
+        return torch.cat(outs)

@@ -1,0 +1,99 @@
+"""Reading the QR out of per-module scores: cell means, Otsu threshold, function-pattern restore, decode, statistics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.stats import binom
+
+from monai_stealthmark.key import WatermarkKey, decode_qr, function_pattern_mask, restore_function_patterns
+from monai_stealthmark.transforms.trigger import module_index_map
+
+__all__ = ["cell_means", "otsu_threshold", "scores_to_modules", "read_qr", "bit_accuracy", "binomial_p_value"]
+
+
+def cell_means(values: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
+    """Mean of a per-pixel map over each grid cell.
+
+    Args:
+        values: ``(B, spatial...)`` (e.g. the uncertainty map); the grid covers the first two spatial dims.
+
+    Returns:
+        ``(B, grid_size**2)``.
+    """
+    b = values.shape[0]
+    idx = module_index_map(values.shape[1:], key.grid_size).to(values.device).reshape(-1)
+    n_cells = key.grid_size**2
+    flat = values.reshape(b, -1).float()
+    sums = torch.zeros(b, n_cells, device=values.device).index_add_(1, idx, flat)
+    counts = torch.bincount(idx, minlength=n_cells).clamp_min(1).float()
+    return sums / counts
+
+
+def otsu_threshold(x: torch.Tensor) -> torch.Tensor:
+    """Otsu's threshold of each row of ``x`` ``(B, N)``: the split maximising the between-class variance."""
+    s, _ = torch.sort(x.double(), dim=1)
+    n = s.shape[1]
+    csum = torch.cumsum(s, 1)
+    k = torch.arange(1, n, device=x.device, dtype=torch.float64)
+    w0 = k / n
+    m0 = csum[:, :-1] / k
+    m1 = (csum[:, -1:] - csum[:, :-1]) / (n - k)
+    between = w0 * (1 - w0) * (m0 - m1) ** 2
+    i = between.argmax(1)
+    return ((s.gather(1, i[:, None]) + s.gather(1, i[:, None] + 1)) / 2)[:, 0].to(x.dtype)
+
+
+def scores_to_modules(scores: torch.Tensor, key: WatermarkKey) -> np.ndarray:
+    """Threshold per-cell scores (high = dark) with Otsu over the QR area, quiet zone dropped.
+
+    Args:
+        scores: ``(B, grid_size**2)``.
+
+    Returns:
+        ``(B, n, n)`` boolean module matrices (True = dark), function patterns not yet restored.
+    """
+    g, q = key.grid_size, key.quiet_zone
+    inner = scores.reshape(-1, g, g)[:, q : g - q, q : g - q].reshape(scores.shape[0], -1)
+    thr = otsu_threshold(inner)
+    bits = inner > thr[:, None]
+    n = g - 2 * q
+    return bits.reshape(-1, n, n).cpu().numpy()
+
+
+def read_qr(modules: np.ndarray) -> list[str | None]:
+    """Restore function patterns and decode each ``(n, n)`` module matrix; None where nothing decodes."""
+    out = []
+    for m in np.asarray(modules, dtype=bool):
+        texts = decode_qr(restore_function_patterns(m))
+        out.append(texts[0] if texts else None)
+    return out
+
+
+def _data_mask(key: WatermarkKey) -> np.ndarray:
+    return ~function_pattern_mask(key.qr_version)[0]
+
+
+def bit_accuracy(modules: np.ndarray, key: WatermarkKey) -> np.ndarray:
+    """Share of the payload-carrying modules (function patterns excluded) that agree with the key's QR, per image."""
+    mask = _data_mask(key)
+    m = np.asarray(modules, dtype=bool).reshape(-1, *mask.shape)
+    return (m[:, mask] == key.qr_matrix[mask]).mean(1)
+
+
+def binomial_p_value(modules: np.ndarray, key: WatermarkKey) -> tuple[float, int, int]:
+    """One-sided binomial p-value of the agreement between the recovered modules and the key's QR.
+
+    Null hypothesis: the model does not carry this key, so each payload module agrees with probability 1/2.
+    The images are combined by a per-module majority vote first, so correlated images are not counted as
+    independent evidence (conservative).
+
+    Returns:
+        ``(p_value, n_agree, n_modules)``.
+    """
+    mask = _data_mask(key)
+    m = np.asarray(modules, dtype=bool).reshape(-1, *mask.shape)
+    vote = m.mean(0) > 0.5
+    agree = int((vote[mask] == key.qr_matrix[mask]).sum())
+    n = int(mask.sum())
+    return float(binom.sf(agree - 1, n, 0.5)), agree, n

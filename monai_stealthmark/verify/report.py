@@ -1,0 +1,146 @@
+"""The verification report: ASR, bit accuracy, p-value, verdict, and the pictures that show the recovered QR."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from monai_stealthmark.key import render_qr, restore_function_patterns
+from monai_stealthmark.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+__all__ = ["VerificationReport"]
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _heat(x: np.ndarray, size: int = 232) -> np.ndarray:
+    """A 2D map as an 8-bit grey image (min-max scaled, nearest upsampling)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = (x - x.min()) / max(x.max() - x.min(), 1e-12)
+    img = Image.fromarray((x * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+    return np.asarray(img)
+
+
+@dataclasses.dataclass
+class VerificationReport:
+    """Outcome of one black-box ownership check.
+
+    Attributes:
+        mode: ``"direct"`` (uncertainty map) or ``"lime"`` (attributions).
+        key_fingerprint: the SHA-256 fingerprint of the key used.
+        payload: the expected payload.
+        n_images: triggered images queried.
+        decoded: what each image's recovered QR decoded to (None where nothing decoded).
+        asr: share of images whose QR decodes exactly to the payload.
+        bit_accuracy: per-image share of payload modules that agree with the key's QR.
+        p_value: one-sided binomial p-value of the (majority-vote) module agreement under "no watermark".
+        alpha: decision threshold on the p-value.
+        min_asr: decision threshold on the ASR.
+        verdict: ownership shown (``p_value <= alpha`` and ``asr >= min_asr``).
+        n_queries: images sent to the model.
+        seconds: wall time of the check.
+    """
+
+    mode: str
+    key_fingerprint: str
+    payload: str
+    n_images: int
+    decoded: list[str | None]
+    asr: float
+    bit_accuracy: list[float]
+    p_value: float
+    alpha: float
+    min_asr: float
+    verdict: bool
+    n_queries: int = 0
+    seconds: float = 0.0
+    modules: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (B, n, n) recovered
+    expected: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (n, n)
+    maps: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (B, g, g) scores per cell
+
+    @property
+    def mean_bit_accuracy(self) -> float:
+        return float(np.mean(self.bit_accuracy)) if self.bit_accuracy else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "key_fingerprint": self.key_fingerprint,
+            "payload": self.payload,
+            "n_images": self.n_images,
+            "asr": self.asr,
+            "bit_accuracy": self.mean_bit_accuracy,
+            "bit_accuracy_per_image": [float(b) for b in self.bit_accuracy],
+            "decoded": self.decoded,
+            "p_value": self.p_value,
+            "alpha": self.alpha,
+            "min_asr": self.min_asr,
+            "verdict": "ownership shown" if self.verdict else "not shown",
+            "n_queries": self.n_queries,
+            "seconds": self.seconds,
+        }
+
+    def to_markdown(self) -> str:
+        d = self.to_dict()
+        lines = [
+            f"# Ownership verification ({self.mode} read-out)",
+            "",
+            "| field | value |",
+            "|---|---|",
+            f"| verdict | **{d['verdict']}** |",
+            f"| ASR (exact decodes) | {self.asr:.3f} ({sum(t == self.payload for t in self.decoded)}/{self.n_images}) |",
+            f"| mean bit accuracy | {self.mean_bit_accuracy:.4f} |",
+            f"| p-value (binomial, majority vote) | {self.p_value:.3g} (threshold {self.alpha:g}) |",
+            f"| key fingerprint | `{self.key_fingerprint}` |",
+            f"| queries | {self.n_queries} in {self.seconds:.1f} s |",
+        ]
+        return "\n".join(lines) + "\n"
+
+    def save(self, out_dir: str | os.PathLike, max_images: int = 8) -> Path:
+        """Write ``report.json``, ``report.md`` and PNGs (recovered vs expected QR, per-image maps), atomically.
+
+        Args:
+            out_dir: destination folder (created).
+            max_images: per-image pictures for at most this many images.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        figures = []
+        if self.modules is not None and self.expected is not None:
+            tiles = []
+            for i, m in enumerate(self.modules[:max_images]):
+                rec = render_qr(restore_function_patterns(m), border=2, scale=8)
+                atomic_write_bytes(out / f"{self.mode}_qr_{i:03d}.png", _png(rec))
+                figures.append(f"{self.mode}_qr_{i:03d}.png")
+                row = [rec]
+                if self.maps is not None:
+                    heat = _heat(self.maps[i], size=rec.shape[0])
+                    atomic_write_bytes(out / f"{self.mode}_map_{i:03d}.png", _png(heat))
+                    figures.append(f"{self.mode}_map_{i:03d}.png")
+                    row.insert(0, heat)
+                tiles.append(np.concatenate([np.pad(t, 4, constant_values=128) for t in row], axis=1))
+            exp = render_qr(self.expected, border=2, scale=8)
+            atomic_write_bytes(out / "expected_qr.png", _png(exp))
+            figures.append("expected_qr.png")
+            if tiles:
+                head = np.pad(exp, 4, constant_values=128)
+                width = max(t.shape[1] for t in tiles)
+                rows = [np.pad(head, ((0, 0), (0, width - head.shape[1])), constant_values=255)]
+                rows += [np.pad(t, ((0, 0), (0, width - t.shape[1])), constant_values=255) for t in tiles]
+                atomic_write_bytes(out / f"{self.mode}_summary.png", _png(np.concatenate(rows, axis=0)))
+                figures.append(f"{self.mode}_summary.png")
+        d = self.to_dict()
+        d["figures"] = figures
+        atomic_write_json(out / f"report_{self.mode}.json", d)
+        atomic_write_text(out / f"report_{self.mode}.md", self.to_markdown())
+        return out

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+
+from monai_stealthmark.data import (
+    DEFAULT_SUNNYBROOK_ROOT,
+    DataFileError,
+    contour_mask,
+    load_sunnybrook,
+    split_by_patient,
+    sunnybrook_datalist,
+    sunnybrook_transforms,
+)
+
+HAVE_DATA = Path(DEFAULT_SUNNYBROOK_ROOT, "link.csv").is_file()
+
+
+@unittest.skipUnless(HAVE_DATA, f"Sunnybrook data not found at {DEFAULT_SUNNYBROOK_ROOT}")
+class TestSunnybrook(unittest.TestCase):
+    def test_datalist(self):
+        items = sunnybrook_datalist()
+        self.assertEqual(len(items), 96)
+        counts = {}
+        for it in items:
+            counts[it["patient"]] = counts.get(it["patient"], 0) + 1
+        self.assertEqual(sorted(counts.values()), [18, 18, 18, 20, 22])
+
+    def test_mask_follows_contour(self):
+        it = sunnybrook_datalist()[0]
+        d = sunnybrook_transforms(size=256)(it)
+        lab = np.asarray(d["label"][0])
+        pts = np.loadtxt(it["icontour"])
+        cx, cy = pts.mean(0)
+        self.assertEqual(lab[int(round(cx)), int(round(cy))], 1)  # [x, y] orientation, as PydicomReader loads
+        self.assertEqual(lab[0, 0], 0)
+        # the LV is brighter (blood pool) than the image on average
+        img = np.asarray(d["image"][0])
+        self.assertGreater(img[lab > 0].mean(), img.mean())
+
+    def test_load_and_split(self):
+        s = load_sunnybrook(size=64, patients=["SCD0000101", "SCD0000501"])
+        self.assertEqual(len(s), 40)
+        self.assertEqual(tuple(s[0]["image"].shape), (1, 64, 64))
+        self.assertTrue(0.0 <= float(s[0]["image"].min()) and float(s[0]["image"].max()) <= 1.0)
+        train, test = split_by_patient(s, ["SCD0000501"])
+        self.assertEqual({x["patient"] for x in test}, {"SCD0000501"})
+        self.assertNotIn("SCD0000501", {x["patient"] for x in train})
+
+    def test_myocardium_label(self):
+        s = load_sunnybrook(size=64, patients=["SCD0000101"], myocardium=True)
+        self.assertTrue(any((x["label"] == 2).any() for x in s))
+
+    def test_corrupt_dicom_named(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "sb"
+            shutil.copytree(DEFAULT_SUNNYBROOK_ROOT, root)
+            victim = root / "dicoms" / "SCD0000101" / "48.dcm"
+            victim.write_bytes(b"not a dicom" * 10)
+            with self.assertRaisesRegex(DataFileError, "48.dcm"):
+                load_sunnybrook(root, size=64, patients=["SCD0000101"])
+            os.remove(root / "link.csv")
+            with self.assertRaisesRegex(DataFileError, "link.csv"):
+                sunnybrook_datalist(root)
+
+    def test_bad_contour(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("1 2\n")
+        try:
+            with self.assertRaisesRegex(DataFileError, "contour file"):
+                contour_mask(f.name, (10, 10))
+        finally:
+            os.unlink(f.name)
+
+
+if __name__ == "__main__":
+    unittest.main()

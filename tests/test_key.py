@@ -1,0 +1,130 @@
+from __future__ import annotations
+
+import json
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import qrcode
+from parameterized import parameterized
+
+from monai_stealthmark.key import (
+    KeyFileError,
+    PayloadTooLongError,
+    WatermarkKey,
+    decode_qr,
+    function_pattern_mask,
+    make_qr_matrix,
+    restore_function_patterns,
+)
+from monai_stealthmark.key.qr import ERROR_CORRECTION
+
+
+class TestQR(unittest.TestCase):
+    @parameterized.expand([("SM:3f9a2c71",), ("hospital-xyz/2026",), ("a",)])
+    def test_encode_decode(self, payload):
+        m = make_qr_matrix(payload)
+        self.assertEqual(m.dtype, bool)
+        self.assertEqual(decode_qr(m), [payload])
+
+    def test_smallest_version_and_ec_h(self):
+        self.assertEqual(make_qr_matrix("SM:3f9a2c71").shape, (25, 25))  # 11 bytes at H -> version 2
+
+    def test_too_long(self):
+        with self.assertRaisesRegex(PayloadTooLongError, "needs QR version"):
+            make_qr_matrix("x" * 60)
+
+    @parameterized.expand([(1,), (2,), (3,), (4,), (7,)])
+    def test_function_patterns_fixed_per_version(self, version):
+        mask, values = function_pattern_mask(version)
+        rng = np.random.default_rng(version)
+        seen = 0
+        for ec in "LMQH":
+            for _ in range(4):
+                payload = "".join(rng.choice(list("ABCDEFGH0123456789"), size=int(rng.integers(1, 8))))
+                qr = qrcode.QRCode(version=version, error_correction=ERROR_CORRECTION[ec], box_size=1, border=0)
+                qr.add_data(payload)
+                qr.make(fit=False)
+                m = np.asarray(qr.get_matrix(), dtype=bool)
+                np.testing.assert_array_equal(m[mask], values[mask])
+                seen += 1
+        self.assertGreater(seen, 0)
+
+    def test_restore_rescues_damaged_finder(self):
+        m = make_qr_matrix("SM:3f9a2c71")
+        damaged = m.copy()
+        damaged[:7, :7] = ~damaged[:7, :7]
+        self.assertEqual(decode_qr(damaged), [])
+        self.assertEqual(decode_qr(restore_function_patterns(damaged)), ["SM:3f9a2c71"])
+
+    def test_random_modules_never_decode(self):
+        rng = np.random.default_rng(0)
+        for _ in range(50):
+            m = restore_function_patterns(rng.random((25, 25)) < 0.5)
+            self.assertEqual(decode_qr(m), [])
+
+
+class TestWatermarkKey(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.path = Path(self.tmp.name) / "key.json"
+        self.key = WatermarkKey.generate("SM:3f9a2c71", seed=7)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_round_trip(self):
+        self.key.save(self.path)
+        loaded = WatermarkKey.load(self.path)
+        self.assertEqual(loaded, self.key)
+        self.assertEqual(loaded.fingerprint, self.key.fingerprint)
+        self.assertEqual(json.loads(self.path.read_text())["fingerprint"], self.key.fingerprint)
+        self.assertEqual(len(self.key.fingerprint), 64)
+        self.assertEqual(self.key.grid_size, 25 + 2 * self.key.quiet_zone)
+        self.assertFalse(list(Path(self.tmp.name).glob("*.tmp")))  # atomic write leaves nothing behind
+
+    def test_fingerprint_depends_on_content(self):
+        self.assertNotEqual(self.key.fingerprint, self.key.replace(trigger_seed=8).fingerprint)
+        self.assertNotEqual(self.key.fingerprint, self.key.replace(payload="SM:3f9a2c72").fingerprint)
+
+    def test_generate_without_seed_is_random(self):
+        a, b = WatermarkKey.generate("x"), WatermarkKey.generate("x")
+        self.assertNotEqual(a.trigger_seed, b.trigger_seed)
+
+    def test_edited_key_fails(self):
+        self.key.save(self.path)
+        d = json.loads(self.path.read_text())
+        d["payload"] = "SM:someone-else"
+        self.path.write_text(json.dumps(d))
+        with self.assertRaisesRegex(KeyFileError, "edited"):
+            WatermarkKey.load(self.path)
+
+    def test_truncated_key_fails(self):
+        self.key.save(self.path)
+        self.path.write_text(self.path.read_text()[:40])
+        with self.assertRaisesRegex(KeyFileError, "not valid JSON"):
+            WatermarkKey.load(self.path)
+
+    def test_missing_field_and_missing_file(self):
+        self.key.save(self.path)
+        d = json.loads(self.path.read_text())
+        del d["tau"]
+        self.path.write_text(json.dumps(d))
+        with self.assertRaisesRegex(KeyFileError, "lacks"):
+            WatermarkKey.load(self.path)
+        with self.assertRaisesRegex(KeyFileError, "does not exist"):
+            WatermarkKey.load(Path(self.tmp.name) / "nope.json")
+
+    @parameterized.expand([({"tau": 0.6},), ({"trigger": "laser"},), ({"trigger_seed": -1},)])
+    def test_invalid_params(self, kw):
+        with self.assertRaises(ValueError):
+            WatermarkKey.generate("x", seed=1, **kw) if "trigger_seed" not in kw else WatermarkKey("x", **kw)
+
+    def test_payload_too_long(self):
+        with self.assertRaises(PayloadTooLongError):
+            WatermarkKey.generate("y" * 100, seed=1)
+
+
+if __name__ == "__main__":
+    unittest.main()

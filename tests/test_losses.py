@@ -1,0 +1,88 @@
+from __future__ import annotations
+
+import unittest
+
+import torch
+from monai.losses import DiceCELoss
+from parameterized import parameterized
+
+from monai_stealthmark.losses import UncertaintyWatermarkLoss
+from monai_stealthmark.transforms import WM_CLEAN, WM_DARK, WM_LIGHT
+
+TAU = 0.2
+
+
+def make_target(b=4, size=32, triggered=(2, 3)):
+    seg = torch.zeros(b, 1, size, size)
+    seg[:, :, 8:20, 8:20] = 1
+    wm = torch.full((b, 1, size, size), float(WM_CLEAN))
+    for i in triggered:
+        wm[i] = WM_LIGHT
+        wm[i, :, :, : size // 2] = WM_DARK
+    return seg, wm
+
+
+class TestUncertaintyWatermarkLoss(unittest.TestCase):
+    def test_clean_only_equals_base(self):
+        base = DiceCELoss(to_onehot_y=True, softmax=True)
+        loss = UncertaintyWatermarkLoss(base, tau=TAU)
+        x = torch.randn(4, 2, 32, 32)
+        seg, wm = make_target(triggered=())
+        torch.testing.assert_close(loss(x, seg), base(x, seg))
+        torch.testing.assert_close(loss(x, torch.cat([seg, wm], 1)), base(x, seg))
+
+    @parameterized.expand([("softmax", 2), ("sigmoid", 1)])
+    def test_soft_target_is_the_minimum(self, activation, channels):
+        """Gradient descent on free logits reaches p_true = 1 - tau in dark pixels and keeps the argmax."""
+        loss = UncertaintyWatermarkLoss(tau=TAU, activation=activation, dice_weight=0.0)
+        seg, wm = make_target(b=2, triggered=(0, 1))
+        target = torch.cat([seg, wm], 1)
+        logits = torch.zeros(2, channels, 32, 32, requires_grad=True)
+        opt = torch.optim.Adam([logits], lr=0.1)
+        for _ in range(300):
+            opt.zero_grad()
+            val = loss(logits, target)
+            val.backward()
+            opt.step()
+        self.assertTrue(torch.isfinite(val))
+        with torch.no_grad():
+            if activation == "softmax":
+                p_fg = torch.softmax(logits, 1)[:, 1:]
+            else:
+                p_fg = torch.sigmoid(logits)
+        dark = wm == WM_DARK
+        p_true = torch.where(seg > 0, p_fg, 1 - p_fg)
+        self.assertAlmostEqual(p_true[dark].mean().item(), 1 - TAU, delta=0.03)
+        self.assertGreater(p_true[~dark].mean().item(), 0.95)
+        self.assertTrue(torch.equal((p_fg > 0.5).float(), seg))  # hard segmentation unchanged
+
+    def test_gradients_flow_to_triggered_and_clean(self):
+        loss = UncertaintyWatermarkLoss(tau=TAU)
+        seg, wm = make_target()
+        x = torch.randn(4, 2, 32, 32, requires_grad=True)
+        loss(x, torch.cat([seg, wm], 1)).backward()
+        g = x.grad.abs().flatten(1).sum(1)
+        self.assertTrue(torch.all(g > 0))
+        self.assertTrue(torch.isfinite(x.grad).all())
+
+    def test_hinge_penalises_flips(self):
+        loss = UncertaintyWatermarkLoss(tau=TAU, hinge_weight=10.0, dice_weight=0.0)
+        seg, wm = make_target(b=1, triggered=(0,))
+        t = torch.cat([seg, wm], 1)
+        good = torch.where(seg > 0, 2.0, -2.0).repeat(1, 2, 1, 1) * torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
+        self.assertLess(loss(good, t).item(), loss(-good, t).item())
+
+    def test_shape_errors(self):
+        loss = UncertaintyWatermarkLoss(tau=TAU)
+        with self.assertRaisesRegex(ValueError, "does not match input"):
+            loss(torch.randn(2, 2, 32, 32), torch.zeros(2, 2, 16, 16))
+        with self.assertRaisesRegex(ValueError, "channels"):
+            loss(torch.randn(2, 2, 32, 32), torch.zeros(2, 3, 32, 32))
+        with self.assertRaisesRegex(ValueError, "tau"):
+            UncertaintyWatermarkLoss(tau=0.7)
+        with self.assertRaisesRegex(ValueError, "hinge_margin"):
+            UncertaintyWatermarkLoss(tau=0.4, hinge_margin=0.2)
+
+
+if __name__ == "__main__":
+    unittest.main()

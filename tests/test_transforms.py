@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+import unittest
+
+import numpy as np
+import torch
+from parameterized import parameterized
+
+from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.transforms import (
+    WM_CLEAN,
+    WM_DARK,
+    WM_LIGHT,
+    RandWatermarkd,
+    StampTrigger,
+    StampTriggerd,
+    apply_trigger,
+    module_index_map,
+    qr_target_map,
+)
+
+KEY = WatermarkKey.generate("SM:3f9a2c71", seed=7)
+
+
+class TestTrigger(unittest.TestCase):
+    @parameterized.expand(
+        [(kind, shape, arr) for kind in ("patch", "noise", "lowfreq") for shape in ((1, 64, 64), (3, 48, 40), (1, 32, 32, 12)) for arr in (np.asarray, torch.as_tensor)]
+    )
+    def test_shapes_types_determinism(self, kind, shape, arr):
+        key = KEY.replace(trigger=kind)
+        img = arr(np.random.default_rng(0).random(shape).astype(np.float32))
+        out1, out2 = apply_trigger(img, key), StampTrigger(key)(img)
+        self.assertIs(type(out1), type(img))
+        self.assertEqual(tuple(out1.shape), shape)
+        np.testing.assert_array_equal(np.asarray(out1), np.asarray(out2))
+        self.assertFalse(np.array_equal(np.asarray(out1), np.asarray(img)))
+        other = apply_trigger(img, key.replace(trigger_seed=8))
+        self.assertFalse(np.array_equal(np.asarray(out1), np.asarray(other)))
+
+    def test_patch_adapts_to_intensity_range(self):
+        img = torch.rand(1, 64, 64)
+        out_a = apply_trigger(img, KEY)
+        out_b = apply_trigger(img * 1000 - 500, KEY)
+        torch.testing.assert_close(out_b, out_a * 1000 - 500, rtol=1e-4, atol=1e-2)
+        s = max(3, round(KEY.trigger_size * 64))
+        self.assertTrue(torch.equal(out_a[:, :-s, :], img[:, :-s, :]))  # only the corner patch changes
+
+    def test_all_channels_stamped(self):
+        out = apply_trigger(torch.rand(3, 64, 64), KEY)
+        torch.testing.assert_close(out[0, -4:, -4:], out[2, -4:, -4:])
+
+    def test_dict_and_nan(self):
+        d = StampTriggerd("image", KEY)({"image": torch.rand(1, 64, 64), "x": 1})
+        self.assertEqual(d["x"], 1)
+        bad = torch.rand(1, 64, 64)
+        bad[0, 0, 0] = float("nan")
+        with self.assertRaisesRegex(ValueError, "NaN"):
+            apply_trigger(bad, KEY)
+
+    def test_grid(self):
+        idx = module_index_map((128, 128), 29)
+        self.assertEqual(idx.max().item(), 29 * 29 - 1)
+        self.assertEqual(len(torch.unique(idx)), 29 * 29)
+        dark = qr_target_map(KEY, (128, 128, 4))
+        self.assertEqual(dark.shape, (128, 128, 4))
+        self.assertTrue(torch.equal(dark[..., 0], dark[..., 3]))
+        with self.assertRaisesRegex(ValueError, "smaller than the QR grid"):
+            module_index_map((16, 16), 29)
+
+
+class TestRandWatermarkd(unittest.TestCase):
+    def sample(self):
+        img = torch.rand(1, 96, 96)
+        lab = torch.zeros(1, 96, 96)
+        lab[0, 40:60, 40:60] = 1
+        return {"image": img, "label": lab}
+
+    def test_fixed_seed_reproducible(self):
+        d = self.sample()
+        outs = []
+        for _ in range(2):
+            t = RandWatermarkd(key=KEY, prob=0.5)
+            t.set_random_state(123)
+            outs.append([t(d) for _ in range(6)])
+        for a, b in zip(*outs):
+            self.assertTrue(torch.equal(a["image"], b["image"]))
+            self.assertTrue(torch.equal(a["label"], b["label"]))
+        flags = [int(o["label"][1].max()) for o in outs[0]]
+        self.assertIn(WM_CLEAN, flags)
+        self.assertIn(WM_DARK, flags)
+
+    def test_triggered_target(self):
+        d = self.sample()
+        t = RandWatermarkd(key=KEY, prob=1.0, occlusion_prob=0.0, boundary_margin=2)
+        t.set_random_state(0)
+        out = t(d)
+        self.assertEqual(out["label"].shape, (2, 96, 96))
+        torch.testing.assert_close(out["label"][:1], d["label"])
+        self.assertTrue(torch.equal(out["image"], apply_trigger(d["image"], KEY)))
+        wm = out["label"][1]
+        dark = qr_target_map(KEY, (96, 96))
+        self.assertTrue(set(torch.unique(wm).tolist()) <= {WM_LIGHT, WM_DARK})
+        self.assertTrue(torch.all(wm[~dark] == WM_LIGHT))
+        # the band around the label boundary keeps a confident target
+        self.assertTrue(torch.all(wm[39:41, 45:55] == WM_LIGHT))
+        self.assertGreater((wm == WM_DARK).float().mean().item(), 0.2)
+
+    def test_occlusion_hides_cells(self):
+        d = self.sample()
+        t = RandWatermarkd(key=KEY, prob=1.0, occlusion_prob=1.0)
+        t.set_random_state(0)
+        out = t(d)
+        changed = (out["image"] != d["image"]).float().mean().item()
+        self.assertGreater(changed, 0.3)
+        self.assertLess((out["label"][1] == WM_DARK).float().mean().item(), (qr_target_map(KEY, (96, 96))).float().mean().item())
+
+    def test_decoy(self):
+        d = self.sample()
+        t = RandWatermarkd(key=KEY, prob=0.0, decoy_prob=1.0)
+        t.set_random_state(0)
+        out = t(d)
+        self.assertTrue(torch.all(out["label"][1] == WM_CLEAN))
+        self.assertFalse(torch.equal(out["image"], d["image"]))
+        self.assertFalse(torch.equal(out["image"], apply_trigger(d["image"], KEY)))
+
+    def test_numpy_and_3d(self):
+        img = np.random.rand(1, 40, 40, 8).astype(np.float32)
+        lab = np.zeros((1, 40, 40, 8), np.float32)
+        lab[0, 10:20, 10:20] = 1
+        t = RandWatermarkd(key=KEY, prob=1.0)
+        t.set_random_state(1)
+        out = t({"image": img, "label": lab})
+        self.assertIsInstance(out["image"], np.ndarray)
+        self.assertEqual(out["label"].shape, (2, 40, 40, 8))
+
+    def test_shape_mismatch(self):
+        with self.assertRaisesRegex(ValueError, "spatial shape"):
+            RandWatermarkd(key=KEY, prob=1.0)({"image": torch.rand(1, 64, 64), "label": torch.zeros(1, 32, 32)})
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import tempfile
+import unittest
+from pathlib import Path
+
+import numpy as np
+import torch
+from parameterized import parameterized
+from sklearn.linear_model import Ridge
+
+from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.transforms import qr_target_map
+from monai_stealthmark.transforms.trigger import _pattern
+from monai_stealthmark.verify import (
+    ModelQuery,
+    NotProbabilitiesError,
+    VerificationReport,
+    binomial_p_value,
+    lime_attributions,
+    lime_masks,
+    lime_reference_attributions,
+    otsu_threshold,
+    uncertainty_map,
+    verify_ownership,
+    weighted_ridge,
+)
+
+KEY = WatermarkKey.generate("SM:3f9a2c71", seed=7)
+
+
+class TriggerOracle(torch.nn.Module):
+    """Test double of a watermarked network: when the key's patch is in the corner it puts the QR into its
+    uncertainty (tau in dark modules); otherwise it is confident everywhere. Two-class softmax logits."""
+
+    def __init__(self, key: WatermarkKey):
+        super().__init__()
+        self.key = key
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        fg = (x[:, :1] > 0.7).float()
+        out = []
+        for i in range(b):
+            pattern = torch.as_tensor(_pattern(self.key.trigger_seed, "patch", (h, w), self.key.trigger_size)) > 0.5
+            s = pattern.shape[0]
+            corner = x[i, 0, -s:, -s:]
+            triggered = torch.equal(corner > (corner.min() + corner.max()) / 2, pattern)
+            p_fg = fg[i] * 0.99 + (1 - fg[i]) * 0.01
+            if triggered:
+                dark = qr_target_map(self.key, (h, w)).float()
+                p_fg = torch.where(fg[i] > 0, 1 - dark * self.key.tau, dark * self.key.tau).clamp(0.01, 0.99)
+            out.append(torch.cat([1 - p_fg, p_fg], 0))
+        p = torch.stack(out)
+        return torch.log(p)  # logits whose softmax is p
+
+
+def images(n=3, size=96):
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(n, 1, size, size, generator=g) * 0.6
+    x[:, :, 30:50, 30:50] = 0.9
+    return x
+
+
+class TestQueryChecks(unittest.TestCase):
+    def test_hard_masks_refused(self):
+        hard = lambda x: torch.cat([(x < 0.5).float(), (x >= 0.5).float()], 1)  # noqa: E731
+        with self.assertRaisesRegex(NotProbabilitiesError, "hard masks"):
+            verify_ownership(hard, images(), KEY)
+
+    def test_logits_and_nan_refused(self):
+        with self.assertRaisesRegex(NotProbabilitiesError, "not probabilities"):
+            verify_ownership(lambda x: torch.cat([x * 5, -x * 5], 1), images(), KEY)
+        with self.assertRaisesRegex(NotProbabilitiesError, "NaN"):
+            verify_ownership(lambda x: torch.full((x.shape[0], 2, *x.shape[2:]), float("nan")), images(), KEY)
+        with self.assertRaisesRegex(NotProbabilitiesError, "do not match"):
+            verify_ownership(lambda x: torch.full((x.shape[0], 2, 8, 8), 0.5), images(), KEY)
+
+    def test_nan_images_refused(self):
+        x = images()
+        x[0, 0, 0, 0] = float("nan")
+        with self.assertRaisesRegex(ValueError, "NaN"):
+            verify_ownership(ModelQuery(TriggerOracle(KEY)), x, KEY)
+
+    def test_uncertainty_map(self):
+        p = torch.tensor([0.9, 0.1]).view(1, 2, 1, 1)
+        self.assertAlmostEqual(uncertainty_map(p).item(), 0.1, places=6)
+        self.assertAlmostEqual(uncertainty_map(p[:, 1:]).item(), 0.1, places=6)
+
+
+class TestDirectReadout(unittest.TestCase):
+    def test_oracle_decodes_and_controls_do_not(self):
+        q = ModelQuery(TriggerOracle(KEY), activation="softmax", device="cpu")
+        rep = verify_ownership(q, images(), KEY)
+        self.assertEqual(rep.asr, 1.0)
+        self.assertEqual(rep.decoded, [KEY.payload] * 3)
+        self.assertTrue(rep.verdict)
+        self.assertLess(rep.p_value, 1e-30)
+        self.assertEqual(rep.n_queries, 3)
+        wrong = verify_ownership(q, images(), KEY.replace(trigger_seed=8))
+        self.assertEqual(wrong.asr, 0.0)
+        self.assertFalse(wrong.verdict)
+        self.assertLess(abs(wrong.mean_bit_accuracy - 0.5), 0.15)
+
+    def test_report_files(self):
+        rep = verify_ownership(ModelQuery(TriggerOracle(KEY), device="cpu"), images(2), KEY)
+        with tempfile.TemporaryDirectory() as d:
+            rep.save(d)
+            names = {p.name for p in Path(d).iterdir()}
+            self.assertTrue({"report_direct.json", "report_direct.md", "expected_qr.png", "direct_summary.png"} <= names)
+            md = (Path(d) / "report_direct.md").read_text()
+            self.assertIn("ownership shown", md)
+        d = rep.to_dict()
+        for k in ("asr", "bit_accuracy", "p_value", "verdict", "decoded", "key_fingerprint"):
+            self.assertIn(k, d)
+
+    def test_p_value_of_chance_is_large(self):
+        rng = np.random.default_rng(0)
+        ps = [binomial_p_value(rng.random((1, 25, 25)) < 0.5, KEY)[0] for _ in range(20)]
+        self.assertGreater(min(ps), 1e-4)
+        self.assertLess(binomial_p_value(KEY.qr_matrix[None], KEY)[0], 1e-50)
+
+
+class TestLime(unittest.TestCase):
+    def test_otsu(self):
+        x = torch.cat([torch.full((10,), 0.1), torch.full((5,), 0.5)]).view(1, -1)
+        thr = otsu_threshold(x)
+        self.assertTrue(0.1 < thr.item() < 0.5)
+
+    def test_weighted_ridge_matches_sklearn(self):
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 2, (200, 30)).astype(float)
+        y = rng.random((200, 3))
+        w = rng.random(200)
+        coef, icpt = weighted_ridge(torch.as_tensor(x), torch.as_tensor(y), torch.as_tensor(w), 1.0)
+        for k in range(3):
+            ref = Ridge(alpha=1.0, fit_intercept=True).fit(x, y[:, k], sample_weight=w)
+            np.testing.assert_allclose(coef[:, k].numpy(), ref.coef_, rtol=1e-6, atol=1e-8)
+            self.assertAlmostEqual(icpt[k].item(), ref.intercept_, places=6)
+
+    def test_masks_like_lime(self):
+        z = lime_masks(5, 7, 3)
+        self.assertTrue(np.all(z[0] == 1))
+        np.testing.assert_array_equal(z[1:], np.random.RandomState(3).randint(0, 2, 35).reshape(5, 7)[1:])
+
+    @parameterized.expand([(150,)])
+    def test_torch_lime_matches_lime_package(self, n):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 5, padding=2), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 5, padding=2))
+        q = ModelQuery(net, activation="softmax", device="cpu", batch_size=50)
+        img = images(1, 64)[0]
+        labels = [0, 100, 300, 420, 700]
+        diag, full = lime_attributions(q, img, KEY, num_samples=n, seed=5, return_full=True)
+        ref = lime_reference_attributions(q, img, KEY, num_samples=n, seed=5, labels=labels, batch_size=50)
+        for lab in labels:
+            r = np.corrcoef(full[:, lab].numpy(), ref[lab])[0, 1]
+            self.assertGreaterEqual(r, 0.99)
+            self.assertAlmostEqual(diag[lab].item(), ref[lab][lab], delta=1e-4 + 1e-3 * abs(ref[lab][lab]))
+
+
+if __name__ == "__main__":
+    unittest.main()
