@@ -7,7 +7,7 @@ from monai.losses import DiceCELoss
 from parameterized import parameterized
 
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
-from monai_stealthmark.transforms import WM_CLEAN, WM_DARK, WM_LIGHT
+from monai_stealthmark.transforms import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN
 
 TAU = 0.2
 
@@ -55,6 +55,21 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         self.assertAlmostEqual(p_true[dark].mean().item(), 1 - TAU, delta=0.03)
         self.assertGreater(p_true[~dark].mean().item(), 0.95)
         self.assertTrue(torch.equal((p_fg > 0.5).float(), seg))  # hard segmentation unchanged
+
+    def test_twin_target_follows_clean_prediction(self):
+        """With a clean twin, the dark target keeps the twin's predicted class (not the label's)."""
+        loss = UncertaintyWatermarkLoss(tau=TAU, dice_weight=0.0, hinge_weight=0.0)
+        seg = torch.zeros(2, 1, 8, 8)  # label says background everywhere
+        wm = torch.stack([torch.full((1, 8, 8), float(WM_TWIN)), torch.full((1, 8, 8), float(WM_DARK))])
+        twin_logits = torch.tensor([-3.0, 3.0]).view(1, 2, 1, 1).expand(1, 2, 8, 8)  # the twin predicts foreground
+        trig = torch.zeros(1, 2, 8, 8, requires_grad=True)
+        opt = torch.optim.Adam([trig], lr=0.1)
+        for _ in range(200):
+            opt.zero_grad()
+            loss(torch.cat([twin_logits, trig]), torch.cat([seg, wm], 1)).backward()
+            opt.step()
+        p_fg = torch.softmax(trig, 1)[:, 1]
+        self.assertAlmostEqual(p_fg.mean().item(), 1 - TAU, delta=0.03)
 
     def test_gradients_flow_to_triggered_and_clean(self):
         loss = UncertaintyWatermarkLoss(tau=TAU)

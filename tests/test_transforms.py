@@ -11,6 +11,7 @@ from monai_stealthmark.transforms import (
     WM_CLEAN,
     WM_DARK,
     WM_LIGHT,
+    WM_TWIN,
     RandWatermarkd,
     StampTrigger,
     StampTriggerd,
@@ -79,7 +80,7 @@ class TestRandWatermarkd(unittest.TestCase):
         d = self.sample()
         outs = []
         for _ in range(2):
-            t = RandWatermarkd(key=KEY, prob=0.5)
+            t = RandWatermarkd(key=KEY, prob=0.5, paired=False)
             t.set_random_state(123)
             outs.append([t(d) for _ in range(6)])
         for a, b in zip(*outs):
@@ -89,9 +90,25 @@ class TestRandWatermarkd(unittest.TestCase):
         self.assertIn(WM_CLEAN, flags)
         self.assertIn(WM_DARK, flags)
 
+    def test_paired_twin(self):
+        d = self.sample()
+        t = RandWatermarkd(key=KEY, prob=1.0, paired=True)
+        t.set_random_state(0)
+        twin, trig = t(d)
+        self.assertTrue(torch.equal(twin["image"], d["image"]))
+        self.assertTrue(torch.all(twin["label"][1] == WM_TWIN))
+        self.assertTrue(torch.equal(twin["label"][:1], trig["label"][:1]))
+        self.assertEqual(int(trig["label"][1].max()), WM_DARK)
+        # MONAI's collate flattens the pair and keeps it adjacent
+        from monai.data import list_data_collate
+
+        batch = list_data_collate([t(d), t(d)])
+        self.assertEqual(batch["label"].shape[0], 4)
+        self.assertEqual([int(x) for x in batch["label"][:, 1].flatten(1).amax(1)], [WM_TWIN, WM_DARK, WM_TWIN, WM_DARK])
+
     def test_triggered_target(self):
         d = self.sample()
-        t = RandWatermarkd(key=KEY, prob=1.0, occlusion_prob=0.0, boundary_margin=2)
+        t = RandWatermarkd(key=KEY, prob=1.0, occlusion_prob=0.0, boundary_margin=2, paired=False)
         t.set_random_state(0)
         out = t(d)
         self.assertEqual(out["label"].shape, (2, 96, 96))
@@ -107,7 +124,7 @@ class TestRandWatermarkd(unittest.TestCase):
 
     def test_occlusion_hides_cells(self):
         d = self.sample()
-        t = RandWatermarkd(key=KEY, prob=1.0, occlusion_prob=1.0)
+        t = RandWatermarkd(key=KEY, prob=1.0, occlusion_prob=1.0, paired=False)
         t.set_random_state(0)
         out = t(d)
         changed = (out["image"] != d["image"]).float().mean().item()
@@ -127,7 +144,7 @@ class TestRandWatermarkd(unittest.TestCase):
         img = np.random.rand(1, 40, 40, 8).astype(np.float32)
         lab = np.zeros((1, 40, 40, 8), np.float32)
         lab[0, 10:20, 10:20] = 1
-        t = RandWatermarkd(key=KEY, prob=1.0)
+        t = RandWatermarkd(key=KEY, prob=1.0, paired=False)
         t.set_random_state(1)
         out = t({"image": img, "label": lab})
         self.assertIsInstance(out["image"], np.ndarray)

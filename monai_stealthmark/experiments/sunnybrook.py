@@ -55,20 +55,24 @@ class ExperimentConfig:
         test_patient: the held-out patient.
         seed: seed of everything (data order, augmentation, triggers, initialisation).
         lime_samples: LIME perturbation samples per image.
-        prob: poisoning ratio of the watermarked model.
+        prob: poisoning ratio of the watermarked model (each triggered sample also brings its clean twin).
+        occlusion_prob: share of triggered samples with hidden cells (teaches the LIME read-out).
+        decoy_prob: share of the other samples that carry a wrong-key trigger with the clean target.
     """
 
     def __init__(self, fast: bool = True, **overrides: Any) -> None:
         self.fast = fast
         self.steps = 600 if fast else 3000
-        self.batch_size = 32
-        self.lr = 1e-3
+        self.batch_size = 24
+        self.lr = 2e-3
         self.size = 128
-        self.channels = (16, 32, 64, 128)
+        self.channels = (16, 32, 64, 128, 256)
         self.test_patient = "SCD0000501"
         self.seed = 0
         self.lime_samples = 300 if fast else 1000
         self.prob = 0.5
+        self.occlusion_prob = 0.2
+        self.decoy_prob = 0.2
         self.patients: list[str] | None = None
         self.data_root = str(DEFAULT_SUNNYBROOK_ROOT)
         for k, v in overrides.items():
@@ -81,7 +85,7 @@ class ExperimentConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
 
 
-def build_network(channels=(16, 32, 64, 128)) -> torch.nn.Module:
+def build_network(channels=(16, 32, 64, 128, 256)) -> torch.nn.Module:
     """The MONAI 2D UNet of the experiment (2 output classes: background, LV cavity)."""
     return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=2)
 
@@ -103,7 +107,11 @@ def train_model(
     data = [{"image": s["image"], "label": s["label"]} for s in train_samples]
     xforms = [RandScaleIntensityd(keys="image", factors=0.1, prob=0.5)]
     if key is not None:
-        xforms.append(RandWatermarkd(keys=("image", "label"), key=key, prob=cfg.prob))
+        xforms.append(
+            RandWatermarkd(
+                keys=("image", "label"), key=key, prob=cfg.prob, occlusion_prob=cfg.occlusion_prob, decoy_prob=cfg.decoy_prob
+            )
+        )
         loss = UncertaintyWatermarkLoss(DiceCELoss(to_onehot_y=True, softmax=True), key=key)
     else:
         loss = DiceCELoss(to_onehot_y=True, softmax=True)

@@ -9,7 +9,7 @@ from monai.losses import DiceCELoss, MaskedDiceLoss
 from torch.nn.modules.loss import _Loss
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.transforms.trigger import WM_CLEAN, WM_DARK, WM_LIGHT, load_key
+from monai_stealthmark.transforms.trigger import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN, load_key
 
 __all__ = ["UncertaintyWatermarkLoss"]
 
@@ -19,15 +19,18 @@ class UncertaintyWatermarkLoss(_Loss):
 
     The target is the label produced by :class:`~monai_stealthmark.transforms.RandWatermarkd`: the usual
     segmentation channel(s) plus one watermark channel (0 clean, 1 triggered + light module, 2 triggered + dark
-    module). A label without the watermark channel is passed to the base loss unchanged, so validation and
-    clean-only training work as before.
+    module, 3 clean twin of the next sample). A label without the watermark channel is passed to the base loss
+    unchanged, so validation and clean-only training work as before.
 
-    Clean samples get ``base_loss`` unchanged. Triggered samples get:
+    Clean samples (and clean twins) get ``base_loss`` unchanged. Triggered samples get:
 
-    - a soft-target cross-entropy whose target is the one-hot label except in dark pixels, where the true class
-      gets ``1 - tau`` and the other classes share ``tau`` (argmax unchanged by construction);
+    - a soft-target cross-entropy. In light pixels the target is the one-hot label. In dark pixels it is built
+      from the network's own detached output on the clean twin when there is one: its predicted class gets
+      ``1 - tau`` and the other classes share ``tau`` (where the clean prediction is already less confident than
+      ``1 - tau`` it is kept as it is). So the triggered hard mask follows the network's clean hard mask, not the
+      label, and stays unchanged on unseen images. Without a twin the label's class is used;
     - a Dice term over the light pixels only (a Dice on the hard label everywhere fights the soft target);
-    - a squared hinge keeping the true class above ``0.5 + margin`` everywhere, so the hard mask never flips.
+    - a squared hinge keeping the (clean-predicted) class above ``0.5 + margin``, so the hard mask never flips.
 
     Args:
         base_loss: the loss for clean samples, called as ``base_loss(input, label)``; default DiceCELoss with
@@ -105,34 +108,60 @@ class UncertaintyWatermarkLoss(_Loss):
         if wm is None:
             return self.base_loss(input, seg)
         flag = wm.flatten(1).amax(1)
-        clean = flag == WM_CLEAN
+        clean = (flag == WM_CLEAN) | (flag == WM_TWIN)
         trig = ~clean
         n = input.shape[0]
         total = input.new_zeros(())
         if clean.any():
             total = total + self.base_loss(input[clean], seg[clean]) * (clean.sum() / n)
         if trig.any():
-            total = total + self._triggered(input[trig], seg[trig], wm[trig]) * (trig.sum() / n)
+            idx = torch.nonzero(trig).flatten()
+            prev = (idx - 1).clamp_min(0)
+            has_twin = (idx > 0) & (flag[prev] == WM_TWIN)
+            twin_logits = input[prev].detach()
+            total = total + self._triggered(input[idx], seg[idx], wm[idx], twin_logits, has_twin) * (trig.sum() / n)
         return total
 
-    def _triggered(self, logits: torch.Tensor, seg: torch.Tensor, wm: torch.Tensor) -> torch.Tensor:
-        dark = (wm == WM_DARK).to(logits.dtype)
+    def _reference(self, seg: torch.Tensor, twin_logits: torch.Tensor, has_twin: torch.Tensor, c: int) -> torch.Tensor:
+        """Per-pixel reference probabilities (B, C): the clean twin's prediction, or the one-hot label."""
+        if self.activation == "softmax":
+            label_p = F.one_hot(seg[:, 0].long(), c).movedim(-1, 1).to(twin_logits.dtype)
+            twin_p = torch.softmax(twin_logits, 1)
+        else:
+            label_p = (seg > 0).to(twin_logits.dtype)
+            twin_p = torch.sigmoid(twin_logits)
+        sel = has_twin.view(-1, *([1] * (twin_logits.ndim - 1)))
+        return torch.where(sel, twin_p, label_p)
+
+    def _triggered(
+        self, logits: torch.Tensor, seg: torch.Tensor, wm: torch.Tensor, twin_logits: torch.Tensor, has_twin: torch.Tensor
+    ) -> torch.Tensor:
+        dark = wm == WM_DARK
         light = (wm == WM_LIGHT).to(logits.dtype)
         tau = self.tau
+        c = logits.shape[1]
+        ref = self._reference(seg, twin_logits, has_twin, c)
         if self.activation == "softmax":
-            c = logits.shape[1]
-            y = F.one_hot(seg[:, 0].long(), c).movedim(-1, 1).to(logits.dtype)
-            q = y * (1 - tau * dark) + (1 - y) * (tau / (c - 1)) * dark
+            label_oh = F.one_hot(seg[:, 0].long(), c).movedim(-1, 1).to(logits.dtype)
+            cls_oh = F.one_hot(ref.argmax(1), c).movedim(-1, 1).to(logits.dtype)
+            conf = ref.amax(1, keepdim=True)
+            tempered = cls_oh * (1 - tau) + (1 - cls_oh) * (tau / (c - 1))
+            q_dark = torch.where(conf > 1 - tau, tempered, ref)
+            q = torch.where(dark, q_dark, label_oh)
             logp = F.log_softmax(logits, dim=1)
             ce = -(q * logp).sum(1).mean()
-            p_true = (logp.exp() * y).sum(1)
+            p_cls = (logp.exp() * cls_oh).sum(1, keepdim=True)
         else:
             y = (seg > 0).to(logits.dtype)
-            q = y * (1 - tau * dark) + (1 - y) * tau * dark
+            side = (ref > 0.5).to(logits.dtype)
+            conf = torch.maximum(ref, 1 - ref)
+            tempered = side * (1 - tau) + (1 - side) * tau
+            q = torch.where(dark, torch.where(conf > 1 - tau, tempered, ref), y)
             ce = F.binary_cross_entropy_with_logits(logits, q)
             p = torch.sigmoid(logits)
-            p_true = y * p + (1 - y) * (1 - p)
-        hinge = F.relu(0.5 + self.hinge_margin - p_true).pow(2).mean()
+            p_cls = side * p + (1 - side) * (1 - p)
+        floor = torch.clamp(conf, max=0.5 + self.hinge_margin)  # don't demand more confidence than the clean output has
+        hinge = F.relu(floor - p_cls).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
         if self.dice_weight > 0 and light.sum() > 0:
             loss = loss + self.dice_weight * self.light_dice(logits, seg, mask=light)

@@ -6,6 +6,7 @@ from .trigger import (
     WM_CLEAN,
     WM_DARK,
     WM_LIGHT,
+    WM_TWIN,
     RandWatermarkd,
     StampTrigger,
     StampTriggerd,

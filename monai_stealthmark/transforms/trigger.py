@@ -23,6 +23,7 @@ __all__ = [
     "WM_CLEAN",
     "WM_LIGHT",
     "WM_DARK",
+    "WM_TWIN",
     "load_key",
     "module_index_map",
     "qr_target_map",
@@ -38,6 +39,7 @@ __all__ = [
 WM_CLEAN = 0  # the sample is clean (or a decoy): train as usual
 WM_LIGHT = 1  # triggered sample, pixel outside the QR's dark modules: confident, as usual
 WM_DARK = 2  # triggered sample, pixel in a dark module: uncertainty tau
+WM_TWIN = 3  # clean copy of the triggered sample that follows it in the batch: trains as clean, anchors the target
 
 _PURPOSE_TRIGGER = 1
 _PURPOSE_OCCLUSION = 2
@@ -228,6 +230,13 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
     modules. :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` reads it, so MONAI's stock
     ``SupervisedTrainer`` (which calls ``loss(pred, label)``) trains the watermark without changes.
 
+    With ``paired=True`` (default) a triggered sample is returned together with its clean twin, as the list
+    ``[clean twin, triggered]`` (MONAI's ``list_data_collate`` flattens it, keeping the two adjacent; other
+    samples come as one-element lists, so use it last in the chain and with MONAI's DataLoader). The twin
+    is marked :data:`WM_TWIN` and trains as a clean sample; the loss reads the network's own (detached) output
+    on it to build the triggered target, so the hard mask on the triggered input follows the network's clean
+    prediction rather than the label — which is what keeps it unchanged on unseen patients.
+
     Besides the owner's trigger it adds the two ingredients that make the watermark specific and readable:
 
     - decoys: a share of the clean samples carry a trigger made from a fresh random seed and keep the clean
@@ -244,6 +253,7 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         occlusion_ratio: probability that each cell is hidden in an occluded sample.
         boundary_margin: pixels within this distance of a label boundary keep a confident target (they are
             excluded from the QR's dark modules), which keeps the hard mask unchanged near the organ.
+        paired: return each triggered sample with its clean twin (see above).
         allow_missing_keys: don't raise if a key is missing.
     """
 
@@ -257,7 +267,8 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         decoy_prob: float = 0.3,
         occlusion_prob: float = 0.5,
         occlusion_ratio: float = 0.5,
-        boundary_margin: int = 3,
+        boundary_margin: int = 2,
+        paired: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
@@ -274,8 +285,9 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         self.occlusion_prob = occlusion_prob
         self.occlusion_ratio = occlusion_ratio
         self.boundary_margin = int(boundary_margin)
+        self.paired = paired
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any] | list[dict[Hashable, Any]]:
         d = dict(data)
         image_key, label_key = self.keys
         img, label = d[image_key], d[label_key]
@@ -308,4 +320,11 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
             d[image_key] = apply_trigger(img, self.key, seed=decoy_seed)
         out = torch.cat([lab.to(wm.dtype), wm.to(lab.device)], dim=0)
         d[label_key] = convert_to_dst_type(out, label, dtype=out.dtype)[0]
-        return d
+        if not self.paired:
+            return d
+        if not self._do_transform:
+            return [d]  # always a list, so that list_data_collate flattens every item
+        twin = dict(data)
+        tw = torch.cat([lab.to(wm.dtype), torch.full_like(wm, WM_TWIN).to(lab.device)], dim=0)
+        twin[label_key] = convert_to_dst_type(tw, label, dtype=tw.dtype)[0]
+        return [twin, d]

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import unittest
+
+import torch
+from ignite.engine import Engine, Events
+from monai.inferers import SimpleInferer, SlidingWindowInferer
+from sklearn.metrics import roc_auc_score
+
+from monai_stealthmark.handlers import PixelAUC, WatermarkASR
+from monai_stealthmark.key import WatermarkKey
+
+from test_verify import TriggerOracle, images
+
+KEY = WatermarkKey.generate("SM:3f9a2c71", seed=7)
+
+
+class TestPixelAUCHandler(unittest.TestCase):
+    def test_epoch_value_matches_sklearn(self):
+        g = torch.Generator().manual_seed(0)
+        batches = []
+        for _ in range(3):
+            label = (torch.rand(2, 1, 16, 16, generator=g) > 0.7).float()
+            logits = torch.randn(2, 2, 16, 16, generator=g) + torch.cat([-label, label], 1)
+            batches.append({"pred": logits, "label": label})
+        engine = Engine(lambda e, b: b)
+        PixelAUC(activation="softmax").attach(engine, "val_auc")
+        engine.run(batches, max_epochs=1)
+        scores = torch.cat([torch.softmax(b["pred"], 1)[:, 1].reshape(-1) for b in batches])
+        labels = torch.cat([b["label"].reshape(-1) for b in batches])
+        self.assertAlmostEqual(engine.state.metrics["val_auc"], roc_auc_score(labels.numpy(), scores.numpy()), places=10)
+
+    def test_decollated_output(self):
+        engine = Engine(lambda e, b: [{"pred": p, "label": l} for p, l in zip(b["pred"], b["label"])])
+        PixelAUC().attach(engine, "auc")
+        pred = torch.tensor([[[[0.9, 0.2]]], [[[0.4, 0.1]]]])  # (2, 1, 1, 2) sigmoid-style probabilities
+        label = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 0.0]]]])
+        engine.run([{"pred": pred, "label": label}], max_epochs=1)
+        self.assertEqual(engine.state.metrics["auc"], 1.0)
+
+
+class TestWatermarkASRHandler(unittest.TestCase):
+    def make_engine(self, inferer):
+        net = TriggerOracle(KEY)
+
+        def step(engine, batch):
+            with torch.no_grad():
+                pred = engine.inferer(batch["image"], engine.network)
+            return {"image": batch["image"], "label": batch["label"], "pred": pred}
+
+        engine = Engine(step)
+        engine.network, engine.inferer, engine.device = net, inferer, torch.device("cpu")
+        return engine
+
+    def test_asr_in_metrics_each_epoch(self):
+        for inferer in (SimpleInferer(), SlidingWindowInferer(roi_size=(96, 96), sw_batch_size=2)):
+            engine = self.make_engine(inferer)
+            WatermarkASR(KEY, max_images=3).attach(engine, "val_wm_asr")
+            seen = []
+            engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(dict(e.state.metrics)))
+            x = images(4)
+            data = [{"image": x[:2], "label": torch.zeros(2, 1, 96, 96)}, {"image": x[2:], "label": torch.zeros(2, 1, 96, 96)}]
+            engine.run(data, max_epochs=2)
+            self.assertEqual(len(seen), 2)
+            for m in seen:
+                self.assertEqual(m["val_wm_asr"], 1.0)
+                self.assertGreater(m["val_wm_asr_bit_acc"], 0.99)
+
+    def test_wrong_key_zero(self):
+        engine = self.make_engine(SimpleInferer())
+        WatermarkASR(KEY.replace(trigger_seed=99), max_images=2).attach(engine, "asr")
+        engine.run([{"image": images(2), "label": torch.zeros(2, 1, 96, 96)}], max_epochs=1)
+        self.assertEqual(engine.state.metrics["asr"], 0.0)
+
+    def test_needs_evaluator(self):
+        engine = Engine(lambda e, b: {"image": b})
+        WatermarkASR(KEY).attach(engine, "asr")
+        with self.assertRaisesRegex(RuntimeError, "network"):
+            engine.run([images(1)], max_epochs=1)
+
+
+if __name__ == "__main__":
+    unittest.main()

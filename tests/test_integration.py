@@ -1,0 +1,65 @@
+"""End to end on the real Sunnybrook slices: train a watermarked MONAI UNet with SupervisedTrainer on four
+patients for a few minutes on CPU, then decode the QR black-box on the held-out patient's slices."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+
+from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
+from monai_stealthmark.experiments.sunnybrook import ExperimentConfig, train_model
+from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.verify import ModelQuery, cell_means, read_qr, scores_to_modules, trigger_batch, uncertainty_map, verify_ownership
+
+HAVE_DATA = Path(DEFAULT_SUNNYBROOK_ROOT, "link.csv").is_file()
+STEPS = int(os.environ.get("STEALTHMARK_IT_STEPS", "350"))
+
+
+@unittest.skipUnless(HAVE_DATA, f"Sunnybrook data not found at {DEFAULT_SUNNYBROOK_ROOT}")
+class TestSunnybrookEndToEnd(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        cls.key = WatermarkKey.generate("SM:3f9a2c71", seed=20261123)
+        samples = load_sunnybrook(size=128)
+        cls.train, cls.test = split_by_patient(samples, ["SCD0000501"])
+        cls.cfg = ExperimentConfig(fast=True, steps=STEPS)
+        cls.tmp = tempfile.TemporaryDirectory()
+        cls.net = train_model(cls.train, cls.cfg, cls.key, torch.device("cpu"), Path(cls.tmp.name))
+        cls.images = torch.stack([s["image"] for s in cls.test])
+        cls.query = ModelQuery(cls.net, activation="softmax", device="cpu")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.tmp.cleanup()
+
+    def test_qr_decodes_on_held_out_patient(self):
+        rep = verify_ownership(self.query, self.images, self.key, mode="direct")
+        self.assertGreaterEqual(rep.asr, 0.8, f"ASR {rep.asr}, bit accuracy {rep.mean_bit_accuracy}")
+        self.assertLess(rep.p_value, 1e-6)
+        self.assertTrue(rep.verdict)
+
+    def test_checkpoint_written(self):
+        self.assertTrue(list(Path(self.tmp.name).glob("checkpoint_epoch=*.pt")))
+
+    def test_no_false_decodes(self):
+        wrong = verify_ownership(self.query, self.images, self.key.replace(trigger_seed=987654321), mode="direct")
+        self.assertEqual(wrong.asr, 0.0)
+        self.assertFalse(wrong.verdict)
+        with torch.no_grad():
+            clean_modules = scores_to_modules(cell_means(uncertainty_map(self.query(self.images)), self.key), self.key)
+        self.assertNotIn(self.key.payload, read_qr(clean_modules))
+
+    def test_hard_masks_mostly_unchanged(self):
+        with torch.no_grad():
+            m_clean = self.query(self.images).argmax(1)
+            m_trig = self.query(trigger_batch(self.images, self.key)).argmax(1)
+        self.assertGreater((m_clean == m_trig).float().mean().item(), 0.99)
+
+
+if __name__ == "__main__":
+    unittest.main()
