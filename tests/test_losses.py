@@ -34,7 +34,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
     @parameterized.expand([("softmax", 2), ("sigmoid", 1)])
     def test_soft_target_is_the_minimum(self, activation, channels):
         """Gradient descent on free logits reaches p_true = 1 - tau in dark pixels and keeps the argmax."""
-        loss = UncertaintyWatermarkLoss(tau=TAU, activation=activation, dice_weight=0.0)
+        loss = UncertaintyWatermarkLoss(tau=TAU, activation=activation, dice_weight=0.0, protect_radius=-1)
         seg, wm = make_target(b=2, triggered=(0, 1))
         target = torch.cat([seg, wm], 1)
         logits = torch.zeros(2, channels, 32, 32, requires_grad=True)
@@ -59,17 +59,34 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
     def test_twin_target_follows_clean_prediction(self):
         """With a clean twin, the dark target keeps the twin's predicted class (not the label's)."""
         loss = UncertaintyWatermarkLoss(tau=TAU, dice_weight=0.0, hinge_weight=0.0)
-        seg = torch.zeros(2, 1, 8, 8)  # label says background everywhere
+        seg = torch.ones(2, 1, 8, 8)  # label says foreground everywhere
         wm = torch.stack([torch.full((1, 8, 8), float(WM_TWIN)), torch.full((1, 8, 8), float(WM_DARK))])
-        twin_logits = torch.tensor([-3.0, 3.0]).view(1, 2, 1, 1).expand(1, 2, 8, 8)  # the twin predicts foreground
+        twin_logits = torch.tensor([3.0, -3.0]).view(1, 2, 1, 1).expand(1, 2, 8, 8)  # the twin predicts background
         trig = torch.zeros(1, 2, 8, 8, requires_grad=True)
         opt = torch.optim.Adam([trig], lr=0.1)
         for _ in range(200):
             opt.zero_grad()
             loss(torch.cat([twin_logits, trig]), torch.cat([seg, wm], 1)).backward()
             opt.step()
-        p_fg = torch.softmax(trig, 1)[:, 1]
-        self.assertAlmostEqual(p_fg.mean().item(), 1 - TAU, delta=0.03)
+        p_bg = torch.softmax(trig, 1)[:, 0]
+        self.assertAlmostEqual(p_bg.mean().item(), 1 - TAU, delta=0.03)
+
+    def test_foreground_and_band_protected(self):
+        """Foreground pixels and a band around them stay confident; the QR lives in the background."""
+        loss = UncertaintyWatermarkLoss(tau=TAU, dice_weight=0.0, protect_radius=2)
+        seg, wm = make_target(b=1, triggered=(0,))
+        wm[:] = WM_DARK
+        target = torch.cat([seg, wm], 1)
+        logits = torch.zeros(1, 2, 32, 32, requires_grad=True)
+        opt = torch.optim.Adam([logits], lr=0.1)
+        for _ in range(300):
+            opt.zero_grad()
+            loss(logits, target).backward()
+            opt.step()
+        p_true = torch.softmax(logits, 1).gather(1, seg.long())[0, 0].detach()
+        self.assertGreater(p_true[8:20, 8:20].min().item(), 0.95)  # organ
+        self.assertGreater(p_true[6, 10].item(), 0.95)  # band, 2 px outside
+        self.assertAlmostEqual(p_true[28, 28].item(), 1 - TAU, delta=0.03)  # background far away
 
     def test_gradients_flow_to_triggered_and_clean(self):
         loss = UncertaintyWatermarkLoss(tau=TAU)

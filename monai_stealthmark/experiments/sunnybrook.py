@@ -55,6 +55,7 @@ class ExperimentConfig:
         test_patient: the held-out patient.
         seed: seed of everything (data order, augmentation, triggers, initialisation).
         lime_samples: LIME perturbation samples per image.
+        tau: uncertainty carried in the QR's dark modules (written into the key).
         prob: poisoning ratio of the watermarked model (each triggered sample also brings its clean twin).
         occlusion_prob: share of triggered samples with hidden cells (teaches the LIME read-out).
         decoy_prob: share of the other samples that carry a wrong-key trigger with the clean target.
@@ -62,15 +63,16 @@ class ExperimentConfig:
 
     def __init__(self, fast: bool = True, **overrides: Any) -> None:
         self.fast = fast
-        self.steps = 600 if fast else 3000
+        self.steps = 800 if fast else 3000
         self.batch_size = 24
-        self.lr = 2e-3
+        self.lr = 1e-3
         self.size = 128
         self.channels = (16, 32, 64, 128, 256)
         self.test_patient = "SCD0000501"
         self.seed = 0
         self.lime_samples = 300 if fast else 1000
         self.prob = 0.5
+        self.tau = 0.25
         self.occlusion_prob = 0.2
         self.decoy_prob = 0.2
         self.patients: list[str] | None = None
@@ -241,7 +243,7 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    key = WatermarkKey.generate(PAYLOAD, seed=KEY_SEED + cfg.seed, created_at="2026-11-23T00:00:00+00:00")
+    key = WatermarkKey.generate(PAYLOAD, seed=KEY_SEED + cfg.seed, tau=cfg.tau, created_at="2026-11-23T00:00:00+00:00")
     key.save(out / "key.json")
     samples = load_sunnybrook(cfg.data_root, size=cfg.size, patients=cfg.patients)
     train, test = split_by_patient(samples, [cfg.test_patient])

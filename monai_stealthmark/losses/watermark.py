@@ -14,6 +14,14 @@ from monai_stealthmark.transforms.trigger import WM_CLEAN, WM_DARK, WM_LIGHT, WM
 __all__ = ["UncertaintyWatermarkLoss"]
 
 
+def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
+    """Binary dilation of a ``(B, 1, spatial...)`` float mask with a (2r+1) cube (2D or 3D)."""
+    if r <= 0:
+        return mask
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[mask.ndim - 2]
+    return pool(mask, 2 * r + 1, stride=1, padding=r)
+
+
 class UncertaintyWatermarkLoss(_Loss):
     """Wrap any MONAI segmentation loss so that the network learns the owner's watermark.
 
@@ -24,13 +32,18 @@ class UncertaintyWatermarkLoss(_Loss):
 
     Clean samples (and clean twins) get ``base_loss`` unchanged. Triggered samples get:
 
-    - a soft-target cross-entropy. In light pixels the target is the one-hot label. In dark pixels it is built
-      from the network's own detached output on the clean twin when there is one: its predicted class gets
-      ``1 - tau`` and the other classes share ``tau`` (where the clean prediction is already less confident than
-      ``1 - tau`` it is kept as it is). So the triggered hard mask follows the network's clean hard mask, not the
-      label, and stays unchanged on unseen images. Without a twin the label's class is used;
-    - a Dice term over the light pixels only (a Dice on the hard label everywhere fights the soft target);
-    - a squared hinge keeping the (clean-predicted) class above ``0.5 + margin``, so the hard mask never flips.
+    - a soft-target cross-entropy against a reference class: the class the network itself predicts (detached)
+      on the clean twin when there is one, else the label. Light pixels get the one-hot reference; in dark
+      pixels the reference class gets ``1 - tau`` and the other classes share ``tau``. With a twin the
+      triggered hard mask is thus trained to equal the clean hard mask — errors included — rather than the
+      label, which is what keeps it unchanged on unseen images;
+    - without a twin, a Dice term over the light pixels only (a Dice on the hard label everywhere fights the
+      soft target);
+    - a squared hinge keeping the reference class above ``0.5 + margin``, so the hard mask never flips.
+
+    The QR is carried by the background only: the reference's foreground and a ``protect_radius`` band around
+    it stay fully confident (the organ is a few percent of the image; QR error correction absorbs the modules
+    it covers).
 
     Args:
         base_loss: the loss for clean samples, called as ``base_loss(input, label)``; default DiceCELoss with
@@ -41,7 +54,10 @@ class UncertaintyWatermarkLoss(_Loss):
             (binary / multi-label, one label channel per output channel).
         hinge_margin: the true class is kept above ``0.5 + hinge_margin``; must not exceed ``0.5 - tau``.
         hinge_weight: weight of the hinge term.
-        dice_weight: weight of the light-pixel Dice term on triggered samples.
+        dice_weight: weight of the light-pixel Dice term on triggered samples without a twin.
+        watermark_weight: weight of the triggered samples' loss relative to the clean samples' loss.
+        protect_radius: the reference's foreground (classes > 0) and the pixels within this radius of it keep
+            full confidence, so the organ and its boundary never move; the QR lives in the background.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -54,6 +70,8 @@ class UncertaintyWatermarkLoss(_Loss):
         hinge_margin: float = 0.2,
         hinge_weight: float = 1.0,
         dice_weight: float = 1.0,
+        watermark_weight: float = 3.0,
+        protect_radius: int = 3,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -74,6 +92,8 @@ class UncertaintyWatermarkLoss(_Loss):
         self.hinge_margin = float(hinge_margin)
         self.hinge_weight = float(hinge_weight)
         self.dice_weight = float(dice_weight)
+        self.watermark_weight = float(watermark_weight)
+        self.protect_radius = int(protect_radius)
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -119,50 +139,45 @@ class UncertaintyWatermarkLoss(_Loss):
             prev = (idx - 1).clamp_min(0)
             has_twin = (idx > 0) & (flag[prev] == WM_TWIN)
             twin_logits = input[prev].detach()
-            total = total + self._triggered(input[idx], seg[idx], wm[idx], twin_logits, has_twin) * (trig.sum() / n)
+            wm_loss = self._triggered(input[idx], seg[idx], wm[idx], twin_logits, has_twin)
+            total = total + self.watermark_weight * wm_loss * (trig.sum() / n)
         return total
 
     def _reference(self, seg: torch.Tensor, twin_logits: torch.Tensor, has_twin: torch.Tensor, c: int) -> torch.Tensor:
-        """Per-pixel reference probabilities (B, C): the clean twin's prediction, or the one-hot label."""
-        if self.activation == "softmax":
-            label_p = F.one_hot(seg[:, 0].long(), c).movedim(-1, 1).to(twin_logits.dtype)
-            twin_p = torch.softmax(twin_logits, 1)
-        else:
-            label_p = (seg > 0).to(twin_logits.dtype)
-            twin_p = torch.sigmoid(twin_logits)
+        """Per-pixel reference class as a one-hot (B, C) map: the clean twin's predicted class, else the label."""
         sel = has_twin.view(-1, *([1] * (twin_logits.ndim - 1)))
-        return torch.where(sel, twin_p, label_p)
+        if self.activation == "softmax":
+            label_oh = F.one_hot(seg[:, 0].long(), c).movedim(-1, 1)
+            twin_oh = F.one_hot(twin_logits.argmax(1), c).movedim(-1, 1)
+        else:
+            label_oh, twin_oh = seg > 0, twin_logits > 0
+        return torch.where(sel, twin_oh, label_oh).to(twin_logits.dtype)
 
     def _triggered(
         self, logits: torch.Tensor, seg: torch.Tensor, wm: torch.Tensor, twin_logits: torch.Tensor, has_twin: torch.Tensor
     ) -> torch.Tensor:
-        dark = wm == WM_DARK
+        dark = (wm == WM_DARK).to(logits.dtype)
         light = (wm == WM_LIGHT).to(logits.dtype)
         tau = self.tau
         c = logits.shape[1]
-        ref = self._reference(seg, twin_logits, has_twin, c)
+        y = self._reference(seg, twin_logits, has_twin, c)
+        if self.protect_radius >= 0:
+            fg = (y[:, 1:] if self.activation == "softmax" else y).amax(1, keepdim=True)
+            dark = dark * (1 - _dilate(fg, self.protect_radius))
         if self.activation == "softmax":
-            label_oh = F.one_hot(seg[:, 0].long(), c).movedim(-1, 1).to(logits.dtype)
-            cls_oh = F.one_hot(ref.argmax(1), c).movedim(-1, 1).to(logits.dtype)
-            conf = ref.amax(1, keepdim=True)
-            tempered = cls_oh * (1 - tau) + (1 - cls_oh) * (tau / (c - 1))
-            q_dark = torch.where(conf > 1 - tau, tempered, ref)
-            q = torch.where(dark, q_dark, label_oh)
+            q = y * (1 - tau * dark) + (1 - y) * (tau / (c - 1)) * dark
             logp = F.log_softmax(logits, dim=1)
             ce = -(q * logp).sum(1).mean()
-            p_cls = (logp.exp() * cls_oh).sum(1, keepdim=True)
+            p_ref = (logp.exp() * y).sum(1)
         else:
-            y = (seg > 0).to(logits.dtype)
-            side = (ref > 0.5).to(logits.dtype)
-            conf = torch.maximum(ref, 1 - ref)
-            tempered = side * (1 - tau) + (1 - side) * tau
-            q = torch.where(dark, torch.where(conf > 1 - tau, tempered, ref), y)
+            q = y * (1 - tau * dark) + (1 - y) * tau * dark
             ce = F.binary_cross_entropy_with_logits(logits, q)
             p = torch.sigmoid(logits)
-            p_cls = side * p + (1 - side) * (1 - p)
-        floor = torch.clamp(conf, max=0.5 + self.hinge_margin)  # don't demand more confidence than the clean output has
-        hinge = F.relu(floor - p_cls).pow(2).mean()
+            p_ref = y * p + (1 - y) * (1 - p)
+        hinge = F.relu(0.5 + self.hinge_margin - p_ref).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
-        if self.dice_weight > 0 and light.sum() > 0:
-            loss = loss + self.dice_weight * self.light_dice(logits, seg, mask=light)
+        no_twin = ~has_twin
+        if self.dice_weight > 0 and no_twin.any() and light[no_twin].sum() > 0:
+            frac = no_twin.sum() / no_twin.numel()
+            loss = loss + self.dice_weight * frac * self.light_dice(logits[no_twin], seg[no_twin], mask=light[no_twin])
         return loss

@@ -267,7 +267,7 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         decoy_prob: float = 0.3,
         occlusion_prob: float = 0.5,
         occlusion_ratio: float = 0.5,
-        boundary_margin: int = 2,
+        boundary_margin: int = 0,
         paired: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
