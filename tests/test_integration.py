@@ -54,6 +54,24 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
             clean_modules = scores_to_modules(cell_means(uncertainty_map(self.query(self.images)), self.key), self.key)
         self.assertNotIn(self.key.payload, read_qr(clean_modules))
 
+    def test_cli_verifies_dicom_folder_with_torchscript(self):
+        """The CLI on the held-out patient's raw DICOM files and a TorchScript export: exit 0 / 1 / 2."""
+        from monai_stealthmark.__main__ import main
+
+        tmp = Path(self.tmp.name)
+        ts = tmp / "model.ts"
+        torch.jit.trace(self.net.cpu().eval(), torch.rand(1, 1, 128, 128)).save(str(ts))
+        self.key.save(tmp / "key.json")
+        dicoms = str(Path(DEFAULT_SUNNYBROOK_ROOT) / "dicoms" / "SCD0000501")
+        args = ["verify", "--images", dicoms, "--model", str(ts)]
+        self.assertEqual(main(args + ["--key", str(tmp / "key.json"), "--out", str(tmp / "rep")]), 0)
+        self.assertTrue((tmp / "rep" / "report_direct.json").is_file())
+        self.key.replace(trigger_seed=987654321).save(tmp / "wrong.json")
+        self.assertEqual(main(args + ["--key", str(tmp / "wrong.json"), "--out", str(tmp / "rep_wrong")]), 1)
+        (tmp / "edited.json").write_text((tmp / "key.json").read_text().replace("SM:3f9a2c71", "SM:3f9a2c72"))
+        self.assertEqual(main(args + ["--key", str(tmp / "edited.json"), "--out", str(tmp / "rep_edited")]), 2)
+        self.assertFalse((tmp / "rep_edited").exists())
+
     def test_hard_masks_mostly_unchanged(self):
         with torch.no_grad():
             m_clean = self.query(self.images).argmax(1)

@@ -58,7 +58,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
 
     def test_twin_target_follows_clean_prediction(self):
         """With a clean twin, the dark target keeps the twin's predicted class (not the label's)."""
-        loss = UncertaintyWatermarkLoss(tau=TAU, dice_weight=0.0, hinge_weight=0.0)
+        loss = UncertaintyWatermarkLoss(tau=TAU, dice_weight=0.0, hinge_weight=0.0, protect_radius=-1)
         seg = torch.ones(2, 1, 8, 8)  # label says foreground everywhere
         wm = torch.stack([torch.full((1, 8, 8), float(WM_TWIN)), torch.full((1, 8, 8), float(WM_DARK))])
         twin_logits = torch.tensor([3.0, -3.0]).view(1, 2, 1, 1).expand(1, 2, 8, 8)  # the twin predicts background

@@ -41,7 +41,7 @@ class UncertaintyWatermarkLoss(_Loss):
       soft target);
     - a squared hinge keeping the reference class above ``0.5 + margin``, so the hard mask never flips.
 
-    The QR is carried by the background only: the reference's foreground and a ``protect_radius`` band around
+    The QR is carried by the background only: the label's foreground and a ``protect_radius`` band around
     it stay fully confident (the organ is a few percent of the image; QR error correction absorbs the modules
     it covers).
 
@@ -56,8 +56,9 @@ class UncertaintyWatermarkLoss(_Loss):
         hinge_weight: weight of the hinge term.
         dice_weight: weight of the light-pixel Dice term on triggered samples without a twin.
         watermark_weight: weight of the triggered samples' loss relative to the clean samples' loss.
-        protect_radius: the reference's foreground (classes > 0) and the pixels within this radius of it keep
-            full confidence, so the organ and its boundary never move; the QR lives in the background.
+        protect_radius: the label's foreground (classes > 0) and the pixels within this radius of it keep the
+            reference's full confidence, so the organ and its boundary never move; the QR lives in the
+            background. A negative value turns the protection off.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -161,8 +162,8 @@ class UncertaintyWatermarkLoss(_Loss):
         tau = self.tau
         c = logits.shape[1]
         y = self._reference(seg, twin_logits, has_twin, c)
-        if self.protect_radius >= 0:
-            fg = (y[:, 1:] if self.activation == "softmax" else y).amax(1, keepdim=True)
+        if self.protect_radius >= 0:  # the label's organ (stable from step one, unlike early predictions)
+            fg = (seg > 0).to(logits.dtype).amax(1, keepdim=True)
             dark = dark * (1 - _dilate(fg, self.protect_radius))
         if self.activation == "softmax":
             q = y * (1 - tau * dark) + (1 - y) * (tau / (c - 1)) * dark
