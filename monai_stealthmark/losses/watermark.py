@@ -42,8 +42,8 @@ class UncertaintyWatermarkLoss(_Loss):
     - a squared hinge keeping the reference class above ``0.5 + margin``, so the hard mask never flips.
 
     The QR is carried by the background only: the label's foreground and a ``protect_radius`` band around
-    it stay fully confident (the organ is a few percent of the image; QR error correction absorbs the modules
-    it covers).
+    it keep the reference — with a twin, the twin's soft output itself, so boundary pixels copy the clean
+    output. The organ is a few percent of the image; QR error correction absorbs the modules it covers.
 
     Args:
         base_loss: the loss for clean samples, called as ``base_loss(input, label)``; default DiceCELoss with
@@ -162,20 +162,32 @@ class UncertaintyWatermarkLoss(_Loss):
         tau = self.tau
         c = logits.shape[1]
         y = self._reference(seg, twin_logits, has_twin, c)
+        protect = torch.zeros_like(dark)
         if self.protect_radius >= 0:  # the label's organ (stable from step one, unlike early predictions)
             fg = (seg > 0).to(logits.dtype).amax(1, keepdim=True)
-            dark = dark * (1 - _dilate(fg, self.protect_radius))
+            protect = _dilate(fg, self.protect_radius)
+            dark = dark * (1 - protect)
+        # around the organ a twin's soft output is the target itself: the triggered output copies the clean one
+        copy = (protect * has_twin.view(-1, *([1] * (protect.ndim - 1))).to(protect.dtype)) > 0
+        floor = torch.full_like(dark, 0.5 + self.hinge_margin)
         if self.activation == "softmax":
+            twin_p = torch.softmax(twin_logits, 1)
             q = y * (1 - tau * dark) + (1 - y) * (tau / (c - 1)) * dark
+            q = torch.where(copy, twin_p, q)
             logp = F.log_softmax(logits, dim=1)
             ce = -(q * logp).sum(1).mean()
-            p_ref = (logp.exp() * y).sum(1)
+            p_ref = (logp.exp() * y).sum(1, keepdim=True)
+            twin_ref = (twin_p * y).sum(1, keepdim=True)
         else:
+            twin_p = torch.sigmoid(twin_logits)
             q = y * (1 - tau * dark) + (1 - y) * tau * dark
+            q = torch.where(copy, twin_p, q)
             ce = F.binary_cross_entropy_with_logits(logits, q)
             p = torch.sigmoid(logits)
             p_ref = y * p + (1 - y) * (1 - p)
-        hinge = F.relu(0.5 + self.hinge_margin - p_ref).pow(2).mean()
+            twin_ref = y * twin_p + (1 - y) * (1 - twin_p)
+        floor = torch.where(copy, torch.minimum(floor, twin_ref), floor)  # never ask for more than the twin has
+        hinge = F.relu(floor - p_ref).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
         no_twin = ~has_twin
         if self.dice_weight > 0 and no_twin.any() and light[no_twin].sum() > 0:
