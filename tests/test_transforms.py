@@ -135,7 +135,7 @@ class TestRandWatermarkd(unittest.TestCase):
         d = self.sample()
         t = RandWatermarkd(key=KEY, prob=0.0, decoy_prob=1.0)
         t.set_random_state(0)
-        out = t(d)
+        (out,) = t(d)  # paired mode: every sample comes as a list (one element when not triggered)
         self.assertTrue(torch.all(out["label"][1] == WM_CLEAN))
         self.assertFalse(torch.equal(out["image"], d["image"]))
         self.assertFalse(torch.equal(out["image"], apply_trigger(d["image"], KEY)))
