@@ -15,7 +15,6 @@ from monai_stealthmark.transforms.trigger import _pattern
 from monai_stealthmark.verify import (
     ModelQuery,
     NotProbabilitiesError,
-    VerificationReport,
     binomial_p_value,
     lime_attributions,
     lime_masks,

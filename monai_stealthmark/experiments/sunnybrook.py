@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset

@@ -145,11 +145,8 @@ def lime_reference_attributions(
         flat_hidden = hidden.reshape(x.shape[0], -1).float()
         per_cell = torch.zeros(x.shape[0], n_features, device=device).index_add_(1, idx, flat_hidden)
         cells_off = per_cell > 0
-        clean = torch.nan_to_num(x, nan=0.0).unsqueeze(1)
-        xq = apply_trigger(occlude_cells(clean, key, cells_off, intensity).reshape(-1, *clean.shape[2:]), key, intensity)
-        xq = xq.reshape(clean.shape)
-        p = check_probabilities(query(xq), xq).to(device)
-        return cell_means(uncertainty_map(p), key).cpu().numpy().astype(np.float64)
+        # the cells lime hid, re-applied through the same query path as the torch version
+        return _query_outputs(query, image, key, ~cells_off, intensity, batch.shape[0]).cpu().numpy().astype(np.float64)
 
     explainer = lime_image.LimeImageExplainer(kernel_width=kernel_width, feature_selection="none", random_state=seed)
     labels = list(range(n_features)) if labels is None else list(labels)
