@@ -81,3 +81,32 @@ class TestWatermarkASRHandler(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestWithSupervisedEvaluator(unittest.TestCase):
+    def test_dice_auc_asr_reported_together(self):
+        from monai.engines import SupervisedEvaluator
+        from monai.handlers import MeanDice, from_engine
+        from monai.transforms import Activationsd, AsDiscreted, Compose
+
+        x = images(4)
+        label = (x[:, :1] > 0.7).float()
+        data = [{"image": x[i], "label": label[i]} for i in range(4)]
+        post = Compose([Activationsd(keys="pred", softmax=True), AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=2)])
+        evaluator = SupervisedEvaluator(
+            device=torch.device("cpu"),
+            val_data_loader=torch.utils.data.DataLoader(data, batch_size=2),
+            network=TriggerOracle(KEY),
+            inferer=SimpleInferer(),
+            postprocessing=post,
+            key_val_metric={"val_mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+            additional_metrics={
+                "val_auc": PixelAUC(output_transform=from_engine(["pred", "label"])),
+                "val_wm_asr": WatermarkASR(KEY, max_images=4),
+            },
+        )
+        evaluator.run()
+        m = evaluator.state.metrics
+        self.assertGreater(m["val_mean_dice"], 0.99)
+        self.assertGreater(m["val_auc"], 0.99)
+        self.assertEqual(m["val_wm_asr"], 1.0)

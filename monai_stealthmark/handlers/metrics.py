@@ -29,10 +29,17 @@ __all__ = ["PixelAUC", "WatermarkASR"]
 def _field(output: Any, name: str) -> torch.Tensor:
     """Read ``name`` from a MONAI engine output: a dict of batched tensors, or a decollated list of dicts."""
     if isinstance(output, dict):
-        return torch.as_tensor(output[name])
+        return _stack(output[name])
     if isinstance(output, Sequence) and output and isinstance(output[0], dict):
-        return torch.stack([torch.as_tensor(o[name]) for o in output])
+        return _stack([o[name] for o in output])
     raise ValueError(f"cannot find {name!r} in the engine output of type {type(output).__name__}.")
+
+
+def _stack(x: Any) -> torch.Tensor:
+    """A batch tensor from a tensor or a decollated list of per-sample tensors (MONAI's ``from_engine``)."""
+    if isinstance(x, (list, tuple)):
+        return torch.stack([torch.as_tensor(i) for i in x])
+    return torch.as_tensor(x)
 
 
 class PixelAUC(Metric):
@@ -64,17 +71,20 @@ class PixelAUC(Metric):
 
     @reinit__is_reduced
     def update(self, output: Sequence[torch.Tensor]) -> None:
-        pred, label = output
-        pred = torch.as_tensor(pred).float()
+        pred, label = (_stack(o) for o in output)
+        pred = pred.float()
         if self.activation == "softmax":
             pred = torch.softmax(pred, 1)
         elif self.activation == "sigmoid":
             pred = torch.sigmoid(pred)
-        score = pred[:, self.label_index] if pred.shape[1] > 1 else pred[:, 0]
-        lab = torch.as_tensor(label)
-        lab = lab[:, 0] == self.label_index if lab.shape[1] == 1 and pred.shape[1] > 1 else lab[:, 0] > 0
+        i = self.label_index
+        score = pred[:, i] if pred.shape[1] > 1 else pred[:, 0]
+        if label.shape[1] == 1:  # class indices (or a binary mask for a one-channel model)
+            target = label[:, 0] == i if pred.shape[1] > 1 else label[:, 0] > 0
+        else:  # one-hot
+            target = label[:, i] > 0
         self._scores.append(score.detach().reshape(-1).to(self._device))
-        self._labels.append(lab.reshape(-1).to(self._device))
+        self._labels.append(target.reshape(-1).to(self._device))
 
     def compute(self) -> float:
         if not self._scores:
@@ -141,7 +151,7 @@ class WatermarkASR(Metric):
         room = self.max_images - self._count
         if room <= 0:
             return
-        imgs = torch.as_tensor(output)[:room].detach()
+        imgs = _stack(output)[:room].detach()
         self._images.append(imgs)
         self._count += imgs.shape[0]
 
