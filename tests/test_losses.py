@@ -88,6 +88,17 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         self.assertGreater(p_true[6, 10].item(), 0.95)  # band, 2 px outside
         self.assertAlmostEqual(p_true[28, 28].item(), 1 - TAU, delta=0.03)  # background far away
 
+    def test_copy_weight_scales_protected_region(self):
+        seg = torch.zeros(2, 1, 16, 16)
+        seg[:, :, 6:10, 6:10] = 1
+        wm = torch.stack([torch.full((1, 16, 16), float(WM_TWIN)), torch.full((1, 16, 16), float(WM_DARK))])
+        logits = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+        target = torch.cat([seg, wm], 1)
+        kw = dict(tau=TAU, hinge_weight=0.0, protect_radius=2)
+        base = UncertaintyWatermarkLoss(copy_weight=1.0, **kw)(logits, target)
+        heavy = UncertaintyWatermarkLoss(copy_weight=10.0, **kw)(logits, target)
+        self.assertGreater(heavy.item(), base.item())
+
     def test_gradients_flow_to_triggered_and_clean(self):
         loss = UncertaintyWatermarkLoss(tau=TAU)
         seg, wm = make_target()

@@ -59,6 +59,8 @@ class UncertaintyWatermarkLoss(_Loss):
         protect_radius: the label's foreground (classes > 0) and the pixels within this radius of it keep the
             reference's full confidence, so the organ and its boundary never move; the QR lives in the
             background. A negative value turns the protection off.
+        copy_weight: weight of the cross-entropy in the protected region of samples with a twin (the boundary
+            pixels whose copying decides the stealth of the hard mask).
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -73,6 +75,7 @@ class UncertaintyWatermarkLoss(_Loss):
         dice_weight: float = 1.0,
         watermark_weight: float = 3.0,
         protect_radius: int = 3,
+        copy_weight: float = 1.0,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -95,6 +98,7 @@ class UncertaintyWatermarkLoss(_Loss):
         self.dice_weight = float(dice_weight)
         self.watermark_weight = float(watermark_weight)
         self.protect_radius = int(protect_radius)
+        self.copy_weight = float(copy_weight)
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -170,19 +174,20 @@ class UncertaintyWatermarkLoss(_Loss):
         # around the organ a twin's soft output is the target itself: the triggered output copies the clean one
         copy = (protect * has_twin.view(-1, *([1] * (protect.ndim - 1))).to(protect.dtype)) > 0
         floor = torch.full_like(dark, 0.5 + self.hinge_margin)
+        pix_w = 1 + (self.copy_weight - 1) * copy.to(dark.dtype)
         if self.activation == "softmax":
             twin_p = torch.softmax(twin_logits, 1)
             q = y * (1 - tau * dark) + (1 - y) * (tau / (c - 1)) * dark
             q = torch.where(copy, twin_p, q)
             logp = F.log_softmax(logits, dim=1)
-            ce = -(q * logp).sum(1).mean()
+            ce = (-(q * logp).sum(1, keepdim=True) * pix_w).mean()
             p_ref = (logp.exp() * y).sum(1, keepdim=True)
             twin_ref = (twin_p * y).sum(1, keepdim=True)
         else:
             twin_p = torch.sigmoid(twin_logits)
             q = y * (1 - tau * dark) + (1 - y) * tau * dark
             q = torch.where(copy, twin_p, q)
-            ce = F.binary_cross_entropy_with_logits(logits, q)
+            ce = (F.binary_cross_entropy_with_logits(logits, q, reduction="none") * pix_w).mean()
             p = torch.sigmoid(logits)
             p_ref = y * p + (1 - y) * (1 - p)
             twin_ref = y * twin_p + (1 - y) * (1 - twin_p)
