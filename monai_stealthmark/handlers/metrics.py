@@ -20,7 +20,6 @@ from ignite.metrics.metric import EpochWise, reinit__is_reduced
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.metrics import pixel_auc
 from monai_stealthmark.transforms.trigger import load_key
-from monai_stealthmark.verify.query import NotProbabilitiesError
 from monai_stealthmark.verify.verifier import verify_ownership
 
 __all__ = ["PixelAUC", "WatermarkASR"]
@@ -181,10 +180,7 @@ class WatermarkASR(Metric):
             images = torch.cat(self._images)
             device = getattr(self._engine, "device", images.device)
             images = images.to(device)
-            try:
-                rep = verify_ownership(self._query(), images, self.key, mode=self.mode, lime_samples=self.lime_samples)
-            except NotProbabilitiesError:
-                raise
+            rep = verify_ownership(self._query(), images, self.key, mode=self.mode, lime_samples=self.lime_samples)
             n_ok = rep.asr * rep.n_images
             n_img = rep.n_images
             bit_sum = rep.mean_bit_accuracy * rep.n_images
