@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.transforms.trigger import apply_trigger, intensity_range, load_key
+from monai_stealthmark.transforms.trigger import apply_trigger, load_key
 from monai_stealthmark.verify.lime import lime_attributions
 from monai_stealthmark.verify.query import check_probabilities, uncertainty_map
 from monai_stealthmark.verify.readout import binomial_p_value, bit_accuracy, cell_means, read_qr, scores_to_modules
@@ -71,9 +71,7 @@ def verify_ownership(
         lime_batch_size: images per query in LIME mode.
     """
     key = load_key(key)
-    batch = _as_batch(images)
-    for img in batch:
-        intensity_range(img)  # validates (NaN, empty) before any query is sent
+    batch = _as_batch(images)  # validates shape and NaNs before any query is sent
     t0 = time.perf_counter()
     n0 = getattr(query, "n_queries", None)
     if mode == "direct":
