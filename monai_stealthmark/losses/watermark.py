@@ -158,6 +158,12 @@ class UncertaintyWatermarkLoss(_Loss):
             label_oh, twin_oh = seg > 0, twin_logits > 0
         return torch.where(sel, twin_oh, label_oh).to(twin_logits.dtype)
 
+    def _prob_of_reference(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Probability given to the one-hot reference ``y``: per channel for sigmoid, summed for softmax."""
+        if self.activation == "softmax":
+            return (p * y).sum(1, keepdim=True)
+        return y * p + (1 - y) * (1 - p)
+
     def _triggered(
         self, logits: torch.Tensor, seg: torch.Tensor, wm: torch.Tensor, twin_logits: torch.Tensor, has_twin: torch.Tensor
     ) -> torch.Tensor:
@@ -175,22 +181,19 @@ class UncertaintyWatermarkLoss(_Loss):
         copy = (protect * has_twin.view(-1, *([1] * (protect.ndim - 1))).to(protect.dtype)) > 0
         floor = torch.full_like(dark, 0.5 + self.hinge_margin)
         pix_w = 1 + (self.copy_weight - 1) * copy.to(dark.dtype)
-        if self.activation == "softmax":
-            twin_p = torch.softmax(twin_logits, 1)
-            q = y * (1 - tau * dark) + (1 - y) * (tau / (c - 1)) * dark
-            q = torch.where(copy, twin_p, q)
+        softmax = self.activation == "softmax"
+        twin_p = torch.softmax(twin_logits, 1) if softmax else torch.sigmoid(twin_logits)
+        other = tau / (c - 1) if softmax else tau  # share of the non-reference class(es) in dark pixels
+        q = torch.where(copy, twin_p, y * (1 - tau * dark) + (1 - y) * other * dark)
+        if softmax:
             logp = F.log_softmax(logits, dim=1)
-            ce = (-(q * logp).sum(1, keepdim=True) * pix_w).mean()
-            p_ref = (logp.exp() * y).sum(1, keepdim=True)
-            twin_ref = (twin_p * y).sum(1, keepdim=True)
+            ce_map = -(q * logp).sum(1, keepdim=True)
+            p = logp.exp()
         else:
-            twin_p = torch.sigmoid(twin_logits)
-            q = y * (1 - tau * dark) + (1 - y) * tau * dark
-            q = torch.where(copy, twin_p, q)
-            ce = (F.binary_cross_entropy_with_logits(logits, q, reduction="none") * pix_w).mean()
+            ce_map = F.binary_cross_entropy_with_logits(logits, q, reduction="none")
             p = torch.sigmoid(logits)
-            p_ref = y * p + (1 - y) * (1 - p)
-            twin_ref = y * twin_p + (1 - y) * (1 - twin_p)
+        ce = (ce_map * pix_w).mean()
+        p_ref, twin_ref = self._prob_of_reference(p, y), self._prob_of_reference(twin_p, y)
         floor = torch.where(copy, torch.minimum(floor, twin_ref), floor)  # never ask for more than the twin has
         hinge = F.relu(floor - p_ref).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
