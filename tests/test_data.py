@@ -7,6 +7,9 @@ import unittest
 from pathlib import Path
 
 import numpy as np
+import pydicom
+import pytest
+import torch
 
 from monai_stealthmark.data import (
     DEFAULT_SUNNYBROOK_ROOT,
@@ -80,3 +83,36 @@ class TestSunnybrook(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+DCMQI = DEFAULT_SUNNYBROOK_ROOT.parent / "dcmqi-ct"
+
+
+@pytest.mark.skipif(not DCMQI.is_dir(), reason="needs ../shared/data/dcmqi-ct")
+def test_dicom_seg_labels_match_the_nrrd_label_map(tmp_path):
+    from monai.data import NrrdReader
+    from monai.transforms import LoadImage, ResampleToMatch
+
+    from monai_stealthmark.data import LoadDicomSegd, dicom_seg_segments, load_dicom_series
+
+    image = load_dicom_series(DCMQI, fname_regex=r".*/\d+\.dcm$")
+    assert tuple(image.shape) == (1, 512, 512, 3)
+    assert dicom_seg_segments(DCMQI / "liver.dcm") == {"Liver": 0}
+    label = LoadDicomSegd(keys="label")({"image": image, "label": str(DCMQI / "liver.dcm")})["label"]
+    assert tuple(label.shape) == (1, 512, 512, 3) and set(label.unique().tolist()) == {0.0, 1.0}
+    nrrd = LoadImage(reader=NrrdReader(), image_only=True, ensure_channel_first=True)(str(DCMQI / "liver_seg.nrrd"))
+    assert torch.equal(label.as_tensor(), ResampleToMatch(mode="nearest")(nrrd, img_dst=image).as_tensor())
+    # the series comes out with decreasing z and the SEG/NRRD with increasing z: the alignment really reorders
+    per_slice = [int(label[0, ..., k].sum()) for k in range(3)]
+    assert per_slice == [int(nrrd[0, ..., k].sum()) for k in range(3)][::-1] and len(set(per_slice)) == 3
+    # a SEG checked against another series is refused, naming the file
+    other = tmp_path / "other"
+    other.mkdir()
+    src = pydicom.dcmread(DCMQI / "01.dcm")
+    src.SOPInstanceUID = "1.2.3.4.5"
+    src.save_as(other / "1.dcm")
+    wrong = load_dicom_series(other)
+    with pytest.raises(DataFileError, match="liver.dcm"):
+        LoadDicomSegd(keys="label")({"image": wrong, "label": str(DCMQI / "liver.dcm")})
+    with pytest.raises(DataFileError, match="not a DICOM Segmentation"):
+        dicom_seg_segments(DCMQI / "01.dcm")

@@ -110,3 +110,47 @@ class TestWithSupervisedEvaluator(unittest.TestCase):
         self.assertGreater(m["val_mean_dice"], 0.99)
         self.assertGreater(m["val_auc"], 0.99)
         self.assertEqual(m["val_wm_asr"], 1.0)
+
+
+class TestEngineHandlers(unittest.TestCase):
+    """StripWatermarkChannel and StashProbabilities on a bare ignite Engine with MONAI's iteration events fired."""
+
+    def _engine(self, step):
+        from monai.engines.utils import IterationEvents
+
+        def _step(engine, batch):
+            engine.state.output = dict(batch)
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            step(engine)
+            return engine.state.output
+
+        e = Engine(_step)
+        e.register_events(*IterationEvents)
+        return e
+
+    def test_strip_watermark_channel(self):
+        from monai_stealthmark.handlers import StripWatermarkChannel
+
+        seen = []
+        e = self._engine(lambda eng: seen.append(eng.state.output["label"].shape[1]))
+        StripWatermarkChannel(n_label_channels=1).attach(e)
+        label = torch.cat([torch.ones(2, 1, 4, 4), torch.full((2, 1, 4, 4), 2.0)], 1)
+        e.run([{"label": label}, {"label": torch.ones(2, 1, 4, 4)}], max_epochs=1)
+        self.assertEqual(seen, [1, 1])  # the watermark channel is gone before ITERATION_COMPLETED
+        e2 = self._engine(lambda eng: None)
+        StripWatermarkChannel(n_label_channels=1).attach(e2)
+        with self.assertRaisesRegex(ValueError, "3 channels"):
+            e2.run([{"label": torch.ones(1, 3, 4, 4)}], max_epochs=1)
+
+    def test_stash_probabilities(self):
+        from monai_stealthmark.handlers import StashProbabilities
+
+        e = self._engine(lambda eng: None)
+        StashProbabilities(activation="softmax", out_key="prob").attach(e)
+        logits = torch.randn(2, 3, 4, 4)
+        e.run([{"pred": logits}], max_epochs=1)
+        torch.testing.assert_close(e.state.output["prob"], torch.softmax(logits, 1))
+        torch.testing.assert_close(e.state.output["pred"], logits)  # the prediction itself is left alone
+        with self.assertRaisesRegex(ValueError, "activation"):
+            StashProbabilities(activation="relu")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .dicom_seg import LoadDicomSegd, dicom_seg_segments, load_dicom_series
 from .sunnybrook import (
     DEFAULT_SUNNYBROOK_ROOT,
     DataFileError,

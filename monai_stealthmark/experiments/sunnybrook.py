@@ -23,7 +23,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import UNet
-from monai.transforms import Compose, RandScaleIntensityd
+from monai.transforms import Compose, RandAffined, RandScaleIntensityd
 from monai.utils import set_determinism
 
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
@@ -58,6 +58,8 @@ class ExperimentConfig:
         prob: poisoning ratio of the watermarked model (each triggered sample also brings its clean twin).
         occlusion_prob: share of triggered samples with hidden cells (teaches the LIME read-out).
         decoy_prob: share of the other samples that carry a wrong-key trigger with the clean target.
+        spatial_aug: random rotation/scale/shift of image and label (both models) before the watermark transform.
+        copy_weight, copy_temperature: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
     """
 
     def __init__(self, fast: bool = True, **overrides: Any) -> None:
@@ -74,6 +76,9 @@ class ExperimentConfig:
         self.tau = 0.25
         self.occlusion_prob = 0.2
         self.decoy_prob = 0.2
+        self.copy_weight = 1.0
+        self.copy_temperature = 1.0
+        self.spatial_aug = False
         self.patients: list[str] | None = None
         self.data_root = str(DEFAULT_SUNNYBROOK_ROOT)
         for k, v in overrides.items():
@@ -107,13 +112,30 @@ def train_model(
     net = build_network(cfg.channels).to(device)
     data = [{"image": s["image"], "label": s["label"]} for s in train_samples]
     xforms = [RandScaleIntensityd(keys="image", factors=0.1, prob=0.5)]
+    if cfg.spatial_aug:
+        xforms.append(
+            RandAffined(
+                keys=("image", "label"),
+                prob=0.5,
+                rotate_range=0.26,
+                scale_range=0.1,
+                translate_range=8,
+                mode=("bilinear", "nearest"),
+                padding_mode="zeros",
+            )
+        )
     if key is not None:
         xforms.append(
             RandWatermarkd(
                 keys=("image", "label"), key=key, prob=cfg.prob, occlusion_prob=cfg.occlusion_prob, decoy_prob=cfg.decoy_prob
             )
         )
-        loss = UncertaintyWatermarkLoss(DiceCELoss(to_onehot_y=True, softmax=True), key=key)
+        loss = UncertaintyWatermarkLoss(
+            DiceCELoss(to_onehot_y=True, softmax=True),
+            key=key,
+            copy_weight=cfg.copy_weight,
+            copy_temperature=cfg.copy_temperature,
+        )
     else:
         loss = DiceCELoss(to_onehot_y=True, softmax=True)
     transform = Compose(xforms).set_random_state(seed=cfg.seed)

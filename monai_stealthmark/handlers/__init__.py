@@ -1,5 +1,7 @@
-"""Ignite wiring for MONAI engines: pixel AUC and watermark ASR metrics for evaluators."""
+"""Ignite wiring for MONAI engines: pixel AUC and watermark ASR metrics for evaluators, and the two small
+handlers that let a stock bundle train and validate with the watermark."""
 
 from __future__ import annotations
 
+from .engine import StashProbabilities, StripWatermarkChannel
 from .metrics import PixelAUC, WatermarkASR

@@ -61,6 +61,9 @@ class UncertaintyWatermarkLoss(_Loss):
             background. A negative value turns the protection off.
         copy_weight: weight of the cross-entropy in the protected region of samples with a twin (the boundary
             pixels whose copying decides the stealth of the hard mask).
+        copy_temperature: the protected region copies ``softmax(twin_logits / copy_temperature)``; below 1 the
+            copy is sharper than the twin (same argmax, larger margin), which keeps boundary pixels from
+            drifting across the threshold on unseen images.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -76,6 +79,7 @@ class UncertaintyWatermarkLoss(_Loss):
         watermark_weight: float = 3.0,
         protect_radius: int = 3,
         copy_weight: float = 1.0,
+        copy_temperature: float = 1.0,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -99,6 +103,9 @@ class UncertaintyWatermarkLoss(_Loss):
         self.watermark_weight = float(watermark_weight)
         self.protect_radius = int(protect_radius)
         self.copy_weight = float(copy_weight)
+        if copy_temperature <= 0:
+            raise ValueError(f"copy_temperature must be > 0, got {copy_temperature}.")
+        self.copy_temperature = float(copy_temperature)
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -184,7 +191,9 @@ class UncertaintyWatermarkLoss(_Loss):
         softmax = self.activation == "softmax"
         twin_p = torch.softmax(twin_logits, 1) if softmax else torch.sigmoid(twin_logits)
         other = tau / (c - 1) if softmax else tau  # share of the non-reference class(es) in dark pixels
-        q = torch.where(copy, twin_p, y * (1 - tau * dark) + (1 - y) * other * dark)
+        t = self.copy_temperature
+        copy_p = twin_p if t == 1.0 else (torch.softmax(twin_logits / t, 1) if softmax else torch.sigmoid(twin_logits / t))
+        q = torch.where(copy, copy_p, y * (1 - tau * dark) + (1 - y) * other * dark)
         if softmax:
             logp = F.log_softmax(logits, dim=1)
             ce_map = -(q * logp).sum(1, keepdim=True)

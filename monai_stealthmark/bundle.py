@@ -1,0 +1,191 @@
+"""Helpers called from the bundle overlay ``bundles/stealthmark_overlay.json``.
+
+The overlay is merged onto an existing MONAI bundle (``python -m monai.bundle run --config_file
+"['configs/train.json','stealthmark_overlay.json']" --key_file key.json``). It expects these ids, as in the
+model-zoo bundles:
+
+========================== ==================================================================================
+``loss``                    the bundle's segmentation loss (wrapped, not replaced)
+``train#random_transforms`` list of random training transforms, the last part of ``train#preprocessing``
+``train#handlers``          list of trainer handlers
+``train#trainer``           the ``SupervisedTrainer`` (its ``loss_function`` is switched to the watermark loss)
+``validate#handlers``       list of evaluator handlers
+``validate#additional_metrics`` dict of extra evaluator metrics (gets ``val_auc`` and ``val_wm_asr``)
+``validate#evaluator``      the ``SupervisedEvaluator``
+``initialize``              list of expressions run before training (gets the check below)
+========================== ==================================================================================
+
+:func:`check_watermark_bundle` runs first and fails with a message naming the missing id when the merge did
+not reach one of them (MONAI's merge only warns when a ``+`` id is absent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from monai_stealthmark.key import KeyFileError, WatermarkKey
+
+__all__ = ["BundleConfigError", "load_bundle_key", "check_watermark_bundle", "find_transforms", "run_ownership_check"]
+
+
+class BundleConfigError(ValueError):
+    """The bundle does not have the ids the watermark overlay needs."""
+
+
+def load_bundle_key(key_file: str | Path | None) -> WatermarkKey:
+    """Load the owner's key for a bundle run; ``key_file`` comes from ``--key_file`` on the command line."""
+    if key_file is None or str(key_file).strip() == "":
+        raise KeyFileError(
+            "no watermark key given: add --key_file path/to/key.json to the `monai.bundle run` command "
+            "(make one with `python -m monai_stealthmark keygen --payload ... --out key.json`)."
+        )
+    return WatermarkKey.load(key_file)
+
+
+def find_transforms(transform: Any, cls: type) -> list:
+    """All transforms of type ``cls`` inside ``transform`` (Compose and nested Compose walked recursively)."""
+    found = []
+    if isinstance(transform, cls):
+        found.append(transform)
+    for t in getattr(transform, "transforms", ()) or ():
+        found.extend(find_transforms(t, cls))
+    return found
+
+
+def _attached(engine: Any, cls: type) -> list:
+    """Objects of type ``cls`` whose methods are registered as handlers on an ignite engine."""
+    out = []
+    for handlers in getattr(engine, "_event_handlers", {}).values():
+        for h, *_ in handlers:
+            obj = getattr(h, "__self__", h)
+            if isinstance(obj, cls) and obj not in out:
+                out.append(obj)
+    return out
+
+
+def check_watermark_bundle(trainer: Any | None, evaluator: Any | None = None) -> bool:
+    """Check that the overlay reached the bundle's trainer (and evaluator); raise :class:`BundleConfigError`.
+
+    Args:
+        trainer: the bundle's ``train#trainer``; None to check only the evaluator (metrics-only overlay).
+        evaluator: the bundle's ``validate#evaluator`` (optional).
+
+    Returns:
+        True, so it can sit in a bundle's ``initialize`` list.
+    """
+    from monai_stealthmark.handlers import PixelAUC, StashProbabilities, WatermarkASR
+
+    if trainer is not None:
+        _check_trainer(trainer)
+    if evaluator is not None:
+        if not _attached(evaluator, StashProbabilities):
+            raise BundleConfigError("StashProbabilities is not attached to the evaluator: the bundle needs a `validate#handlers` list.")
+        if not _attached(evaluator, WatermarkASR) or not _attached(evaluator, PixelAUC):
+            raise BundleConfigError(
+                "the evaluator has no val_wm_asr / val_auc metrics: the bundle needs a `validate#additional_metrics` "
+                "dict passed to `validate#evaluator` as `additional_metrics`."
+            )
+    return True
+
+
+def _check_trainer(trainer: Any) -> None:
+    from monai_stealthmark.handlers import StripWatermarkChannel
+    from monai_stealthmark.losses import UncertaintyWatermarkLoss
+    from monai_stealthmark.transforms import RandWatermarkd
+
+    if not isinstance(getattr(trainer, "loss_function", None), UncertaintyWatermarkLoss):
+        raise BundleConfigError(
+            "the trainer's loss is not the watermark loss: the bundle needs `train#trainer` with a `loss_function` "
+            "(the overlay sets `train#trainer#loss_function` to `@stealthmark#loss`, wrapping `@loss`)."
+        )
+    loader = getattr(trainer, "data_loader", None)
+    transform = getattr(getattr(loader, "dataset", None), "transform", None)
+    wm = find_transforms(transform, RandWatermarkd)
+    if not wm:
+        raise BundleConfigError(
+            "RandWatermarkd is not in the training transforms: the bundle needs a `train#random_transforms` list "
+            "that `train#preprocessing` uses (the overlay appends the watermark transform to it)."
+        )
+    chain = list(getattr(transform, "transforms", ()))
+    if chain and wm[-1] is not chain[-1] and wm[-1].paired:
+        raise BundleConfigError(
+            "RandWatermarkd(paired=True) must be the last training transform (it returns [clean twin, triggered] "
+            "lists): put it at the end of `train#random_transforms`."
+        )
+    if not _attached(trainer, StripWatermarkChannel):
+        raise BundleConfigError("StripWatermarkChannel is not attached to the trainer: the bundle needs a `train#handlers` list.")
+
+
+def run_ownership_check(
+    network: Any,
+    dataset: Any,
+    key_file: str | Path,
+    output_dir: str | Path,
+    checkpoint: str | Path | None = None,
+    inferer: Any | None = None,
+    device: Any = "cpu",
+    modes: Sequence[str] = ("direct",),
+    activation: str = "softmax",
+    image_key: str = "image",
+    max_images: int = 64,
+    lime_samples: int = 500,
+) -> dict[str, Any]:
+    """The ownership check of ``bundles/stealthmark_verify.json``: load a bundle's model, query it as a black box
+    with the key's trigger on the dataset's images, and write ``report_<mode>.json/.md`` + PNGs.
+
+    Args:
+        network: the bundle's network (``@network``).
+        dataset: the bundle's inference dataset (``@dataset``); items are dicts with ``image_key``.
+        key_file: the owner's key file.
+        output_dir: where the reports go.
+        checkpoint: weights to load into ``network`` (a state dict, or ``{"model": state_dict}`` as
+            CheckpointSaver writes); None if the network already holds them.
+        inferer: the bundle's inferer (``@inferer``; SimpleInferer or SlidingWindowInferer), or None.
+        device: where to run the queries.
+        modes: ``"direct"`` and/or ``"lime"``.
+        activation: turns the network's logits into the probabilities the verifier reads.
+        image_key: the image field of the dataset items.
+        max_images: images queried (the first ones of the dataset).
+        lime_samples: LIME perturbation samples per image.
+
+    Returns:
+        ``{mode: report dict}``; the verdicts are also logged.
+    """
+    import logging
+
+    import torch
+
+    from monai_stealthmark.verify import ModelQuery, verify_ownership
+
+    key = load_bundle_key(key_file)
+    device = torch.device(device)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (train the bundle first or set ckpt_path).")
+        state = torch.load(path, map_location=device, weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]
+        network.load_state_dict(state)
+    network = network.to(device).eval()
+    n = min(len(dataset), int(max_images))
+    if n == 0:
+        raise ValueError("the bundle's dataset is empty: nothing to query (check input_dir / datalist).")
+    items = [dataset[i][image_key] for i in range(n)]
+    images = torch.stack([x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x) for x in items])
+    query = ModelQuery(network, activation=activation, device=device, inferer=inferer)
+    out: dict[str, Any] = {}
+    log = logging.getLogger("monai_stealthmark")
+    for mode in modes:
+        report = verify_ownership(query, images, key, mode=mode, lime_samples=lime_samples)
+        report.save(output_dir)
+        out[mode] = report.to_dict()
+        log.info(
+            "ownership check (%s): ASR %.3f, bit accuracy %.4f, p = %.3g -> %s",
+            mode, report.asr, report.mean_bit_accuracy, report.p_value, "OWNERSHIP SHOWN" if report.verdict else "not shown",
+        )
+        print(f"ownership check ({mode}): ASR {report.asr:.3f}, bit accuracy {report.mean_bit_accuracy:.4f}, "
+              f"p = {report.p_value:.3g} -> {'ownership shown' if report.verdict else 'not shown'}")
+    return out

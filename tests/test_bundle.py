@@ -1,0 +1,121 @@
+"""The bundle overlay merged onto both example bundles, run in-process with MONAI's ConfigParser."""
+
+from __future__ import annotations
+
+import json
+import unittest
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from monai_stealthmark.bundle import BundleConfigError, check_watermark_bundle, run_ownership_check
+from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT
+from monai_stealthmark.key import KeyFileError, WatermarkKey
+from monai_stealthmark.losses import UncertaintyWatermarkLoss
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = ROOT / "bundles"
+OVERLAY = BUNDLES / "stealthmark_overlay.json"
+METRICS = BUNDLES / "stealthmark_metrics.json"
+VERIFY = BUNDLES / "stealthmark_verify.json"
+HAVE_DATA = DEFAULT_SUNNYBROOK_ROOT.is_dir() and (DEFAULT_SUNNYBROOK_ROOT.parent / "totalseg-ct").is_dir()
+
+
+def _parser(bundle: str, files: list, tmp: Path, key_file: str | None, **overrides) -> ConfigParser:
+    cfg = BUNDLES / bundle / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(cfg / f) if not Path(f).is_absolute() else f for f in files])
+    parser["bundle_root"] = str(tmp)
+    if key_file is not None:
+        parser["key_file"] = key_file
+    for k, v in overrides.items():
+        parser[k] = v
+    parser.parse()
+    return parser
+
+
+def _train(parser: ConfigParser):
+    parser.get_parsed_content("initialize")
+    trainer = parser.get_parsed_content("train#trainer")
+    trainer.run()
+    return trainer, parser.get_parsed_content("validate#evaluator")
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("key") / "key.json"
+    WatermarkKey.generate("SM:bundle", seed=11).save(path)
+    return str(path)
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="needs ../shared/data")
+@pytest.mark.parametrize("bundle", ["sunnybrook_lv_2d", "ct_spleen_3d"])
+def test_overlay_trains_and_reports_dice_auc_asr(bundle, tmp_path, key_file):
+    parser = _parser(bundle, ["train.json", str(OVERLAY)], tmp_path, key_file, max_epochs=1, val_interval=1)
+    trainer, evaluator = _train(parser)
+    assert isinstance(trainer.loss_function, UncertaintyWatermarkLoss)
+    assert isinstance(trainer.loss_function.base_loss, type(parser.get_parsed_content("loss")))
+    m = evaluator.state.metrics
+    for name in ("val_mean_dice", "val_auc", "val_wm_asr", "val_wm_asr_bit_acc"):
+        assert name in m, name
+    assert 0.0 <= m["val_auc"] <= 1.0 and 0.0 <= m["val_wm_asr"] <= 1.0
+    assert 0.2 < m["val_wm_asr_bit_acc"] < 0.8  # one epoch: no watermark yet, bits at chance
+    # the bundle's own train metric saw the plain label (the watermark channel was stripped after the loss)
+    assert "train_mean_dice" in trainer.state.metrics
+    assert trainer.state.output[0]["label"].shape[0] == 2  # one-hot of the plain label, not 2 + 1 channels
+    assert (tmp_path / "models" / "model.pt").is_file()
+    # the overlay left the bundle's own files as they were: the plain bundle still trains without the key
+    clean = _parser(bundle, ["train.json"], tmp_path / "clean", None, max_epochs=1, val_interval=1)
+    trainer_c, ev_c = _train(clean)
+    assert not isinstance(trainer_c.loss_function, UncertaintyWatermarkLoss)
+    assert "val_mean_dice" in ev_c.state.metrics and "val_wm_asr" not in ev_c.state.metrics
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="needs ../shared/data")
+def test_metrics_overlay_and_verify_config(tmp_path, key_file):
+    bundle = "sunnybrook_lv_2d"
+    parser = _parser(bundle, ["train.json", str(METRICS)], tmp_path, key_file, max_epochs=1, val_interval=1)
+    trainer, evaluator = _train(parser)
+    assert not isinstance(trainer.loss_function, UncertaintyWatermarkLoss)  # a clean model, monitored
+    assert evaluator.state.metrics["val_wm_asr"] == 0.0
+    # the verification entry on the trained checkpoint: writes the report, no training code
+    v = _parser(bundle, ["inference.json", str(VERIFY)], tmp_path, key_file)
+    v.get_parsed_content("run")
+    rep = json.loads((tmp_path / "eval" / "ownership" / "report_direct.json").read_text())
+    assert rep["n_images"] == 22 and rep["asr"] == 0.0 and rep["verdict"] == "not shown"
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="needs ../shared/data")
+def test_overlay_errors_name_the_problem(tmp_path, key_file):
+    p = _parser("sunnybrook_lv_2d", ["train.json", str(OVERLAY)], tmp_path, None)
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps the error of a config expression
+        p.get_parsed_content("stealthmark#key")
+    assert isinstance(err.value.__cause__, KeyFileError) and "--key_file" in str(err.value.__cause__)
+    # a bundle whose preprocessing does not use train#random_transforms: the transform never reaches training
+    bad = json.loads((BUNDLES / "sunnybrook_lv_2d" / "configs" / "train.json").read_text())
+    bad["train"]["preprocessing"]["transforms"] = "$@train#deterministic_transforms"
+    bad_file = tmp_path / "bad_train.json"
+    bad_file.write_text(json.dumps(bad))
+    p = _parser("sunnybrook_lv_2d", [str(bad_file), str(OVERLAY)], tmp_path, key_file, max_epochs=1)
+    with pytest.raises(RuntimeError) as err:
+        p.get_parsed_content("initialize")
+    cause = err.value.__cause__
+    assert isinstance(cause, BundleConfigError) and "train#random_transforms" in str(cause)
+    # an evaluator without the metrics
+    p = _parser("sunnybrook_lv_2d", ["train.json"], tmp_path, None)
+    with pytest.raises(BundleConfigError, match="validate#handlers"):
+        check_watermark_bundle(None, p.get_parsed_content("validate#evaluator"))
+
+
+def test_run_ownership_check_errors(tmp_path, key_file):
+    net = torch.nn.Conv2d(1, 2, 1)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        run_ownership_check(net, [{"image": torch.zeros(1, 8, 8)}], key_file, tmp_path, checkpoint=tmp_path / "none.pt")
+    with pytest.raises(ValueError, match="empty"):
+        run_ownership_check(net, [], key_file, tmp_path)
+
+
+if __name__ == "__main__":
+    unittest.main()
