@@ -79,10 +79,6 @@ class TestWatermarkASRHandler(unittest.TestCase):
             engine.run([images(1)], max_epochs=1)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class TestWithSupervisedEvaluator(unittest.TestCase):
     def test_dice_auc_asr_reported_together(self):
         from monai.engines import SupervisedEvaluator
@@ -154,3 +150,52 @@ class TestEngineHandlers(unittest.TestCase):
         torch.testing.assert_close(e.state.output["pred"], logits)  # the prediction itself is left alone
         with self.assertRaisesRegex(ValueError, "activation"):
             StashProbabilities(activation="relu")
+
+
+def _ddp_worker(local_rank: int, out_dir: str) -> None:
+    """One DDP rank: half of the AUC data, and two images queried on a network that does (rank 0) or does not
+    (rank 1) carry the key's watermark. Both ranks must report the metrics of the whole set."""
+    import json
+
+    import ignite.distributed as idist
+
+    rank, world = idist.get_rank(), idist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    pred, label = torch.rand(4, 2, 16, 16, generator=g), (torch.rand(4, 1, 16, 16, generator=g) > 0.7).float()
+    auc_engine = Engine(lambda e, b: b)
+    PixelAUC(output_transform=lambda o: (o["pred"], o["label"])).attach(auc_engine, "auc")
+    auc_engine.run([{"pred": pred[2 * rank : 2 * rank + 2], "label": label[2 * rank : 2 * rank + 2]}], max_epochs=1)
+    asr_engine = Engine(lambda e, b: b)
+    asr_engine.network = TriggerOracle(KEY if rank == 0 else KEY.replace(trigger_seed=99))
+    asr_engine.inferer, asr_engine.device = SimpleInferer(), torch.device("cpu")
+    WatermarkASR(KEY, max_images=8).attach(asr_engine, "asr")
+    asr_engine.run([{"image": images(2)}], max_epochs=1)
+    res = {"world": world, "auc": auc_engine.state.metrics["auc"], "asr": asr_engine.state.metrics["asr"]}
+    res["bit_acc"] = asr_engine.state.metrics["asr_bit_acc"]
+    with open(f"{out_dir}/rank{rank}.json", "w") as f:
+        json.dump(res, f)
+
+
+class TestDistributed(unittest.TestCase):
+    def test_gloo_two_processes(self):
+        import json
+        import tempfile
+
+        import ignite.distributed as idist
+
+        with tempfile.TemporaryDirectory() as tmp:
+            with idist.Parallel(backend="gloo", nproc_per_node=2) as parallel:
+                parallel.run(_ddp_worker, tmp)
+            res = [json.load(open(f"{tmp}/rank{r}.json")) for r in range(2)]
+        g = torch.Generator().manual_seed(0)
+        pred, label = torch.rand(4, 2, 16, 16, generator=g), (torch.rand(4, 1, 16, 16, generator=g) > 0.7).float()
+        expected = roc_auc_score(label[:, 0].flatten().numpy(), pred[:, 1].flatten().numpy())
+        for r in res:
+            self.assertEqual(r["world"], 2)
+            self.assertAlmostEqual(r["auc"], expected, places=6)  # gathered over both ranks, not one half
+            self.assertEqual(r["asr"], 0.5)  # 2 of the 4 images (rank 0's) decode
+            self.assertTrue(0.6 < r["bit_acc"] < 0.9)
+
+
+if __name__ == "__main__":
+    unittest.main()
