@@ -64,6 +64,43 @@ def cmd_keygen(a) -> int:
     return 0
 
 
+def load_bundle_images(paths: list[str], preprocessing):
+    """Read the images with the bundle's own inference preprocessing (``{"image": path}`` dicts)."""
+    import torch
+
+    from monai_stealthmark.data import DataFileError
+
+    out = []
+    for f in _collect(paths):
+        try:
+            img = preprocessing({"image": str(f)})["image"]
+        except Exception as e:
+            raise DataFileError(f"cannot read image {str(f)!r} with the bundle's preprocessing: {e}") from e
+        out.append(torch.as_tensor(img).float())
+    shapes = {tuple(i.shape) for i in out}
+    if len(shapes) > 1:
+        raise DataFileError(f"the bundle's preprocessing gave images of different shapes {sorted(shapes)}.")
+    return torch.stack(out)
+
+
+class _Progress:
+    """Count the images sent to a query callable on a tqdm bar (stderr)."""
+
+    def __init__(self, query, total: int, enabled: bool = True) -> None:
+        from tqdm import tqdm
+
+        self.query = query
+        self.bar = tqdm(total=total, unit="img", desc="queries", disable=not enabled, file=sys.stderr)
+
+    def __call__(self, images):
+        out = self.query(images)
+        self.bar.update(int(images.shape[0]))
+        return out
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def cmd_verify(a) -> int:
     import torch
 
@@ -71,13 +108,30 @@ def cmd_verify(a) -> int:
     from monai_stealthmark.verify import ModelQuery, verify_ownership
 
     key = WatermarkKey.load(a.key)
-    images = load_images(a.images, a.size)
-    if a.model.endswith((".ts", ".pt", ".pth")):
-        query = ModelQuery(a.model, activation=None if a.activation == "none" else a.activation)
+    activation = None if a.activation == "none" else a.activation
+    if a.bundle:
+        from monai_stealthmark.bundle import load_bundle_model
+
+        net, inferer, preprocessing = load_bundle_model(a.bundle)
+        images = load_bundle_images(a.images, preprocessing) if preprocessing is not None else load_images(a.images, a.size)
+        query = ModelQuery(net, activation=activation, inferer=inferer)
+    elif a.url:
+        from monai_stealthmark.verify.remote import RemoteModelQuery
+
+        images = load_images(a.images, a.size)
+        query = RemoteModelQuery(a.url, timeout=a.timeout, retries=a.retries, budget=a.budget)
+    elif a.model.endswith((".ts", ".pt", ".pth")):
+        images = load_images(a.images, a.size)
+        query = ModelQuery(a.model, activation=activation)
     else:
         raise ValueError(f"--model must be a TorchScript file (.ts/.pt), got {a.model!r}.")
-    with torch.no_grad():
-        rep = verify_ownership(query, images, key, mode=a.mode, lime_samples=a.lime_samples)
+    total = images.shape[0] * (a.lime_samples if a.mode == "lime" else 1)
+    progress = _Progress(query, total, enabled=not a.quiet)
+    try:
+        with torch.no_grad():
+            rep = verify_ownership(progress, images, key, mode=a.mode, lime_samples=a.lime_samples)
+    finally:
+        progress.close()
     rep.save(a.out)
     print(rep.to_markdown())
     return 0 if rep.verdict else 1
@@ -95,11 +149,18 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("verify", help="query a suspect model black-box and write a report")
     v.add_argument("--key", required=True)
     v.add_argument("--images", nargs="+", required=True, help="folders or files: DICOM, NIfTI, PNG, NPY")
-    v.add_argument("--model", required=True, help="TorchScript file of the suspect model")
+    src = v.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="TorchScript file of the suspect model")
+    src.add_argument("--bundle", help="MONAI bundle folder (configs/inference.json + models/model.pt)")
+    src.add_argument("--url", help="HTTP endpoint: POST .npy images -> .npy probabilities (see monai_stealthmark.serve)")
+    v.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (--url)")
+    v.add_argument("--retries", type=int, default=2, help="extra attempts per HTTP request (--url)")
+    v.add_argument("--budget", type=int, default=None, help="most images sent to the endpoint (--url)")
+    v.add_argument("--quiet", action="store_true", help="no progress bar")
     v.add_argument("--activation", default="softmax", choices=("softmax", "sigmoid", "none"))
     v.add_argument("--mode", default="direct", choices=("direct", "lime"))
     v.add_argument("--lime-samples", type=int, default=300)
-    v.add_argument("--size", type=int, default=128, help="resize the images to this side (0: keep)")
+    v.add_argument("--size", type=int, default=128, help="resize the images to this side (0: keep; --bundle uses its own preprocessing)")
     v.add_argument("--out", required=True, help="report folder")
     a = p.parse_args(argv)
     try:

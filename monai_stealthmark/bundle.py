@@ -27,11 +27,21 @@ from typing import Any
 
 from monai_stealthmark.key import KeyFileError, WatermarkKey
 
-__all__ = ["BundleConfigError", "load_bundle_key", "check_watermark_bundle", "find_transforms", "run_ownership_check"]
+__all__ = ["BundleConfigError", "load_bundle_key", "check_watermark_bundle", "find_transforms", "run_ownership_check", "load_bundle_model"]
 
 
 class BundleConfigError(ValueError):
     """The bundle does not have the ids the watermark overlay needs."""
+
+
+def _state_dict(path: Path, device: Any) -> dict:
+    """A state dict from a checkpoint file: plain, or ``{"model": state_dict}`` as CheckpointSaver writes it."""
+    import torch
+
+    state = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    return state
 
 
 def load_bundle_key(key_file: str | Path | None) -> WatermarkKey:
@@ -165,10 +175,7 @@ def run_ownership_check(
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (train the bundle first or set ckpt_path).")
-        state = torch.load(path, map_location=device, weights_only=True)
-        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-            state = state["model"]
-        network.load_state_dict(state)
+        network.load_state_dict(_state_dict(path, device))
     network = network.to(device).eval()
     n = min(len(dataset), int(max_images))
     if n == 0:
@@ -189,3 +196,42 @@ def run_ownership_check(
         print(f"ownership check ({mode}): ASR {report.asr:.3f}, bit accuracy {report.mean_bit_accuracy:.4f}, "
               f"p = {report.p_value:.3g} -> {'ownership shown' if report.verdict else 'not shown'}")
     return out
+
+
+def load_bundle_model(bundle_dir: str | Path, config: str = "configs/inference.json", checkpoint: str | Path | None = None, device: Any = None):
+    """The trained network of a MONAI bundle, with its inferer and its inference preprocessing.
+
+    Args:
+        bundle_dir: the bundle folder (``configs/``, ``models/model.pt``).
+        config: the inference config inside it (needs ``network_def``; ``inferer`` and ``preprocessing`` are used
+            when present).
+        checkpoint: the weights; default: the config's ``ckpt_path`` or ``models/model.pt``.
+        device: where to put the network (default: CUDA when available).
+
+    Returns:
+        ``(network in eval mode, inferer or None, preprocessing or None)``.
+    """
+    import torch
+    from monai.bundle import ConfigParser
+
+    bundle_dir = Path(bundle_dir)
+    cfg_file = bundle_dir / config
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"bundle config {str(cfg_file)!r} does not exist (is {str(bundle_dir)!r} a MONAI bundle?).")
+    parser = ConfigParser()
+    parser.read_config(str(cfg_file))
+    parser["bundle_root"] = str(bundle_dir)
+    parser.parse()
+    if "network_def" not in parser:
+        raise BundleConfigError(f"{str(cfg_file)!r} has no `network_def`.")
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    network = parser.get_parsed_content("network_def").to(device)
+    if checkpoint is None:
+        checkpoint = parser.get_parsed_content("ckpt_path") if "ckpt_path" in parser else bundle_dir / "models" / "model.pt"
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"bundle checkpoint {str(path)!r} does not exist.")
+    network.load_state_dict(_state_dict(path, device))
+    inferer = parser.get_parsed_content("inferer") if "inferer" in parser else None
+    preprocessing = parser.get_parsed_content("preprocessing") if "preprocessing" in parser else None
+    return network.eval(), inferer, preprocessing
