@@ -72,6 +72,37 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         self.assertEqual(main(args + ["--key", str(tmp / "edited.json"), "--out", str(tmp / "rep_edited")]), 2)
         self.assertFalse((tmp / "rep_edited").exists())
 
+    def test_cli_verifies_bundle_dir_and_http(self):
+        """The same model as a MONAI bundle folder (--bundle) and behind the reference server (--url)."""
+        import shutil
+
+        from monai_stealthmark.__main__ import main
+        from monai_stealthmark.serve import bundle_predictor, make_server, start_in_thread
+
+        tmp = Path(self.tmp.name)
+        bundle = tmp / "bundle"
+        shutil.copytree(Path(__file__).resolve().parents[1] / "bundles" / "sunnybrook_lv_2d" / "configs", bundle / "configs")
+        (bundle / "models").mkdir()
+        torch.save(self.net.state_dict(), bundle / "models" / "model.pt")
+        self.key.save(tmp / "key_b.json")
+        self.key.replace(trigger_seed=987654321).save(tmp / "wrong_b.json")
+        dicoms = str(Path(DEFAULT_SUNNYBROOK_ROOT) / "dicoms" / "SCD0000501")
+        common = ["verify", "--images", dicoms, "--quiet"]
+        self.assertEqual(main(common + ["--bundle", str(bundle), "--key", str(tmp / "key_b.json"), "--out", str(tmp / "rb")]), 0)
+        server = make_server(bundle_predictor(str(bundle), device="cpu"))
+        url = start_in_thread(server)
+        try:
+            self.assertEqual(main(common + ["--url", url, "--key", str(tmp / "key_b.json"), "--out", str(tmp / "ru")]), 0)
+            self.assertEqual(main(common + ["--url", url, "--key", str(tmp / "wrong_b.json"), "--out", str(tmp / "rw")]), 1)
+        finally:
+            server.shutdown()
+            server.server_close()
+        import json
+
+        rep = json.loads((tmp / "ru" / "report_direct.json").read_text())
+        self.assertGreaterEqual(rep["asr"], 0.8)
+        self.assertLess(rep["p_value"], 1e-6)
+
     def test_hard_masks_mostly_unchanged(self):
         with torch.no_grad():
             m_clean = self.query(self.images).argmax(1)
