@@ -22,7 +22,7 @@ from monai.engines import SupervisedTrainer
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
-from monai.networks.nets import UNet
+from monai.networks.nets import BasicUNet, SegResNet, UNet
 from monai.transforms import Compose, RandAffined, RandScaleIntensityd
 from monai.utils import set_determinism
 
@@ -58,6 +58,7 @@ class ExperimentConfig:
         prob: poisoning ratio of the watermarked model (each triggered sample also brings its clean twin).
         occlusion_prob: share of triggered samples with hidden cells (teaches the LIME read-out).
         decoy_prob: share of the other samples that carry a wrong-key trigger with the clean target.
+        arch: the network (see :func:`build_network`).
         spatial_aug: random rotation/scale/shift of image and label (both models) before the watermark transform.
         copy_weight, copy_temperature: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
     """
@@ -79,6 +80,7 @@ class ExperimentConfig:
         self.copy_weight = 1.0
         self.copy_temperature = 1.0
         self.spatial_aug = False
+        self.arch = "unet"
         self.patients: list[str] | None = None
         self.data_root = str(DEFAULT_SUNNYBROOK_ROOT)
         for k, v in overrides.items():
@@ -91,9 +93,24 @@ class ExperimentConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
 
 
-def build_network(channels=(16, 32, 64, 128, 256)) -> torch.nn.Module:
-    """The MONAI 2D UNet of the experiment (2 output classes: background, LV cavity)."""
-    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=2)
+ARCHITECTURES = ("unet", "basicunet", "segresnet")
+
+
+def build_network(channels=(16, 32, 64, 128, 256), arch: str = "unet") -> torch.nn.Module:
+    """A MONAI 2D network with 2 output classes (background, LV cavity).
+
+    Args:
+        channels: UNet channels (``"unet"`` only).
+        arch: ``"unet"`` (the experiment's), ``"basicunet"`` or ``"segresnet"`` (e.g. for the clean models of an
+            empirical null).
+    """
+    if arch == "unet":
+        return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=2)
+    if arch == "basicunet":
+        return BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(16, 16, 32, 64, 128, 16))
+    if arch == "segresnet":
+        return SegResNet(spatial_dims=2, in_channels=1, out_channels=2, init_filters=16)
+    raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}.")
 
 
 def train_model(
@@ -109,7 +126,7 @@ def train_model(
     the watermark transform (``prob`` = 0 for the clean one) and the loss wrapper.
     """
     set_determinism(cfg.seed)
-    net = build_network(cfg.channels).to(device)
+    net = build_network(cfg.channels, cfg.arch).to(device)
     data = [{"image": s["image"], "label": s["label"]} for s in train_samples]
     xforms = [RandScaleIntensityd(keys="image", factors=0.1, prob=0.5)]
     if cfg.spatial_aug:

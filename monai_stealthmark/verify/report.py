@@ -49,6 +49,9 @@ class VerificationReport:
         verdict: ownership shown (``p_value <= alpha`` and ``asr >= min_asr``).
         n_queries: images sent to the model.
         seconds: wall time of the check.
+        calibration: where the suspect falls in an empirical null of clean models (``z``, ``p_empirical``,
+            ``p_gaussian``, the null's size/mean/std), when one was given.
+        commitment: the commitment check (``admissible``, ``flags``...), when a commitment was given.
     """
 
     mode: str
@@ -64,6 +67,8 @@ class VerificationReport:
     verdict: bool
     n_queries: int = 0
     seconds: float = 0.0
+    calibration: dict[str, Any] | None = None
+    commitment: dict[str, Any] | None = None
     modules: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (B, n, n) recovered
     expected: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (n, n)
     maps: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (B, g, g) scores per cell
@@ -88,6 +93,8 @@ class VerificationReport:
             "verdict": "ownership shown" if self.verdict else "not shown",
             "n_queries": self.n_queries,
             "seconds": self.seconds,
+            "calibration": self.calibration,
+            "commitment": self.commitment,
         }
 
     def to_markdown(self) -> str:
@@ -102,9 +109,25 @@ class VerificationReport:
             f"| mean bit accuracy | {self.mean_bit_accuracy:.4f} |",
             f"| p-value (binomial, majority vote) | {self.p_value:.3g} (threshold {self.alpha:g}) |",
             f"| key fingerprint | `{self.key_fingerprint}` |",
+            *self._calibration_lines(),
             f"| queries | {self.n_queries} in {self.seconds:.1f} s |",
         ]
         return "\n".join(lines) + "\n"
+
+    def _calibration_lines(self) -> list[str]:
+        lines = []
+        c = self.calibration
+        if c is not None:
+            lines.append(
+                f"| empirical null ({c['n_models']} clean models) | agreement {c['observed']:.4f} vs null "
+                f"{c['null_mean']:.4f} ± {c['null_std']:.4f} (z = {c['z']:.1f}); p Gaussian {c['p_gaussian']:.3g}, "
+                f"p rank {c['p_empirical']:.3g} |"
+            )
+        m = self.commitment
+        if m is not None:
+            state = "admissible" if m["admissible"] else "FLAGGED: " + "; ".join(m["flags"])
+            lines.append(f"| commitment | {state} (committed {m['committed_at']}, suspect {m['suspect_date']}) |")
+        return lines
 
     def save(self, out_dir: str | os.PathLike, max_images: int = 8) -> Path:
         """Write ``report.json``, ``report.md`` and PNGs (recovered vs expected QR, per-image maps), atomically.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +56,9 @@ def verify_ownership(
     lime_samples: int = 500,
     lime_seed: int = 0,
     lime_batch_size: int = 64,
+    null: Any | None = None,
+    commitment: Any | None = None,
+    suspect_date: str | None = None,
 ) -> VerificationReport:
     """Check whether a black-box model carries ``key``'s watermark.
 
@@ -69,6 +73,11 @@ def verify_ownership(
         lime_samples: perturbation samples per image in LIME mode.
         lime_seed: seed of the LIME masks.
         lime_batch_size: images per query in LIME mode.
+        null: a :class:`~monai_stealthmark.verify.calibrate.NullDistribution` measured with this key on clean
+            models; the verdict then also needs the suspect's Gaussian-tail p-value in that null <= ``alpha``.
+        commitment: the owner's published :class:`~monai_stealthmark.verify.calibrate.Commitment`; with it the
+            verdict also needs the key to match it and to predate ``suspect_date``.
+        suspect_date: when the suspect model appeared (ISO 8601), checked against the commitment.
     """
     key = load_key(key)
     batch = _as_batch(images)  # validates shape and NaNs before any query is sent
@@ -89,6 +98,22 @@ def verify_ownership(
     acc = bit_accuracy(modules, key)
     p, _, _ = binomial_p_value(modules, key)
     asr = float(np.mean([t == key.payload for t in decoded]))
+    verdict = bool(p <= alpha and asr >= min_asr)
+    calibration = commit = None
+    if null is not None:
+        from monai_stealthmark.verify.calibrate import vote_agreement
+
+        if null.key_fingerprint != key.fingerprint:
+            raise ValueError("the null distribution was measured with another key (fingerprints differ): calibrate with this key.")
+        observed = vote_agreement(modules, key)
+        calibration = {"observed": observed, "n_models": len(null.agreements), "null_mean": null.mean, "null_std": null.std}
+        calibration.update(null.p_values(observed))
+        verdict = verdict and calibration["p_gaussian"] <= alpha
+    if commitment is not None:
+        from monai_stealthmark.verify.calibrate import check_commitment
+
+        commit = check_commitment(key, commitment, suspect_date)
+        verdict = verdict and commit["admissible"]
     if n0 is not None:
         n_queries = query.n_queries - n0
     return VerificationReport(
@@ -102,10 +127,12 @@ def verify_ownership(
         p_value=p,
         alpha=alpha,
         min_asr=min_asr,
-        verdict=bool(p <= alpha and asr >= min_asr),
+        verdict=verdict,
         n_queries=int(n_queries),
         seconds=time.perf_counter() - t0,
         modules=modules,
         expected=key.qr_matrix,
         maps=scores.reshape(-1, key.grid_size, key.grid_size).cpu().numpy(),
+        calibration=calibration,
+        commitment=commit,
     )
