@@ -1,0 +1,21 @@
+"""Attacks a thief could run on a watermarked model, and a runner that verifies before and after each.
+
+One module per attack: :mod:`.finetune` (all layers, last layer, re-initialised head), :mod:`.prune` (global
+magnitude, channel fine-pruning), :mod:`.quantize` (fp16/bf16, int8 weights, int8 static with calibrated
+activations, TorchScript round trip), :mod:`.noise` (weight noise), :mod:`.distill` (students on soft outputs or
+hard masks, with a query budget), :mod:`.input` (transforms of the verifier's queries: noise, blur, rescaling,
+resampling, flips, JPEG), :mod:`.overwrite` (the attacker embeds their own watermark). :mod:`.runner` records
+clean Dice, ASR, p-value and time for each and decides whether the watermark was *removed* (verdict lost while
+clean Dice stays within 5 points).
+"""
+
+from __future__ import annotations
+
+from .distill import distill
+from .finetune import finetune, reinit_head
+from .input import INPUT_ATTACKS, InputTransformQuery
+from .noise import weight_noise
+from .overwrite import overwrite
+from .prune import channel_prune, global_magnitude_prune, sparsity
+from .quantize import CastQuery, int8_static, int8_weights, torchscript_roundtrip
+from .runner import AttackResult, is_removed, run_attack

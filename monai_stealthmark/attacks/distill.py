@@ -1,0 +1,74 @@
+"""Distillation / model extraction: a student trained only on the suspect's answers to the attacker's queries."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ._common import batches
+
+__all__ = ["distill"]
+
+
+def distill(
+    teacher: Callable[[torch.Tensor], torch.Tensor],
+    student: torch.nn.Module,
+    images: torch.Tensor,
+    steps: int = 300,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    outputs: str = "soft",
+    query_budget: int | None = None,
+    augment: bool = True,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """Train ``student`` to imitate the black box ``teacher`` (images -> probabilities).
+
+    The attacker labels their own images once by querying the teacher (``query_budget`` caps how many; with
+    ``augment`` the images are also flipped/rescaled to make more queries), then trains the student on those
+    answers only: the soft probabilities (``outputs="soft"``, KL divergence) or the hard masks an API returns
+    (``outputs="hard"``, cross-entropy on the argmax).
+
+    Args:
+        teacher: the suspect as a black box returning probabilities.
+        student: a fresh network (same or other architecture), trained in place and returned.
+        images: the attacker's unlabelled images.
+        steps: student optimisation steps.
+        lr: Adam learning rate.
+        batch_size: samples per step.
+        outputs: ``"soft"`` or ``"hard"``.
+        query_budget: most images sent to the teacher (None: all of them, times the augmentation).
+        augment: add flipped and intensity-scaled copies to the query set.
+        seed: data order.
+    """
+    if outputs not in ("soft", "hard"):
+        raise ValueError(f"outputs must be 'soft' or 'hard', got {outputs!r}.")
+    queries = images
+    if augment:
+        queries = torch.cat([images, images.flip(-1), images.flip(-2), images * 0.9, images * 1.1])
+    if query_budget is not None:
+        if query_budget < 1:
+            raise ValueError(f"query_budget must be >= 1, got {query_budget}.")
+        queries = queries[:query_budget]
+    with torch.no_grad():
+        targets = torch.cat([torch.as_tensor(teacher(queries[i : i + 16])).float().cpu() for i in range(0, queries.shape[0], 16)])
+    if targets.shape[0] != queries.shape[0] or targets.shape[2:] != queries.shape[2:]:
+        raise ValueError(f"the teacher answered shape {tuple(targets.shape)} for queries {tuple(queries.shape)}.")
+    device = next(student.parameters()).device
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    student.train()
+    for x, t in batches(queries, targets, batch_size, steps, seed):
+        x, t = x.to(device), t.to(device)
+        logits = student(x)
+        if outputs == "soft":
+            loss = F.kl_div(F.log_softmax(logits, 1), t.clamp_min(1e-8), reduction="batchmean") / t[0, 0].numel()
+        else:
+            loss = F.cross_entropy(logits, t.argmax(1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return student.eval()

@@ -1,0 +1,129 @@
+"""Input-transform attacks at verification time: the suspect's operator (or the network in front of it)
+alters every image before the model sees it — noise, blur, intensity rescaling, resampling, flips, JPEG."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = ["InputTransformQuery", "INPUT_ATTACKS", "gaussian_noise", "rician_noise", "blur", "rescale", "resample", "flip_tta", "jpeg"]
+
+
+def _range(x: torch.Tensor) -> torch.Tensor:
+    flat = x.flatten(1)
+    return (flat.amax(1) - flat.amin(1)).clamp_min(1e-8).view(-1, *([1] * (x.ndim - 1)))
+
+
+def gaussian_noise(sigma: float, seed: int = 0) -> Callable:
+    """Additive Gaussian noise with std ``sigma`` times each image's intensity range."""
+
+    def f(x):
+        g = torch.Generator().manual_seed(seed)
+        return x + torch.randn(x.shape, generator=g).to(x) * sigma * _range(x)
+
+    return f
+
+
+def rician_noise(sigma: float, seed: int = 0) -> Callable:
+    """Rician noise (MR magnitude): ``sqrt((x + n1)^2 + n2^2)``, ``n ~ N(0, (sigma * range)^2)``."""
+
+    def f(x):
+        g = torch.Generator().manual_seed(seed)
+        s = sigma * _range(x)
+        n1, n2 = (torch.randn(x.shape, generator=g).to(x) * s for _ in range(2))
+        return torch.sqrt((x + n1) ** 2 + n2**2)
+
+    return f
+
+
+def blur(sigma_px: float) -> Callable:
+    """Gaussian blur over the spatial axes (2D images)."""
+    r = max(1, int(3 * sigma_px))
+    t = torch.arange(-r, r + 1, dtype=torch.float32)
+    k1 = torch.exp(-(t**2) / (2 * sigma_px**2))
+    k1 = k1 / k1.sum()
+
+    def f(x):
+        c = x.shape[1]
+        k = k1.to(x)
+        y = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+        return F.conv2d(F.pad(y, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+    return f
+
+
+def rescale(gain: float, offset: float = 0.0) -> Callable:
+    """Intensity rescaling ``gain * x + offset * range``."""
+    return lambda x: gain * x + offset * _range(x)
+
+
+def resample(factor: float) -> Callable:
+    """Down-sample by ``factor`` (bilinear) and back up to the original size."""
+
+    def f(x):
+        size = x.shape[2:]
+        small = F.interpolate(x, scale_factor=factor, mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(small, size=size, mode="bilinear", align_corners=False)
+
+    return f
+
+
+def jpeg(quality: int) -> Callable:
+    """JPEG round trip of an 8-bit window (each image's min..max mapped to 0..255)."""
+
+    def f(x):
+        out = torch.empty_like(x)
+        for i in range(x.shape[0]):
+            for c in range(x.shape[1]):
+                a = x[i, c].detach().cpu().numpy()
+                lo, hi = float(a.min()), float(a.max())
+                u8 = np.round((a - lo) / max(hi - lo, 1e-8) * 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(u8).save(buf, format="JPEG", quality=quality)
+                back = np.asarray(Image.open(io.BytesIO(buf.getvalue())), dtype=np.float32) / 255 * (hi - lo) + lo
+                out[i, c] = torch.from_numpy(back).to(x)
+        return out
+
+    return f
+
+
+def flip_tta() -> str:
+    """Marker for test-time augmentation by flips (handled by :class:`InputTransformQuery`)."""
+    return "flip_tta"
+
+
+class InputTransformQuery:
+    """Wrap a black box so that every query image is transformed first (``flip_tta``: the average of the
+    outputs for the image and its two flips, each flipped back — a common deployment TTA).
+
+    Args:
+        query: the suspect (images -> probabilities).
+        transform: a callable from this module (e.g. ``gaussian_noise(0.05)``) or ``"flip_tta"``.
+    """
+
+    def __init__(self, query: Callable, transform: Callable | str) -> None:
+        self.query = query
+        self.transform = transform
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transform == "flip_tta":
+            p = self.query(x)
+            p = p + self.query(x.flip(-1)).flip(-1) + self.query(x.flip(-2)).flip(-2)
+            return p / 3
+        return self.query(self.transform(x))
+
+
+INPUT_ATTACKS: dict[str, Callable] = {
+    "gaussian_noise_0.05": lambda: gaussian_noise(0.05),
+    "rician_noise_0.05": lambda: rician_noise(0.05),
+    "blur_1px": lambda: blur(1.0),
+    "rescale_0.8": lambda: rescale(0.8, 0.05),
+    "resample_0.5": lambda: resample(0.5),
+    "flip_tta": flip_tta,
+    "jpeg_75": lambda: jpeg(75),
+}
