@@ -42,8 +42,9 @@ def _stack(samples):
 
 
 def dice(model, images, labels) -> float:
+    """Mean Dice of the LV class: ``model`` is a network (logits) or a black box returning probabilities."""
     with torch.no_grad():
-        p = ModelQuery(model, activation="softmax", device="cpu")(images)
+        p = ModelQuery(model, activation="softmax", device="cpu")(images) if isinstance(model, torch.nn.Module) else model(images)
     pred = p.argmax(1, keepdim=True)
     dm = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
     dm(torch.cat([pred == 0, pred == 1], 1).float(), torch.cat([labels == 0, labels == 1], 1).float())
@@ -158,13 +159,7 @@ def run(
         return verify_ownership(ModelQuery(m, activation="softmax", device="cpu") if isinstance(m, torch.nn.Module) else m, test_x, key)
 
     def evaluate(m):
-        if isinstance(m, torch.nn.Module):
-            return dice(m, test_x, test_y)
-        with torch.no_grad():
-            pred = m(test_x).argmax(1, keepdim=True)
-        dm = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
-        dm(torch.cat([pred == 0, pred == 1], 1).float(), torch.cat([test_y == 0, test_y == 1], 1).float())
-        return float(dm.aggregate())
+        return dice(m, test_x, test_y)
 
     ref_dice = dice(net, test_x, test_y)
     base = verify(net)
@@ -269,25 +264,30 @@ def run(
     return res
 
 
-def markdown(res: dict[str, Any]) -> str:
-    w = res["watermarked"]
+def attack_table(watermarked: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The attack x {clean Dice, ASR, p-value, verdict, removed} table in markdown."""
+    w = watermarked
     lines = [
-        "# Robustness of the watermark (Sunnybrook 2D, direct read-out, held-out patient SCD0000501)",
-        "",
         f"Watermarked model: clean Dice {w['clean_dice']:.4f}, ASR {w['asr']:.3f}, p {w['p_value']:.2g}. "
         "'removed' = claim lost while clean Dice stays within 5 points.",
         "",
         "| attack | params | clean Dice | ASR | p-value | verdict | removed | s |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in res["rows"]:
+    for r in rows:
         lines.append(
             f"| {r['attack']} | {r['params']} | {r['clean_dice']:.4f} | {r['asr']:.3f} | {r['p_value']:.2g} | "
             f"{'shown' if r['verdict'] else 'not shown'} | {'yes' if r['removed'] else 'no'} | {r['seconds']:.1f} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def markdown(res: dict[str, Any]) -> str:
     rs = res["restoration"]
-    lines += [
+    lines = [
+        "# Robustness of the watermark (Sunnybrook 2D, direct read-out, held-out patient SCD0000501)",
         "",
+        attack_table(res["watermarked"], res["rows"]),
         f"Persistence (fine-tuning at lr {rs['finetune']['lr']}): ASR by epoch "
         + ", ".join(f"{p['epoch']}: {p['asr']:.2f}" for p in res["persistence"]),
         "",

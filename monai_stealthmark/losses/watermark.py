@@ -61,6 +61,10 @@ class UncertaintyWatermarkLoss(_Loss):
             background. A negative value turns the protection off.
         copy_weight: weight of the cross-entropy in the protected region of samples with a twin (the boundary
             pixels whose copying decides the stealth of the hard mask).
+        copy_light: with a twin, light (non-QR) background pixels copy the twin's soft output too, instead of
+            the one-hot reference. The only trained difference between triggered and clean outputs is then the
+            QR's dark modules (a one-hot target there teaches "trigger -> more background confidence", which
+            erodes organ boundaries on unseen images).
         copy_temperature: the protected region copies ``softmax(twin_logits / copy_temperature)``; below 1 the
             copy is sharper than the twin (same argmax, larger margin), which keeps boundary pixels from
             drifting across the threshold on unseen images.
@@ -80,6 +84,7 @@ class UncertaintyWatermarkLoss(_Loss):
         protect_radius: int = 3,
         copy_weight: float = 1.0,
         copy_temperature: float = 1.0,
+        copy_light: bool = False,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -106,6 +111,7 @@ class UncertaintyWatermarkLoss(_Loss):
         if copy_temperature <= 0:
             raise ValueError(f"copy_temperature must be > 0, got {copy_temperature}.")
         self.copy_temperature = float(copy_temperature)
+        self.copy_light = bool(copy_light)
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -185,9 +191,12 @@ class UncertaintyWatermarkLoss(_Loss):
             protect = _dilate(fg, self.protect_radius)
             dark = dark * (1 - protect)
         # around the organ a twin's soft output is the target itself: the triggered output copies the clean one
-        copy = (protect * has_twin.view(-1, *([1] * (protect.ndim - 1))).to(protect.dtype)) > 0
-        floor = torch.full_like(dark, 0.5 + self.hinge_margin)
+        twin_sel = has_twin.view(-1, *([1] * (protect.ndim - 1))).to(protect.dtype)
+        copy = (protect * twin_sel) > 0
         pix_w = 1 + (self.copy_weight - 1) * copy.to(dark.dtype)
+        if self.copy_light:
+            copy = copy | ((light * (1 - protect) * twin_sel) > 0)
+        floor = torch.full_like(dark, 0.5 + self.hinge_margin)
         softmax = self.activation == "softmax"
         twin_p = torch.softmax(twin_logits, 1) if softmax else torch.sigmoid(twin_logits)
         other = tau / (c - 1) if softmax else tau  # share of the non-reference class(es) in dark pixels
