@@ -88,6 +88,11 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         w = UncertaintyWatermarkLoss(**kw).watermark_weight
         gap = (copy(moved, target) - plain(moved, target)).item()
         self.assertAlmostEqual(gap, w * 0.25 * 0.5, delta=1e-4)  # weight x (centred shift 0.5)^2 x share triggered
+        # one-sided: a smaller margin (12 -> 11) costs (1)^2, a larger one nothing
+        margin = UncertaintyWatermarkLoss(logit_copy_weight=1.0, logit_copy_mode="margin", **kw)
+        self.assertAlmostEqual((margin(moved, target) - plain(moved, target)).item(), w * 1.0 * 0.5, delta=1e-3)
+        wider = torch.cat([twin, twin - torch.tensor([0.5, -0.5]).view(1, 2, 1, 1)])
+        self.assertAlmostEqual((margin(wider, target) - plain(wider, target)).item(), 0.0, delta=1e-6)
 
     def test_foreground_and_band_protected(self):
         """Foreground pixels and a band around them stay confident; the QR lives in the background."""

@@ -65,6 +65,8 @@ class UncertaintyWatermarkLoss(_Loss):
             protected region. Cross-entropy against a near-saturated soft target hardly sees a logit shift, so
             without this term the trigger can lower the organ's confidence everywhere (measured: -0.3 to -0.7
             logits inside the LV), which erodes its boundary on unseen images.
+        logit_copy_mode: ``"mse"`` (both directions) or ``"margin"`` (one-sided: only a triggered margin of the
+            twin's class *smaller* than the twin's is penalised, so the term cannot be met by shrinking logits).
         copy_light: with a twin, light (non-QR) background pixels copy the twin's soft output too, instead of
             the one-hot reference. The only trained difference between triggered and clean outputs is then the
             QR's dark modules (a one-hot target there teaches "trigger -> more background confidence", which
@@ -90,6 +92,7 @@ class UncertaintyWatermarkLoss(_Loss):
         copy_temperature: float = 1.0,
         copy_light: bool = False,
         logit_copy_weight: float = 0.0,
+        logit_copy_mode: str = "mse",
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -118,6 +121,9 @@ class UncertaintyWatermarkLoss(_Loss):
         self.copy_temperature = float(copy_temperature)
         self.copy_light = bool(copy_light)
         self.logit_copy_weight = float(logit_copy_weight)
+        if logit_copy_mode not in ("mse", "margin"):
+            raise ValueError(f"logit_copy_mode must be 'mse' or 'margin', got {logit_copy_mode!r}.")
+        self.logit_copy_mode = logit_copy_mode
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -177,6 +183,15 @@ class UncertaintyWatermarkLoss(_Loss):
             label_oh, twin_oh = seg > 0, twin_logits > 0
         return torch.where(sel, twin_oh, label_oh).to(twin_logits.dtype)
 
+    def _margin(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Logit margin of the one-hot reference ``y``: ``z_ref - logsumexp(z_others)`` (softmax) or the signed
+        logit per channel (sigmoid)."""
+        if self.activation == "softmax":
+            ref = (logits * y).sum(1, keepdim=True)
+            others = torch.logsumexp(logits.masked_fill(y > 0, float("-inf")), 1, keepdim=True)
+            return ref - others
+        return torch.where(y > 0, logits, -logits)
+
     def _prob_of_reference(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Probability given to the one-hot reference ``y``: per channel for sigmoid, summed for softmax."""
         if self.activation == "softmax":
@@ -222,9 +237,12 @@ class UncertaintyWatermarkLoss(_Loss):
         hinge = F.relu(floor - p_ref).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
         if self.logit_copy_weight > 0 and bool(copy.any()):
-            zt = logits - logits.mean(1, keepdim=True) if softmax else logits
-            zc = twin_logits - twin_logits.mean(1, keepdim=True) if softmax else twin_logits
-            sq = (zt - zc).pow(2).mean(1, keepdim=True)
+            if self.logit_copy_mode == "mse":
+                zt = logits - logits.mean(1, keepdim=True) if softmax else logits
+                zc = twin_logits - twin_logits.mean(1, keepdim=True) if softmax else twin_logits
+                sq = (zt - zc).pow(2).mean(1, keepdim=True)
+            else:
+                sq = F.relu(self._margin(twin_logits, y) - self._margin(logits, y)).pow(2).mean(1, keepdim=True)
             loss = loss + self.logit_copy_weight * (sq * copy).sum() / copy.sum().clamp_min(1)
         no_twin = ~has_twin
         if self.dice_weight > 0 and no_twin.any() and light[no_twin].sum() > 0:
