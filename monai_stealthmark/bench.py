@@ -1,0 +1,190 @@
+"""Benchmarks, measured as ratios side by side in one run (GPU when present, CPU otherwise).
+
+    python -m monai_stealthmark.bench --out bench/results            # writes <device>.json
+    python -m monai_stealthmark.bench --smoke --out /tmp/bench        # seconds, for CI
+
+1. LIME on one image: batched torch LIME vs the ``lime`` package (same segments, samples, kernel) — speed ratio
+   and attribution correlation; with a watermarked model, decode success against the sample count.
+2. Training: time per step with the watermark (transform + loss, triggered samples bring their twins) vs
+   without, same network and batch.
+3. Validation: time of a ``SupervisedEvaluator`` run with the ASR metric (direct / LIME) vs without.
+4. Verification throughput: images per second in direct mode for several batch sizes (+ peak GPU memory).
+Timings: warm-up, then the median (and min/max) of repeats, with CUDA synchronised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from monai_stealthmark.utils import atomic_write_json
+
+__all__ = ["timeit", "run", "main"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median / min / max seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run(smoke: bool = False, device: str | None = None, model_path: str | None = None) -> dict[str, Any]:
+    from monai.data import list_data_collate
+    from monai.engines import SupervisedEvaluator
+    from monai.inferers import SimpleInferer
+    from monai.losses import DiceCELoss
+
+    from monai_stealthmark.data import load_sunnybrook
+    from monai_stealthmark.experiments.sunnybrook import KEY_SEED, PAYLOAD, build_network
+    from monai_stealthmark.handlers import WatermarkASR
+    from monai_stealthmark.key import WatermarkKey
+    from monai_stealthmark.losses import UncertaintyWatermarkLoss
+    from monai_stealthmark.transforms import RandWatermarkd
+    from monai_stealthmark.verify import ModelQuery, lime_attributions, lime_reference_attributions, verify_ownership
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    reps = 2 if smoke else 5
+    size = 64 if smoke else 128
+    channels = (8, 16, 32, 64) if smoke else (16, 32, 64, 128, 256)
+    key = WatermarkKey.generate(PAYLOAD, seed=KEY_SEED, tau=0.25, created_at="2026-11-23T00:00:00+00:00")
+    samples = load_sunnybrook(size=size, patients=["SCD0000501"] if smoke else ["SCD0000401", "SCD0000501"])
+    images = torch.stack([s["image"] for s in samples]).to(dev)
+    labels = torch.stack([s["label"] for s in samples]).to(dev)
+    net = build_network(channels).to(dev).eval()
+    if model_path and not smoke:
+        net.load_state_dict(torch.load(model_path, map_location=dev))
+    query = ModelQuery(net, activation="softmax", device=dev)
+    res: dict[str, Any] = {"device": _device_name(dev), "torch": torch.__version__, "smoke": smoke, "image_size": size}
+
+    # 1. LIME: torch vs the lime package on the same samples
+    n = 50 if smoke else 250
+    img = images[0]
+    t_torch = timeit(lambda: lime_attributions(query, img, key, num_samples=n, seed=0), dev, repeats=reps)
+    labels_all = list(range(key.grid_size**2))
+    t_lime = timeit(lambda: lime_reference_attributions(query, img, key, num_samples=n, seed=0, labels=labels_all), dev, repeats=1, warmup=0)
+    _, coef = lime_attributions(query, img, key, num_samples=n, seed=0, return_full=True)  # (features, outputs)
+    ref = lime_reference_attributions(query, img, key, num_samples=n, seed=0, labels=labels_all)
+    ours = coef.T.cpu().numpy()  # one row per explained output, as lime's local_exp
+    r = float(np.corrcoef(ours.reshape(-1), np.stack([ref[k] for k in labels_all]).reshape(-1))[0, 1])
+    res["lime_one_image"] = {
+        "samples": n,
+        "torch": t_torch,
+        "lime_package": t_lime,
+        "speedup": t_lime["median_s"] / t_torch["median_s"],
+        "attribution_r": r,
+    }
+    if model_path and not smoke:
+        sweep = []
+        for ns in (250, 500, 1000, 2000, 4000):
+            rep = verify_ownership(query, images[-8:], key, mode="lime", lime_samples=ns)
+            sweep.append({"samples": ns, "asr": rep.asr, "bit_accuracy": rep.mean_bit_accuracy, "seconds": rep.seconds})
+        res["lime_samples_sweep"] = sweep
+
+    # 2. training step with vs without the watermark (same network, batch, optimiser)
+    bs = 8 if smoke else 24
+    train_items = [{"image": s["image"], "label": s["label"]} for s in samples][:bs]
+    wm_t = RandWatermarkd(keys=("image", "label"), key=key, prob=0.5)
+    wm_t.set_random_state(seed=0)
+    clean_batch = list_data_collate(train_items)
+    loss_c, loss_w = DiceCELoss(to_onehot_y=True, softmax=True), UncertaintyWatermarkLoss(key=key)
+    tnet = build_network(channels).to(dev)
+    opt = torch.optim.Adam(tnet.parameters(), 1e-4)
+
+    def step(batch, loss_fn):
+        def f():
+            opt.zero_grad(set_to_none=True)
+            loss_fn(tnet(batch["image"].to(dev)), batch["label"].to(dev)).backward()
+            opt.step()
+
+        return f
+
+    t_clean = timeit(step(clean_batch, loss_c), dev, repeats=reps)
+
+    def wm_step():
+        batch = list_data_collate([wm_t(dict(d)) for d in train_items])  # the transform runs every step
+        step(batch, loss_w)()
+
+    t_wm = timeit(wm_step, dev, repeats=reps)
+    res["training_step"] = {"batch": bs, "clean": t_clean, "watermarked": t_wm, "ratio": t_wm["median_s"] / t_clean["median_s"]}
+
+    # 3. validation with / without the ASR metric
+    data = [{"image": images[i], "label": labels[i]} for i in range(images.shape[0])]
+
+    def evaluator(metrics):
+        ev = SupervisedEvaluator(
+            device=dev, val_data_loader=torch.utils.data.DataLoader(data, batch_size=8), network=net,
+            inferer=SimpleInferer(), additional_metrics=metrics, decollate=False,
+        )
+        return lambda: ev.run()
+
+    t_off = timeit(evaluator({}), dev, repeats=reps)
+    t_dir = timeit(evaluator({"asr": WatermarkASR(key, mode="direct")}), dev, repeats=reps)
+    t_lime_v = timeit(evaluator({"asr": WatermarkASR(key, mode="lime", max_images=2, lime_samples=n)}), dev, repeats=max(1, reps // 2))
+    res["validation"] = {
+        "images": len(data), "off": t_off, "asr_direct": t_dir, "asr_lime_2_images": t_lime_v,
+        "ratio_direct": t_dir["median_s"] / t_off["median_s"], "ratio_lime": t_lime_v["median_s"] / t_off["median_s"],
+    }
+
+    # 4. direct-mode throughput by batch size
+    thr = []
+    for b in (1, 8, 32):
+        x = images[:b] if images.shape[0] >= b else images.repeat((b + images.shape[0] - 1) // images.shape[0], 1, 1, 1)[:b]
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        t = timeit(lambda x=x: verify_ownership(ModelQuery(net, device=dev, batch_size=b), x, key), dev, repeats=reps)
+        row = {"batch": b, "images_per_s": b / t["median_s"], **t}
+        if dev.type == "cuda":
+            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        thr.append(row)
+    res["direct_throughput"] = thr
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds), for CI")
+    p.add_argument("--device", default=None)
+    p.add_argument("--model", default=None, help="state dict of a watermarked experiment UNet (enables the LIME sample sweep)")
+    a = p.parse_args(argv)
+    res = run(a.smoke, a.device, a.model)
+    slug = "smoke" if a.smoke else "".join(c if c.isalnum() else "_" for c in res["device"].split(" (")[0]).lower()
+    out = Path(a.out) / f"{slug}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, res)
+    print(f"wrote {out}")
+    for k in ("lime_one_image", "training_step", "validation"):
+        v = res[k]
+        print(k, {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items() if not isinstance(vv, dict)})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,20 @@
+"""A tiny CPU smoke of the benchmark code (timings are not asserted: ratios live in the JSON)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from monai_stealthmark.bench import main
+from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT
+
+
+@pytest.mark.skipif(not DEFAULT_SUNNYBROOK_ROOT.is_dir(), reason="needs ../shared/data/sunnybrook")
+def test_bench_smoke_writes_json(tmp_path):
+    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "smoke.json").read_text())
+    assert res["lime_one_image"]["attribution_r"] > 0.99  # the torch LIME is lime's fit, measured beside it
+    for k in ("training_step", "validation"):
+        assert res[k]["clean" if k == "training_step" else "off"]["median_s"] > 0
+    assert [r["batch"] for r in res["direct_throughput"]] == [1, 8, 32]
