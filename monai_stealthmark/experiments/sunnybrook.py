@@ -60,7 +60,7 @@ class ExperimentConfig:
         decoy_prob: share of the other samples that carry a wrong-key trigger with the clean target.
         arch: the network (see :func:`build_network`).
         spatial_aug: random rotation/scale/shift of image and label (both models) before the watermark transform.
-        copy_weight, copy_temperature: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
+        copy_weight: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
     """
 
     def __init__(self, fast: bool = True, **overrides: Any) -> None:
@@ -78,7 +78,6 @@ class ExperimentConfig:
         self.occlusion_prob = 0.2
         self.decoy_prob = 0.2
         self.copy_weight = 1.0
-        self.copy_temperature = 1.0
         self.spatial_aug = False
         self.arch = "unet"
         self.patients: list[str] | None = None
@@ -151,7 +150,6 @@ def train_model(
             DiceCELoss(to_onehot_y=True, softmax=True),
             key=key,
             copy_weight=cfg.copy_weight,
-            copy_temperature=cfg.copy_temperature,
         )
     else:
         loss = DiceCELoss(to_onehot_y=True, softmax=True)

@@ -61,19 +61,6 @@ class UncertaintyWatermarkLoss(_Loss):
             background. A negative value turns the protection off.
         copy_weight: weight of the cross-entropy in the protected region of samples with a twin (the boundary
             pixels whose copying decides the stealth of the hard mask).
-        logit_copy_weight: weight of a squared error between the triggered and the twin's (centred) logits in the
-            protected region. Cross-entropy against a near-saturated soft target hardly sees a logit shift, so
-            without this term the trigger can lower the organ's confidence everywhere (measured: -0.3 to -0.7
-            logits inside the LV), which erodes its boundary on unseen images.
-        logit_copy_mode: ``"mse"`` (both directions) or ``"margin"`` (one-sided: only a triggered margin of the
-            twin's class *smaller* than the twin's is penalised, so the term cannot be met by shrinking logits).
-        copy_light: with a twin, light (non-QR) background pixels copy the twin's soft output too, instead of
-            the one-hot reference. The only trained difference between triggered and clean outputs is then the
-            QR's dark modules (a one-hot target there teaches "trigger -> more background confidence", which
-            erodes organ boundaries on unseen images).
-        copy_temperature: the protected region copies ``softmax(twin_logits / copy_temperature)``; below 1 the
-            copy is sharper than the twin (same argmax, larger margin), which keeps boundary pixels from
-            drifting across the threshold on unseen images.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -89,10 +76,6 @@ class UncertaintyWatermarkLoss(_Loss):
         watermark_weight: float = 3.0,
         protect_radius: int = 3,
         copy_weight: float = 1.0,
-        copy_temperature: float = 1.0,
-        copy_light: bool = False,
-        logit_copy_weight: float = 0.0,
-        logit_copy_mode: str = "mse",
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -116,14 +99,6 @@ class UncertaintyWatermarkLoss(_Loss):
         self.watermark_weight = float(watermark_weight)
         self.protect_radius = int(protect_radius)
         self.copy_weight = float(copy_weight)
-        if copy_temperature <= 0:
-            raise ValueError(f"copy_temperature must be > 0, got {copy_temperature}.")
-        self.copy_temperature = float(copy_temperature)
-        self.copy_light = bool(copy_light)
-        self.logit_copy_weight = float(logit_copy_weight)
-        if logit_copy_mode not in ("mse", "margin"):
-            raise ValueError(f"logit_copy_mode must be 'mse' or 'margin', got {logit_copy_mode!r}.")
-        self.logit_copy_mode = logit_copy_mode
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -183,15 +158,6 @@ class UncertaintyWatermarkLoss(_Loss):
             label_oh, twin_oh = seg > 0, twin_logits > 0
         return torch.where(sel, twin_oh, label_oh).to(twin_logits.dtype)
 
-    def _margin(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Logit margin of the one-hot reference ``y``: ``z_ref - logsumexp(z_others)`` (softmax) or the signed
-        logit per channel (sigmoid)."""
-        if self.activation == "softmax":
-            ref = (logits * y).sum(1, keepdim=True)
-            others = torch.logsumexp(logits.masked_fill(y > 0, float("-inf")), 1, keepdim=True)
-            return ref - others
-        return torch.where(y > 0, logits, -logits)
-
     def _prob_of_reference(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Probability given to the one-hot reference ``y``: per channel for sigmoid, summed for softmax."""
         if self.activation == "softmax":
@@ -212,18 +178,13 @@ class UncertaintyWatermarkLoss(_Loss):
             protect = _dilate(fg, self.protect_radius)
             dark = dark * (1 - protect)
         # around the organ a twin's soft output is the target itself: the triggered output copies the clean one
-        twin_sel = has_twin.view(-1, *([1] * (protect.ndim - 1))).to(protect.dtype)
-        copy = (protect * twin_sel) > 0
-        pix_w = 1 + (self.copy_weight - 1) * copy.to(dark.dtype)
-        if self.copy_light:
-            copy = copy | ((light * (1 - protect) * twin_sel) > 0)
+        copy = (protect * has_twin.view(-1, *([1] * (protect.ndim - 1))).to(protect.dtype)) > 0
         floor = torch.full_like(dark, 0.5 + self.hinge_margin)
+        pix_w = 1 + (self.copy_weight - 1) * copy.to(dark.dtype)
         softmax = self.activation == "softmax"
         twin_p = torch.softmax(twin_logits, 1) if softmax else torch.sigmoid(twin_logits)
         other = tau / (c - 1) if softmax else tau  # share of the non-reference class(es) in dark pixels
-        t = self.copy_temperature
-        copy_p = twin_p if t == 1.0 else (torch.softmax(twin_logits / t, 1) if softmax else torch.sigmoid(twin_logits / t))
-        q = torch.where(copy, copy_p, y * (1 - tau * dark) + (1 - y) * other * dark)
+        q = torch.where(copy, twin_p, y * (1 - tau * dark) + (1 - y) * other * dark)
         if softmax:
             logp = F.log_softmax(logits, dim=1)
             ce_map = -(q * logp).sum(1, keepdim=True)
@@ -236,14 +197,6 @@ class UncertaintyWatermarkLoss(_Loss):
         floor = torch.where(copy, torch.minimum(floor, twin_ref), floor)  # never ask for more than the twin has
         hinge = F.relu(floor - p_ref).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
-        if self.logit_copy_weight > 0 and bool(copy.any()):
-            if self.logit_copy_mode == "mse":
-                zt = logits - logits.mean(1, keepdim=True) if softmax else logits
-                zc = twin_logits - twin_logits.mean(1, keepdim=True) if softmax else twin_logits
-                sq = (zt - zc).pow(2).mean(1, keepdim=True)
-            else:
-                sq = F.relu(self._margin(twin_logits, y) - self._margin(logits, y)).pow(2).mean(1, keepdim=True)
-            loss = loss + self.logit_copy_weight * (sq * copy).sum() / copy.sum().clamp_min(1)
         no_twin = ~has_twin
         if self.dice_weight > 0 and no_twin.any() and light[no_twin].sum() > 0:
             frac = no_twin.sum() / no_twin.numel()
