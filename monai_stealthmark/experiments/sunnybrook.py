@@ -59,7 +59,9 @@ class ExperimentConfig:
         occlusion_prob: share of triggered samples with hidden cells (teaches the LIME read-out).
         decoy_prob: share of the other samples that carry a wrong-key trigger with the clean target.
         arch: the network (see :func:`build_network`).
-        spatial_aug: random rotation/scale/shift of image and label (both models) before the watermark transform.
+        spatial_aug: random rotation/scale/shift of image and label (both models) before the watermark transform
+            (off by default; measured once: clean Dice 0.795 -> 0.883, but a 3.3-point watermarked-vs-clean gap
+            and no change in stealth).
         copy_weight: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
     """
 
