@@ -187,7 +187,7 @@ def cmd_verify(a) -> int:
             )
     finally:
         progress.close()
-    rep.save(a.out)
+    rep.save(a.out, stem="report")
     print(rep.to_markdown())
     return 0 if rep.verdict else 1
 

@@ -110,7 +110,7 @@ class TestCalibrateCLI(unittest.TestCase):
                 "--commitment", str(tmp / "key.commitment.json"), "--suspect-date", "2099-01-01", "--out", str(tmp / "rep"), "--quiet",
             ])
             self.assertEqual(code, 1)
-            rep = json.loads((tmp / "rep" / "report_direct.json").read_text())
+            rep = json.loads((tmp / "rep" / "report.json").read_text())
             self.assertTrue(rep["commitment"]["admissible"])
             self.assertEqual(rep["calibration"]["n_models"], 3)
             self.assertEqual(main(["calibrate", "--key", str(tmp / "key.json"), "--images", str(tmp / "imgs"), "--models", models[0], "--out", str(tmp / "n1.json")]), 2)

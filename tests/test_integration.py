@@ -65,7 +65,7 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         dicoms = str(Path(DEFAULT_SUNNYBROOK_ROOT) / "dicoms" / "SCD0000501")
         args = ["verify", "--images", dicoms, "--model", str(ts)]
         self.assertEqual(main(args + ["--key", str(tmp / "key.json"), "--out", str(tmp / "rep")]), 0)
-        self.assertTrue((tmp / "rep" / "report_direct.json").is_file())
+        self.assertTrue((tmp / "rep" / "report.json").is_file())
         self.key.replace(trigger_seed=987654321).save(tmp / "wrong.json")
         self.assertEqual(main(args + ["--key", str(tmp / "wrong.json"), "--out", str(tmp / "rep_wrong")]), 1)
         (tmp / "edited.json").write_text((tmp / "key.json").read_text().replace("SM:3f9a2c71", "SM:3f9a2c72"))
@@ -99,9 +99,22 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
             server.server_close()
         import json
 
-        rep = json.loads((tmp / "ru" / "report_direct.json").read_text())
+        rep = json.loads((tmp / "ru" / "report.json").read_text())
         self.assertGreaterEqual(rep["asr"], 0.8)
         self.assertLess(rep["p_value"], 1e-6)
+
+    def test_cli_refuses_a_clean_model(self):
+        """A clean UNet (same data, no watermark, 150 steps) as TorchScript: the claim is refused (exit 1)."""
+        from monai_stealthmark.__main__ import main
+
+        tmp = Path(self.tmp.name)
+        clean = train_model(self.train, ExperimentConfig(fast=True, steps=150, seed=1), None, torch.device("cpu"))
+        ts = tmp / "clean.ts"
+        torch.jit.trace(clean.cpu().eval(), torch.rand(1, 1, 128, 128)).save(str(ts))
+        self.key.save(tmp / "key_c.json")
+        dicoms = str(Path(DEFAULT_SUNNYBROOK_ROOT) / "dicoms" / "SCD0000501")
+        code = main(["verify", "--images", dicoms, "--model", str(ts), "--key", str(tmp / "key_c.json"), "--out", str(tmp / "rc"), "--quiet"])
+        self.assertEqual(code, 1)
 
     def test_hard_masks_mostly_unchanged(self):
         with torch.no_grad():

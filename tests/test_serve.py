@@ -81,7 +81,7 @@ class TestServeAndRemote(unittest.TestCase):
         with serving() as url:
             code, out, _ = self.verify(url)
             self.assertEqual(code, 0, out)
-            rep = json.loads((self.root / "out" / "report_direct.json").read_text())
+            rep = json.loads((self.root / "out" / "report.json").read_text())
             self.assertEqual(rep["asr"], 1.0)
             self.assertEqual(rep["n_queries"], 3)
             code, _, _ = self.verify(url, "wrong.json")

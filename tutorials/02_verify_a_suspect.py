@@ -6,7 +6,7 @@ Uses the bundle trained in tutorial 1 (or any bundle folder with `models/model.p
    the held-out patient's DICOM slices and reads the QR from the returned probabilities;
 2. `verify --url`: the same model behind the reference server (`python -m monai_stealthmark.serve`), queried
    over loopback HTTP — only triggered images leave the verifier, never the key;
-3. the report: `report_direct.json/.md` and the PNGs (`direct_summary.png`: expected QR on top, then each
+3. the report: `report.json` / `report.md` and the PNGs (`direct_summary.png`: expected QR on top, then each
    image's uncertainty map next to the QR recovered from it).
 
 Exit codes of `verify`: 0 ownership shown, 1 not shown, 2 error.

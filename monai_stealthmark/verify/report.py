@@ -129,13 +129,15 @@ class VerificationReport:
             lines.append(f"| commitment | {state} (committed {m['committed_at']}, suspect {m['suspect_date']}) |")
         return lines
 
-    def save(self, out_dir: str | os.PathLike, max_images: int = 8) -> Path:
-        """Write ``report.json``, ``report.md`` and PNGs (recovered vs expected QR, per-image maps), atomically.
+    def save(self, out_dir: str | os.PathLike, max_images: int = 8, stem: str | None = None) -> Path:
+        """Write ``<stem>.json``, ``<stem>.md`` and PNGs (recovered vs expected QR, per-image maps), atomically.
 
         Args:
             out_dir: destination folder (created).
             max_images: per-image pictures for at most this many images.
+            stem: report file name without suffix; default ``report_<mode>`` (so both modes fit in one folder).
         """
+        stem = stem or f"report_{self.mode}"
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         figures = []
@@ -164,6 +166,6 @@ class VerificationReport:
                 figures.append(f"{self.mode}_summary.png")
         d = self.to_dict()
         d["figures"] = figures
-        atomic_write_json(out / f"report_{self.mode}.json", d)
-        atomic_write_text(out / f"report_{self.mode}.md", self.to_markdown())
+        atomic_write_json(out / f"{stem}.json", d)
+        atomic_write_text(out / f"{stem}.md", self.to_markdown())
         return out
