@@ -161,10 +161,8 @@ def run_ownership_check(
         lime_samples: LIME perturbation samples per image.
 
     Returns:
-        ``{mode: report dict}``; the verdicts are also logged.
+        ``{mode: report dict}``; each verdict is also printed.
     """
-    import logging
-
     import torch
 
     from monai_stealthmark.verify import ModelQuery, verify_ownership
@@ -184,15 +182,10 @@ def run_ownership_check(
     images = torch.stack([x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x) for x in items])
     query = ModelQuery(network, activation=activation, device=device, inferer=inferer)
     out: dict[str, Any] = {}
-    log = logging.getLogger("monai_stealthmark")
     for mode in modes:
         report = verify_ownership(query, images, key, mode=mode, lime_samples=lime_samples)
         report.save(output_dir)
         out[mode] = report.to_dict()
-        log.info(
-            "ownership check (%s): ASR %.3f, bit accuracy %.4f, p = %.3g -> %s",
-            mode, report.asr, report.mean_bit_accuracy, report.p_value, "OWNERSHIP SHOWN" if report.verdict else "not shown",
-        )
         print(f"ownership check ({mode}): ASR {report.asr:.3f}, bit accuracy {report.mean_bit_accuracy:.4f}, "
               f"p = {report.p_value:.3g} -> {'ownership shown' if report.verdict else 'not shown'}")
     return out

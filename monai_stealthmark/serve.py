@@ -29,16 +29,13 @@ MAX_BODY = 512 * 1024 * 1024
 def bundle_predictor(bundle_dir: str, device: str | None = None, activation: str = "softmax") -> Callable[[np.ndarray], np.ndarray]:
     """``images -> probabilities`` for the bundle's trained network (through the bundle's own inferer)."""
     from monai_stealthmark.bundle import load_bundle_model
+    from monai_stealthmark.verify import ModelQuery
 
     net, inferer, _ = load_bundle_model(bundle_dir, device=device)
-    dev = next(net.parameters()).device
+    query = ModelQuery(net, activation=activation, device=next(net.parameters()).device, inferer=inferer)
 
-    @torch.no_grad()
     def predict(x: np.ndarray) -> np.ndarray:
-        t = torch.from_numpy(x).to(dev)
-        y = inferer(t, net) if inferer is not None else net(t)
-        y = torch.softmax(y, 1) if activation == "softmax" else torch.sigmoid(y)
-        return y.float().cpu().numpy()
+        return query(torch.from_numpy(x)).cpu().numpy()
 
     return predict
 
