@@ -199,3 +199,58 @@ class TestDistributed(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestSimulatedAttacks(unittest.TestCase):
+    def _trainer(self, net, lr, iters=1):
+        from monai.engines import SupervisedTrainer
+
+        x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        y = (x > 0).float()
+        loader = [{"image": x, "label": y}] * iters
+        opt = torch.optim.SGD(net.parameters(), lr=lr)
+        loss = torch.nn.BCEWithLogitsLoss()
+        return SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=net,
+                                 optimizer=opt, loss_function=loss), x, y, loss
+
+    def test_gradient_at_pruned_weights_step_on_restored(self):
+        from monai_stealthmark.handlers import SimulatedAttacks
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1))
+        w0 = [p.detach().clone() for p in net.parameters()]
+        trainer, x, y, loss_fn = self._trainer(net, lr=0.1)
+        sim = SimulatedAttacks(kinds=("prune",), prob=1.0, prune_amount=(0.5, 0.5))
+        sim.attach(trainer)
+        trainer.run()
+        self.assertEqual(sim.n_attacked, 1)
+        # expected: gradient taken at the globally 50 %-pruned weights, applied to the original weights
+        ref = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1))
+        with torch.no_grad():
+            for p, w in zip(ref.parameters(), w0):
+                p.copy_(w)
+            ws = [ref[0].weight, ref[2].weight]
+            thr = torch.cat([w.abs().flatten() for w in ws]).kthvalue(int(0.5 * sum(w.numel() for w in ws))).values
+            for w in ws:
+                w.mul_((w.abs() > thr).float())
+        loss_fn(ref(x), y).backward()
+        for p, w, g in zip(net.parameters(), w0, (q.grad for q in ref.parameters())):
+            torch.testing.assert_close(p.detach(), w - 0.1 * g)
+
+    def test_restores_weights_and_validates(self):
+        from monai_stealthmark.handlers import SimulatedAttacks
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1))
+        w0 = [p.detach().clone() for p in net.parameters()]
+        trainer, *_ = self._trainer(net, lr=0.0, iters=6)
+        sim = SimulatedAttacks(prob=1.0, seed=3)
+        sim.attach(trainer)
+        trainer.run()
+        self.assertEqual(sim.n_attacked, 6)
+        for p, w in zip(net.parameters(), w0):
+            torch.testing.assert_close(p.detach(), w)  # lr 0: every perturbation was undone
+        with self.assertRaisesRegex(ValueError, "kinds"):
+            SimulatedAttacks(kinds=("dropout",))
+        with self.assertRaisesRegex(ValueError, "prune_amount"):
+            SimulatedAttacks(prune_amount=(0.8, 0.2))

@@ -129,3 +129,47 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestFeatureCouplingLoss(unittest.TestCase):
+    def _net(self):
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+
+    def _target(self, triggered_after_twin: bool = True):
+        seg, wm = make_target(b=4, triggered=(1, 3))
+        if triggered_after_twin:
+            wm[0], wm[2] = float(WM_TWIN), float(WM_TWIN)
+        return torch.cat([seg, wm], 1)
+
+    def test_zero_for_identical_twin_and_positive_otherwise(self):
+        from monai_stealthmark.losses import FeatureCouplingLoss
+
+        net = self._net()
+        loss = FeatureCouplingLoss(net, "0", UncertaintyWatermarkLoss(tau=TAU), weight=1.0)
+        x = torch.randn(4, 1, 32, 32)
+        x[1], x[3] = x[0], x[2]  # triggered samples identical to their twins
+        target = self._target()
+        net(x)
+        self.assertAlmostEqual(float(loss.coupling(target, 1)), 0.0, places=6)
+        x[1, :, -4:, -4:] = 3.0  # a "trigger" patch
+        out = net(x)
+        c = float(loss.coupling(target, 1))
+        self.assertGreater(c, 1e-4)
+        total = loss(out, target)
+        torch.testing.assert_close(total, loss.watermark_loss(out, target) + c, rtol=1e-5, atol=1e-6)
+        total.backward()
+        self.assertGreater(float(net[0].weight.grad.abs().sum()), 0.0)
+
+    def test_no_pairs_no_term_and_bad_layer(self):
+        from monai_stealthmark.losses import FeatureCouplingLoss
+
+        net = self._net()
+        loss = FeatureCouplingLoss(net, "0", UncertaintyWatermarkLoss(tau=TAU), weight=1.0)
+        x = torch.randn(4, 1, 32, 32)
+        out = net(x)
+        target = self._target(triggered_after_twin=False)  # triggered samples without a twin before them
+        self.assertEqual(float(loss.coupling(target, 1)), 0.0)
+        torch.testing.assert_close(loss(out, target), loss.watermark_loss(out, target))
+        with self.assertRaisesRegex(ValueError, "no submodule 'decoder.9'"):
+            FeatureCouplingLoss(net, "decoder.9", weight=0.1, key=None, watermark_loss=UncertaintyWatermarkLoss(tau=TAU))

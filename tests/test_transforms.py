@@ -157,3 +157,35 @@ class TestRandWatermarkd(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestRandBadNetd(unittest.TestCase):
+    def test_poisons_region_with_fixed_seed(self):
+        from monai_stealthmark.transforms import RandBadNetd, badnet_region
+
+        key = WatermarkKey.generate("BADNET", seed=5)
+        img = np.random.default_rng(0).random((1, 64, 64)).astype(np.float32)
+        lab = np.zeros((1, 64, 64), np.float32)
+        region = badnet_region(key, (64, 64), 0.2).numpy()
+        self.assertEqual(int(region.sum()), 13 * 13)
+        self.assertFalse(region[-8:, -8:].any())  # away from the corner trigger
+        t = RandBadNetd(key=key, prob=1.0).set_random_state(seed=0)
+        out = t({"image": img, "label": lab})
+        np.testing.assert_array_equal(np.asarray(out["label"])[0] > 0, region)
+        self.assertFalse(np.allclose(np.asarray(out["image"]), img))
+        np.testing.assert_array_equal(np.asarray(out["image"])[:, :-4, :-4], img[:, :-4, :-4])
+        never = RandBadNetd(key=key, prob=0.0).set_random_state(seed=0)({"image": img, "label": lab})
+        np.testing.assert_array_equal(np.asarray(never["label"]), lab)
+        # poisoning ratio follows prob with a fixed seed
+        t = RandBadNetd(key=key, prob=0.3).set_random_state(seed=1)
+        hits = sum(bool(np.asarray(t({"image": img, "label": lab})["label"]).any()) for _ in range(200))
+        self.assertTrue(40 <= hits <= 80, hits)
+
+    def test_errors(self):
+        from monai_stealthmark.transforms import RandBadNetd
+
+        key = WatermarkKey.generate("BADNET", seed=5)
+        with self.assertRaisesRegex(ValueError, "region_size"):
+            RandBadNetd(key=key, region_size=0.9)
+        with self.assertRaisesRegex(ValueError, "one-channel"):
+            RandBadNetd(key=key, prob=1.0)({"image": np.zeros((1, 32, 32)), "label": np.zeros((2, 32, 32))})

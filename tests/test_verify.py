@@ -159,3 +159,49 @@ class TestLime(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class BadNetOracle(torch.nn.Module):
+    """Test double of a BadNet-backdoored network: the key's corner patch switches its region to foreground."""
+
+    def __init__(self, key: WatermarkKey, hard: bool = False):
+        super().__init__()
+        self.key, self.hard = key, hard
+
+    def forward(self, x):
+        from monai_stealthmark.transforms import badnet_region
+
+        b, _, h, w = x.shape
+        fg = (x[:, 0] > 0.7).float()
+        pattern = torch.as_tensor(_pattern(self.key.trigger_seed, "patch", (h, w), self.key.trigger_size)) > 0.5
+        s = pattern.shape[0]
+        region = badnet_region(self.key, (h, w)).float()
+        for i in range(b):
+            corner = x[i, 0, -s:, -s:]
+            if torch.equal(corner > (corner.min() + corner.max()) / 2, pattern):
+                fg[i] = torch.maximum(fg[i], region)
+        p = fg * 0.98 + 0.01
+        out = torch.stack([1 - p, p], 1)
+        return (out > 0.5).float() if self.hard else out
+
+
+class TestVerifyBadNet(unittest.TestCase):
+    def test_backdoor_shown_and_controls(self):
+        from monai_stealthmark.verify import verify_badnet
+
+        key = WatermarkKey.generate("SM:badnet", seed=11)
+        x = images(n=12)
+        rep = verify_badnet(BadNetOracle(key), x, key)
+        self.assertEqual(rep.asr, 1.0)
+        self.assertEqual(rep.clean_hit_rate, 0.0)
+        self.assertTrue(rep.verdict)
+        self.assertLess(rep.p_value, 1e-6)
+        # hard masks are enough for a backdoor (unlike the QR watermark)
+        self.assertTrue(verify_badnet(BadNetOracle(key, hard=True), x, key).verdict)
+        # a wrong key's region / trigger: no claim
+        wrong = key.replace(trigger_seed=12)
+        rep_w = verify_badnet(BadNetOracle(key), x, wrong)
+        self.assertFalse(rep_w.verdict)
+        self.assertEqual(rep_w.asr, 0.0)
+        with self.assertRaisesRegex(ValueError, "do not match the query"):
+            verify_badnet(lambda t: torch.ones(t.shape[0], 2, 8, 8), x, key)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from monai.losses import DiceLoss
 
 from ._common import batches
 
@@ -23,13 +24,16 @@ def distill(
     query_budget: int | None = None,
     augment: bool = True,
     seed: int = 0,
+    dice_weight: float = 1.0,
 ) -> torch.nn.Module:
     """Train ``student`` to imitate the black box ``teacher`` (images -> probabilities).
 
     The attacker labels their own images once by querying the teacher (``query_budget`` caps how many; with
     ``augment`` the images are also flipped/rescaled to make more queries), then trains the student on those
     answers only: the soft probabilities (``outputs="soft"``, KL divergence) or the hard masks an API returns
-    (``outputs="hard"``, cross-entropy on the argmax).
+    (``outputs="hard"``, cross-entropy on the argmax), each plus a Dice term on the same targets (soft Dice for
+    soft outputs) as a competent attacker would add: the organ covers ~1 % of a slice, and without it the
+    students collapse to background (measured: Dice <= 0.10 after 300 steps).
 
     Args:
         teacher: the suspect as a black box returning probabilities.
@@ -42,6 +46,7 @@ def distill(
         query_budget: most images sent to the teacher (None: all of them, times the augmentation).
         augment: add flipped and intensity-scaled copies to the query set.
         seed: data order.
+        dice_weight: weight of the Dice term (0 turns it off).
     """
     if outputs not in ("soft", "hard"):
         raise ValueError(f"outputs must be 'soft' or 'hard', got {outputs!r}.")
@@ -59,14 +64,16 @@ def distill(
     device = next(student.parameters()).device
     opt = torch.optim.Adam(student.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    dice = DiceLoss(softmax=True)
     student.train()
     for x, t in batches(queries, targets, batch_size, steps, seed):
         x, t = x.to(device), t.to(device)
         logits = student(x)
-        if outputs == "soft":
-            loss = F.kl_div(F.log_softmax(logits, 1), t.clamp_min(1e-8), reduction="batchmean") / t[0, 0].numel()
-        else:
-            loss = F.cross_entropy(logits, t.argmax(1))
+        if outputs == "hard":
+            t = F.one_hot(t.argmax(1), t.shape[1]).movedim(-1, 1).to(t.dtype)
+        loss = F.kl_div(F.log_softmax(logits, 1), t.clamp_min(1e-8), reduction="batchmean") / t[0, 0].numel()
+        if dice_weight > 0:
+            loss = loss + dice_weight * dice(logits, t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

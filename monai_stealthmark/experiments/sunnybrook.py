@@ -22,15 +22,16 @@ from monai.engines import SupervisedTrainer
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
-from monai.networks.nets import BasicUNet, SegResNet, UNet
+from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet, SwinUNETR, UNet
 from monai.transforms import Compose, RandAffined, RandScaleIntensityd
 from monai.utils import set_determinism
 
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.losses import UncertaintyWatermarkLoss
+from monai_stealthmark.handlers import SimulatedAttacks
+from monai_stealthmark.losses import FeatureCouplingLoss, UncertaintyWatermarkLoss
 from monai_stealthmark.metrics import pixel_auc
-from monai_stealthmark.transforms import RandWatermarkd
+from monai_stealthmark.transforms import RandBadNetd, RandWatermarkd
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import ModelQuery, cell_means, read_qr, scores_to_modules, trigger_batch, uncertainty_map, verify_ownership
 
@@ -63,6 +64,12 @@ class ExperimentConfig:
             (off by default; measured once: clean Dice 0.795 -> 0.883, but a 3.3-point watermarked-vs-clean gap
             and no change in stealth).
         copy_weight: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
+        simulate_attacks: share of iterations trained at attacked weights
+            (:class:`~monai_stealthmark.handlers.SimulatedAttacks`, ComMark's idea; 0 = off).
+        coupling_weight: weight of :class:`~monai_stealthmark.losses.FeatureCouplingLoss` (DeepTracer's idea;
+            0 = off) on the features of ``coupling_layer``.
+        badnet: train the BadNet baseline instead (:class:`~monai_stealthmark.transforms.RandBadNetd`, plain
+            DiceCE) — the key's trigger switches a keyed square to foreground.
     """
 
     def __init__(self, fast: bool = True, **overrides: Any) -> None:
@@ -82,6 +89,10 @@ class ExperimentConfig:
         self.copy_weight = 1.0
         self.spatial_aug = False
         self.arch = "unet"
+        self.simulate_attacks = 0.0
+        self.coupling_weight = 0.0
+        self.coupling_layer = "model.1"
+        self.badnet = False
         self.patients: list[str] | None = None
         self.data_root = str(DEFAULT_SUNNYBROOK_ROOT)
         for k, v in overrides.items():
@@ -94,7 +105,7 @@ class ExperimentConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
 
 
-ARCHITECTURES = ("unet", "basicunet", "segresnet")
+ARCHITECTURES = ("unet", "basicunet", "segresnet", "attentionunet", "swinunetr")
 
 
 def build_network(channels=(16, 32, 64, 128, 256), arch: str = "unet") -> torch.nn.Module:
@@ -102,8 +113,8 @@ def build_network(channels=(16, 32, 64, 128, 256), arch: str = "unet") -> torch.
 
     Args:
         channels: UNet channels (``"unet"`` only).
-        arch: ``"unet"`` (the experiment's), ``"basicunet"`` or ``"segresnet"`` (e.g. for the clean models of an
-            empirical null).
+        arch: ``"unet"`` (the experiment's), ``"basicunet"``, ``"segresnet"``, ``"attentionunet"`` or ``"swinunetr"``
+            (2D, feature size 12 to stay trainable on a CPU; needs ``einops``).
     """
     if arch == "unet":
         return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=2)
@@ -111,6 +122,10 @@ def build_network(channels=(16, 32, 64, 128, 256), arch: str = "unet") -> torch.
         return BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(16, 16, 32, 64, 128, 16))
     if arch == "segresnet":
         return SegResNet(spatial_dims=2, in_channels=1, out_channels=2, init_filters=16)
+    if arch == "attentionunet":
+        return AttentionUnet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=(2,) * (len(channels) - 1))
+    if arch == "swinunetr":
+        return SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=2)
     raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}.")
 
 
@@ -142,7 +157,10 @@ def train_model(
                 padding_mode="zeros",
             )
         )
-    if key is not None:
+    if key is not None and cfg.badnet:
+        xforms.append(RandBadNetd(keys=("image", "label"), key=key, prob=cfg.prob))
+        loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    elif key is not None:
         xforms.append(
             RandWatermarkd(
                 keys=("image", "label"), key=key, prob=cfg.prob, occlusion_prob=cfg.occlusion_prob, decoy_prob=cfg.decoy_prob
@@ -153,6 +171,8 @@ def train_model(
             key=key,
             copy_weight=cfg.copy_weight,
         )
+        if cfg.coupling_weight > 0:
+            loss = FeatureCouplingLoss(net, cfg.coupling_layer, loss, weight=cfg.coupling_weight)
     else:
         loss = DiceCELoss(to_onehot_y=True, softmax=True)
     transform = Compose(xforms).set_random_state(seed=cfg.seed)
@@ -165,6 +185,8 @@ def train_model(
         device=device, max_epochs=epochs, train_data_loader=loader, network=net, optimizer=opt, loss_function=loss, amp=False
     )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: sched.step())
+    if key is not None and cfg.simulate_attacks > 0:
+        SimulatedAttacks(prob=cfg.simulate_attacks, seed=cfg.seed).attach(trainer)
     if ckpt_dir is not None:
         objs = {"net": net, "opt": opt, "sched": sched, "trainer": trainer}
         ckpts = sorted(ckpt_dir.glob("checkpoint_epoch=*.pt"), key=lambda f: int(f.stem.split("=")[1]))
@@ -266,7 +288,8 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
          f"{fd['clean_inputs']} / {fd['clean_model']} / {fd['wrong_key']} (of {res['n_images']} images each)"),
         ("device, seconds", f"{res['device']}, {res['seconds']:.0f} s"),
     ]
-    head = (f"Sunnybrook LV, MONAI 2D UNet {tuple(cfg.channels)}, {cfg.size}x{cfg.size}, {cfg.steps} steps x {cfg.batch_size}, "
+    net = f"UNet {tuple(cfg.channels)}" if cfg.arch == "unet" else cfg.arch
+    head = (f"Sunnybrook LV, MONAI 2D {net}, {cfg.size}x{cfg.size}, {cfg.steps} steps x {cfg.batch_size}, "
             f"seed {cfg.seed}, held-out patient {cfg.test_patient} ({res['n_images']} slices), LIME {cfg.lime_samples} samples\n\n")
     return head + "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
 
@@ -287,7 +310,7 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
     for name, k in (("clean", None), ("watermarked", key)):
         path = out / f"{name}.pt"
         if path.is_file():
-            net = build_network(cfg.channels).to(dev)
+            net = build_network(cfg.channels, cfg.arch).to(dev)
             net.load_state_dict(torch.load(path, map_location=dev))
             models[name] = net.eval()
             continue
@@ -315,10 +338,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lime-samples", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--arch", choices=ARCHITECTURES, default=None, help="the 2D network (default: unet)")
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT), help="the sunnybrook folder")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
-    cfg = ExperimentConfig(fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data)
+    cfg = ExperimentConfig(
+        fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data, batch_size=a.batch_size, arch=a.arch
+    )
     res = run(cfg, a.out, a.device)
     print(results_markdown(res, cfg))
     return 0

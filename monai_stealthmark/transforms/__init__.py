@@ -1,7 +1,9 @@
-"""MONAI transforms: keyed triggers (array + dict) and the random training transform that embeds the QR."""
+"""MONAI transforms: keyed triggers (array + dict), the random training transform that embeds the QR, and the
+BadNet baseline's poisoning transform."""
 
 from __future__ import annotations
 
+from .badnet import RandBadNetd, badnet_region
 from .trigger import (
     WM_CLEAN,
     WM_DARK,

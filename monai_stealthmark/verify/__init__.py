@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .badnet import BadNetReport, verify_badnet
 from .calibrate import Commitment, NullDistribution, calibrate_null, check_commitment, vote_agreement
 from .lime import lime_attributions, lime_masks, lime_reference_attributions, perturbed_queries, weighted_ridge
 from .query import ModelQuery, NotProbabilitiesError, check_probabilities, uncertainty_map

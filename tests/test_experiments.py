@@ -1,0 +1,65 @@
+"""The experiment modules' building blocks (the full runs are measured, not tested: see README)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import unittest
+from pathlib import Path
+
+import torch
+from parameterized import parameterized
+
+from monai_stealthmark.experiments.architectures import architectures_markdown, run_architectures
+from monai_stealthmark.experiments.sunnybrook import ARCHITECTURES, ExperimentConfig, build_network
+from monai_stealthmark.experiments.variants import VARIANTS, markdown
+
+
+class TestNetworks(unittest.TestCase):
+    @parameterized.expand([(a,) for a in ARCHITECTURES])
+    def test_two_class_output(self, arch):
+        torch.manual_seed(0)
+        net = build_network(arch=arch).eval()
+        with torch.no_grad():
+            out = net(torch.rand(2, 1, 64, 64))
+        self.assertEqual(tuple(out.shape), (2, 2, 64, 64))
+
+    def test_unknown(self):
+        with self.assertRaisesRegex(ValueError, "arch must be one of"):
+            build_network(arch="resnet")
+        with self.assertRaisesRegex(ValueError, "unknown setting 'epochs'"):
+            ExperimentConfig(epochs=3)
+
+
+def _fake_results(arch: str, asr: float) -> dict:
+    return {
+        "clean": {"dice": 0.8, "auc": 0.99}, "watermarked": {"dice": 0.79, "auc": 0.98},
+        "stealth_mask_dice": 0.95, "stealth_agreement": 0.998, "asr": {"direct": asr, "lime": 0.0},
+        "bit_accuracy": {"direct": 0.99, "lime": 0.8}, "false_decodes": {"clean_inputs": 0, "clean_model": 0, "wrong_key": 0},
+        "n_images": 22, "config": {"steps": 400, "batch_size": 12, "seed": 0, "arch": arch}, "device": "cpu", "seconds": 1.0,
+    }
+
+
+class TestTables(unittest.TestCase):
+    def test_architectures_reuses_finished_runs(self):
+        with tempfile.TemporaryDirectory() as d:
+            for arch, asr in (("unet", 1.0), ("segresnet", 0.5)):
+                (Path(d) / arch).mkdir()
+                (Path(d) / arch / "results.json").write_text(json.dumps(_fake_results(arch, asr)))
+            rows = run_architectures(["unet", "segresnet"], d)
+            self.assertEqual([r["asr_direct"] for r in rows], [1.0, 0.5])
+            md = (Path(d) / "architectures.md").read_text()
+            self.assertIn("| segresnet | 0.8000 | 0.7900 |", md)
+            self.assertIn("50.0 %", md)
+            self.assertEqual(md, architectures_markdown(json.loads((Path(d) / "architectures.json").read_text())))
+
+    def test_variants_markdown(self):
+        self.assertEqual(set(VARIANTS), {"clean", "default", "commark", "coupling", "badnet"})
+        att = {"attack": "global_prune", "params": {"amount": 0.5}, "asr": 0.9, "clean_dice": 0.81}
+        rows = [
+            {"variant": "default", "clean_dice": 0.82, "triggered_input_dice": 0.81, "stealth_mask_dice": 0.95, "asr": 1.0, "p_value": 1e-90, "attacks": [att]},
+            {"variant": "badnet", "clean_dice": 0.80, "triggered_input_dice": 0.5, "stealth_mask_dice": 0.4, "asr": 1.0, "p_value": 1e-9, "attacks": [att]},
+        ]
+        md = markdown(rows)
+        self.assertIn("| badnet | 0.8000 | 0.5000 | 0.4000 |", md)
+        self.assertIn("| global_prune amount=0.5 | 0.900 (0.810) | 0.900 (0.810) |", md)
