@@ -206,12 +206,16 @@ def evaluate(
     cfg: ExperimentConfig,
     device: torch.device,
     report_dir: Path | None = None,
+    inferer: Any | None = None,
 ) -> dict[str, Any]:
-    """Every number of the acceptance table, measured on the held-out patient's slices."""
+    """Every number of the acceptance table, measured on the held-out patient's slices (2D) or volumes (3D).
+
+    ``inferer`` (e.g. a bundle's ``SlidingWindowInferer``) is how the models are queried; None calls them.
+    """
     images = torch.stack([s["image"] for s in test_samples]).to(device)
     labels = torch.stack([s["label"] for s in test_samples]).to(device)
-    q_clean = ModelQuery(clean_net, activation="softmax", device=device)
-    q_wm = ModelQuery(wm_net, activation="softmax", device=device)
+    q_clean = ModelQuery(clean_net, activation="softmax", device=device, inferer=inferer)
+    q_wm = ModelQuery(wm_net, activation="softmax", device=device, inferer=inferer)
 
     def seg_scores(probs: torch.Tensor) -> tuple[float, float]:
         pred = probs.argmax(1, keepdim=True)

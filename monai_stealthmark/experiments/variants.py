@@ -45,12 +45,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
-def _attacks(net, att_x, att_y, epochs: int, distill_steps: int) -> list[tuple[str, dict[str, Any], Any]]:
+def _attacks(net, att_x, att_y, epochs: int, distill_steps: int, query_x) -> list[tuple[str, dict[str, Any], Any]]:
     teacher = ModelQuery(net, activation="softmax", device="cpu")
 
     def student():
         torch.manual_seed(1)
-        return A.distill(teacher, build_network(), att_x, steps=distill_steps, outputs="soft")
+        return A.distill(teacher, build_network(), query_x, steps=distill_steps, outputs="soft", batch_size=16)
 
     inputs = A.INPUT_ATTACKS
     return [
@@ -63,7 +63,7 @@ def _attacks(net, att_x, att_y, epochs: int, distill_steps: int) -> list[tuple[s
             (f"input_{n}", {}, lambda make=inputs[n]: A.InputTransformQuery(ModelQuery(net, activation="softmax", device="cpu"), make()))
             for n in ("gaussian_noise_0.05", "blur_1px", "resample_0.5", "flip_tta")
         ],
-        ("distill", {"outputs": "soft", "student": "unet", "steps": distill_steps}, student),
+        ("distill", {"outputs": "soft", "student": "unet", "steps": distill_steps, "queries": int(query_x.shape[0]) * 5}, student),
     ]
 
 
@@ -74,13 +74,21 @@ def run(
     steps: int | None = None,
     data_root: str = str(DEFAULT_SUNNYBROOK_ROOT),
     epochs: int = 20,
-    distill_steps: int = 1200,
+    distill_steps: int = 600,
 ) -> list[dict[str, Any]]:
+    """Train (or reuse) each variant's owner model, measure it and attack it; see the module docstring.
+
+    The distillation attacker queries the suspect with unlabelled slices of all four non-test patients
+    (their own and the owner's: public data of the same kind). With their own patient alone the students did
+    not learn the task (measured: Dice 0.05-0.14 on the test patient after 300-1200 steps), which says nothing
+    about the watermark.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = load_sunnybrook(data_root, size=128)
     owner = [s for s in samples if s["patient"] in OWNER]
     att_x, att_y = _stack([s for s in samples if s["patient"] in ATTACKER])
+    query_x = _stack([s for s in samples if s["patient"] in ATTACKER + OWNER])[0]
     test_x, test_y = _stack([s for s in samples if s["patient"] in TEST])
     rows: list[dict[str, Any]] = []
     for name in variants:
@@ -131,7 +139,7 @@ def run(
             "attacks": [],
         }
         if name != "clean":
-            for a_name, params, attack in _attacks(net, att_x, att_y, epochs, distill_steps):
+            for a_name, params, attack in _attacks(net, att_x, att_y, epochs, distill_steps, query_x):
                 r = A.run_attack(a_name, params, attack, evaluate, verify, row["clean_dice"])
                 row["attacks"].append(r.to_dict())
                 print(f"{name:9s} {a_name:26s} {params!s:36s} Dice {r.clean_dice:.4f} ASR {r.asr:.3f} p {r.p_value:.2g}", flush=True)
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT))
     p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--distill-steps", type=int, default=1200)
+    p.add_argument("--distill-steps", type=int, default=600)
     a = p.parse_args(argv)
     rows = run(a.out, a.variants, a.fast, a.steps, a.data, a.epochs, a.distill_steps)
     print(markdown(rows))
