@@ -54,7 +54,7 @@ class TestTables(unittest.TestCase):
             self.assertEqual(md, architectures_markdown(json.loads((Path(d) / "architectures.json").read_text())))
 
     def test_variants_markdown(self):
-        self.assertEqual(set(VARIANTS), {"clean", "default", "commark", "coupling", "badnet"})
+        self.assertEqual(set(VARIANTS), {"clean", "default", "commark", "coupling", "badnet", "lowfreq", "simattack"})
         att = {"attack": "global_prune", "params": {"amount": 0.5}, "asr": 0.9, "clean_dice": 0.81}
         rows = [
             {"variant": "default", "clean_dice": 0.82, "triggered_input_dice": 0.81, "stealth_mask_dice": 0.95, "asr": 1.0, "p_value": 1e-90, "attacks": [att]},
