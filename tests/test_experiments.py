@@ -63,3 +63,17 @@ class TestTables(unittest.TestCase):
         md = markdown(rows)
         self.assertIn("| badnet | 0.8000 | 0.5000 | 0.4000 |", md)
         self.assertIn("| global_prune amount=0.5 | 0.900 (0.810) | 0.900 (0.810) |", md)
+
+
+class TestStealth(unittest.TestCase):
+    def test_mask_dice_and_agreement(self):
+        from monai_stealthmark.experiments.sunnybrook import stealth
+
+        a = torch.zeros(1, 10, 10, dtype=torch.long)
+        a[0, 2:6, 2:6] = 1  # 16 px
+        b = a.clone()
+        b[0, 2:6, 2] = 0  # 4 px lost
+        d, agree = stealth(a, b)
+        self.assertAlmostEqual(d, 2 * 12 / (16 + 12))
+        self.assertAlmostEqual(agree, 0.96)
+        self.assertEqual(stealth(a, a), (1.0, 1.0))

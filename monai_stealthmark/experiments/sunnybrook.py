@@ -35,7 +35,7 @@ from monai_stealthmark.transforms import RandBadNetd, RandWatermarkd
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import ModelQuery, cell_means, read_qr, scores_to_modules, trigger_batch, uncertainty_map, verify_ownership
 
-__all__ = ["ExperimentConfig", "build_network", "train_model", "evaluate", "run", "main"]
+__all__ = ["ExperimentConfig", "build_network", "train_model", "stealth", "evaluate", "run", "main"]
 
 PAYLOAD = "SM:3f9a2c71"
 KEY_SEED = 20261123
@@ -197,6 +197,13 @@ def train_model(
     return net.eval()
 
 
+def stealth(m_clean: torch.Tensor, m_trig: torch.Tensor) -> tuple[float, float]:
+    """``(mask Dice, pixel agreement)`` between the hard masks on clean and on triggered inputs (foreground = 1)."""
+    inter = ((m_clean == 1) & (m_trig == 1)).sum().item()
+    dice = 2 * inter / max(1, (m_clean == 1).sum().item() + (m_trig == 1).sum().item())
+    return float(dice), float((m_clean == m_trig).float().mean())
+
+
 @torch.no_grad()
 def evaluate(
     clean_net: torch.nn.Module,
@@ -232,9 +239,7 @@ def evaluate(
     res["watermarked"] = dict(zip(("dice", "auc"), seg_scores(p_wm)))
     res["watermarked_triggered_input"] = dict(zip(("dice", "auc"), seg_scores(p_wm_trig)))
     m_clean, m_trig = p_wm.argmax(1), p_wm_trig.argmax(1)
-    res["stealth_agreement"] = float((m_clean == m_trig).float().mean())
-    inter = ((m_clean == 1) & (m_trig == 1)).sum().item()
-    res["stealth_mask_dice"] = float(2 * inter / max(1, (m_clean == 1).sum().item() + (m_trig == 1).sum().item()))
+    res["stealth_mask_dice"], res["stealth_agreement"] = stealth(m_clean, m_trig)
 
     reports = {}
     for mode in ("direct", "lime"):

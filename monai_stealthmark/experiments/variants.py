@@ -30,7 +30,7 @@ import torch
 from monai_stealthmark import attacks as A
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook
 from monai_stealthmark.experiments.robustness import ATTACKER, OWNER, TEST, _stack, dice
-from monai_stealthmark.experiments.sunnybrook import KEY_SEED, PAYLOAD, ExperimentConfig, build_network, train_model
+from monai_stealthmark.experiments.sunnybrook import KEY_SEED, PAYLOAD, ExperimentConfig, build_network, stealth, train_model
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import ModelQuery, trigger_batch, verify_badnet, verify_ownership
@@ -133,15 +133,15 @@ def run(
         q = ModelQuery(net, activation="softmax", device="cpu")
         with torch.no_grad():
             m_clean, m_trig = q(test_x).argmax(1), q(trigger_batch(test_x, key)).argmax(1)
-        inter = ((m_clean == 1) & (m_trig == 1)).sum().item()
+        mask_dice, agreement = stealth(m_clean, m_trig)
         base = verify(net)
         row: dict[str, Any] = {
             "variant": name,
             "config": {**cfg_over, **key_over},
             "clean_dice": evaluate(net),
             "triggered_input_dice": dice(lambda x: q(trigger_batch(x, key)), test_x, test_y),
-            "stealth_mask_dice": 2 * inter / max(1, (m_clean == 1).sum().item() + (m_trig == 1).sum().item()),
-            "stealth_agreement": float((m_clean == m_trig).float().mean()),
+            "stealth_mask_dice": mask_dice,
+            "stealth_agreement": agreement,
             "asr": base.asr,
             "p_value": base.p_value,
             "verdict": base.verdict,
