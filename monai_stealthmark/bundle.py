@@ -27,11 +27,47 @@ from typing import Any
 
 from monai_stealthmark.key import KeyFileError, WatermarkKey
 
-__all__ = ["BundleConfigError", "load_bundle_key", "check_watermark_bundle", "find_transforms", "run_ownership_check", "load_bundle_model"]
+__all__ = [
+    "BundleConfigError",
+    "bundle_parser",
+    "load_bundle_key",     "check_watermark_bundle",
+    "find_transforms",
+    "run_ownership_check",
+    "load_bundle_model",
+]
 
 
 class BundleConfigError(ValueError):
     """The bundle does not have the ids the watermark overlay needs."""
+
+
+def bundle_parser(
+    bundle_dir: str | Path,
+    files: Sequence[str],
+    bundle_root: str | Path,
+    key_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+):
+    """A parsed :class:`monai.bundle.ConfigParser` for config files merged in order, as ``monai.bundle run`` does.
+
+    Args:
+        bundle_dir: the bundle folder; relative file names are read from its ``configs/``.
+        files: config files in merge order, e.g. ``["train.json", "<path>/stealthmark_overlay.json"]``.
+        bundle_root: set as ``bundle_root`` (where the run writes its models and logs).
+        key_file: set as ``key_file`` when given (the overlay reads the key from it).
+        overrides: more ids to set before parsing (e.g. ``{"max_epochs": 1}``).
+    """
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([f if Path(f).is_absolute() else str(Path(bundle_dir) / "configs" / f) for f in files])
+    parser["bundle_root"] = str(bundle_root)
+    if key_file is not None:
+        parser["key_file"] = str(key_file)
+    for k, v in (overrides or {}).items():
+        parser[k] = v
+    parser.parse()
+    return parser
 
 
 def _state_dict(path: Path, device: Any) -> dict:

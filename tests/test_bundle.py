@@ -10,7 +10,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from monai_stealthmark.bundle import BundleConfigError, check_watermark_bundle, run_ownership_check
+from monai_stealthmark.bundle import BundleConfigError, bundle_parser, check_watermark_bundle, run_ownership_check
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT
 from monai_stealthmark.key import KeyFileError, WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
@@ -24,16 +24,7 @@ HAVE_DATA = DEFAULT_SUNNYBROOK_ROOT.is_dir() and (DEFAULT_SUNNYBROOK_ROOT.parent
 
 
 def _parser(bundle: str, files: list, tmp: Path, key_file: str | None, **overrides) -> ConfigParser:
-    cfg = BUNDLES / bundle / "configs"
-    parser = ConfigParser()
-    parser.read_config([str(cfg / f) if not Path(f).is_absolute() else f for f in files])
-    parser["bundle_root"] = str(tmp)
-    if key_file is not None:
-        parser["key_file"] = key_file
-    for k, v in overrides.items():
-        parser[k] = v
-    parser.parse()
-    return parser
+    return bundle_parser(BUNDLES / bundle, files, tmp, key_file, overrides)
 
 
 def _train(parser: ConfigParser):

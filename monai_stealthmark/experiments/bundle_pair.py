@@ -19,6 +19,7 @@ import torch
 from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
+from monai_stealthmark.bundle import bundle_parser
 from monai_stealthmark.experiments.sunnybrook import KEY_SEED, PAYLOAD, ExperimentConfig, evaluate
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
@@ -28,22 +29,10 @@ __all__ = ["OVERLAY", "train_bundle", "run", "main"]
 OVERLAY = Path(__file__).resolve().parents[2] / "bundles" / "stealthmark_overlay.json"
 
 
-def _parser(bundle: Path, files: list[str], root: Path, key_file: str | None, overrides: dict[str, Any]) -> ConfigParser:
-    parser = ConfigParser()
-    parser.read_config([str(bundle / "configs" / f) if not Path(f).is_absolute() else f for f in files])
-    parser["bundle_root"] = str(root)
-    if key_file is not None:
-        parser["key_file"] = key_file
-    for k, v in overrides.items():
-        parser[k] = v
-    parser.parse()
-    return parser
-
-
 def train_bundle(bundle: Path, root: Path, key_file: str | None, overrides: dict[str, Any]) -> tuple[torch.nn.Module, ConfigParser]:
     """Run the bundle's ``train`` (with the overlay when ``key_file`` is given); returns the trained network."""
     files = ["train.json"] + ([str(OVERLAY)] if key_file is not None else [])
-    parser = _parser(bundle, files, root, key_file, overrides)
+    parser = bundle_parser(bundle, files, root, key_file, overrides)
     parser.get_parsed_content("initialize")
     parser.get_parsed_content("train#trainer").run()
     return parser.get_parsed_content("network").eval(), parser

@@ -18,7 +18,7 @@ from monai.utils import convert_to_dst_type, convert_to_tensor
 
 from monai_stealthmark.key import WatermarkKey
 
-from .trigger import _rng, apply_trigger, load_key
+from .trigger import _rng, apply_trigger, check_pair_transform
 
 __all__ = ["RandBadNetd", "badnet_region"]
 
@@ -72,11 +72,7 @@ class RandBadNetd(RandomizableTransform, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
-        if len(self.keys) != 2:
-            raise ValueError(f"RandBadNetd needs keys=(image_key, label_key), got {self.keys}.")
-        if key is None:
-            raise ValueError("RandBadNetd needs the watermark key (a WatermarkKey or a key file path).")
-        self.key = load_key(key)
+        self.key = check_pair_transform(self, key)
         badnet_region(self.key, (8, 8), region_size)  # validates region_size
         self.region_size = region_size
         self.target_class = int(target_class)

@@ -50,6 +50,16 @@ def load_key(key: WatermarkKey | str) -> WatermarkKey:
     return key if isinstance(key, WatermarkKey) else WatermarkKey.load(key)
 
 
+def check_pair_transform(transform: MapTransform, key: WatermarkKey | str | None) -> WatermarkKey:
+    """Validate an (image, label) training transform's ``keys`` and load its watermark ``key``."""
+    name = type(transform).__name__
+    if len(transform.keys) != 2:
+        raise ValueError(f"{name} needs keys=(image_key, label_key), got {transform.keys}.")
+    if key is None:
+        raise ValueError(f"{name} needs the watermark key (a WatermarkKey or a key file path).")
+    return load_key(key)
+
+
 def _rng(seed: int, purpose: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), purpose]))
 
@@ -273,11 +283,7 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         RandomizableTransform.__init__(self, prob)
-        if len(self.keys) != 2:
-            raise ValueError(f"RandWatermarkd needs keys=(image_key, label_key), got {self.keys}.")
-        if key is None:
-            raise ValueError("RandWatermarkd needs the watermark key (a WatermarkKey or a key file path).")
-        self.key = load_key(key)
+        self.key = check_pair_transform(self, key)
         for name, v in (("decoy_prob", decoy_prob), ("occlusion_prob", occlusion_prob), ("occlusion_ratio", occlusion_ratio)):
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}.")
