@@ -76,8 +76,6 @@ class UncertaintyWatermarkLoss(_Loss):
         watermark_weight: float = 3.0,
         protect_radius: int = 3,
         copy_weight: float = 1.0,
-        copy_kd_weight: float = 0.0,
-        copy_kd_temperature: float = 4.0,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -101,10 +99,6 @@ class UncertaintyWatermarkLoss(_Loss):
         self.watermark_weight = float(watermark_weight)
         self.protect_radius = int(protect_radius)
         self.copy_weight = float(copy_weight)
-        if copy_kd_temperature <= 0:
-            raise ValueError(f"copy_kd_temperature must be > 0, got {copy_kd_temperature}.")
-        self.copy_kd_weight = float(copy_kd_weight)
-        self.copy_kd_temperature = float(copy_kd_temperature)
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -203,20 +197,6 @@ class UncertaintyWatermarkLoss(_Loss):
         floor = torch.where(copy, torch.minimum(floor, twin_ref), floor)  # never ask for more than the twin has
         hinge = F.relu(floor - p_ref).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
-        if self.copy_kd_weight > 0 and copy.any():
-            # distillation at temperature T: unlike the CE above it still sees logit shifts where both outputs are
-            # confident (the training slices), which become flips where an unseen image's boundary is soft
-            t = self.copy_kd_temperature
-            if softmax:
-                lq = F.log_softmax(twin_logits / t, 1)
-                kd_map = (lq.exp() * (lq - F.log_softmax(logits / t, 1))).sum(1, keepdim=True)
-            else:
-                qt = torch.sigmoid(twin_logits / t)
-                kd_map = F.binary_cross_entropy_with_logits(logits / t, qt, reduction="none") - F.binary_cross_entropy_with_logits(
-                    twin_logits / t, qt, reduction="none"
-                )
-            kd = (kd_map * copy).sum() / copy.sum().clamp_min(1)
-            loss = loss + self.copy_kd_weight * t * t * kd
         no_twin = ~has_twin
         if self.dice_weight > 0 and no_twin.any() and light[no_twin].sum() > 0:
             frac = no_twin.sum() / no_twin.numel()
