@@ -85,9 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=None, help="override the bundle's max_epochs")
     p.add_argument("--val-interval", type=int, default=None, help="override the bundle's val_interval")
+    p.add_argument("--seed", type=int, default=None, help="override the bundle's seed")
     p.add_argument("--lime-samples", type=int, default=300)
     a = p.parse_args(argv)
-    overrides = {k: v for k, v in (("max_epochs", a.epochs), ("val_interval", a.val_interval)) if v}
+    overrides = {k: v for k, v in (("max_epochs", a.epochs), ("val_interval", a.val_interval), ("seed", a.seed)) if v is not None}
     res = run(a.bundle, a.out, overrides, a.lime_samples)
     print(_markdown(res))
     return 0
