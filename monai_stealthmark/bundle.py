@@ -30,7 +30,8 @@ from monai_stealthmark.key import KeyFileError, WatermarkKey
 __all__ = [
     "BundleConfigError",
     "bundle_parser",
-    "load_bundle_key",     "check_watermark_bundle",
+    "load_bundle_key",
+    "check_watermark_bundle",
     "find_transforms",
     "run_ownership_check",
     "load_bundle_model",
@@ -241,16 +242,12 @@ def load_bundle_model(bundle_dir: str | Path, config: str = "configs/inference.j
         ``(network in eval mode, inferer or None, preprocessing or None)``.
     """
     import torch
-    from monai.bundle import ConfigParser
 
     bundle_dir = Path(bundle_dir)
     cfg_file = bundle_dir / config
     if not cfg_file.is_file():
         raise FileNotFoundError(f"bundle config {str(cfg_file)!r} does not exist (is {str(bundle_dir)!r} a MONAI bundle?).")
-    parser = ConfigParser()
-    parser.read_config(str(cfg_file))
-    parser["bundle_root"] = str(bundle_dir)
-    parser.parse()
+    parser = bundle_parser(bundle_dir, [str(cfg_file.resolve())], bundle_dir)
     if "network_def" not in parser:
         raise BundleConfigError(f"{str(cfg_file)!r} has no `network_def`.")
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
