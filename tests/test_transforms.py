@@ -82,7 +82,7 @@ class TestRandWatermarkd(unittest.TestCase):
         for _ in range(2):
             t = RandWatermarkd(key=KEY, prob=0.5, paired=False)
             t.set_random_state(123)
-            outs.append([t(d) for _ in range(6)])
+            outs.append([t(d) for _ in range(12)])
         for a, b in zip(*outs):
             self.assertTrue(torch.equal(a["image"], b["image"]))
             self.assertTrue(torch.equal(a["label"], b["label"]))
@@ -139,6 +139,18 @@ class TestRandWatermarkd(unittest.TestCase):
         self.assertTrue(torch.all(out["label"][1] == WM_CLEAN))
         self.assertFalse(torch.equal(out["image"], d["image"]))
         self.assertFalse(torch.equal(out["image"], apply_trigger(d["image"], KEY)))
+
+    def test_decoy_occlusion(self):
+        d = self.sample()
+        changed = {}
+        for occ in (0.0, 1.0):
+            t = RandWatermarkd(key=KEY, prob=0.0, decoy_prob=1.0, occlusion_prob=occ)
+            t.set_random_state(0)
+            (out,) = t(d)
+            self.assertTrue(torch.all(out["label"][1] == WM_CLEAN))
+            changed[occ] = (out["image"] != d["image"]).float().mean().item()
+        self.assertLess(changed[0.0], 0.05)  # the corner patch only
+        self.assertGreater(changed[1.0], 0.2)  # plus about half of the cells behind the decoy's texture
 
     def test_numpy_and_3d(self):
         img = np.random.rand(1, 40, 40, 8).astype(np.float32)

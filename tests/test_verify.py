@@ -20,6 +20,8 @@ from monai_stealthmark.verify import (
     lime_masks,
     lime_reference_attributions,
     otsu_threshold,
+    read_qr,
+    scores_to_modules,
     uncertainty_map,
     verify_ownership,
     weighted_ridge,
@@ -125,6 +127,21 @@ class TestLime(unittest.TestCase):
         x = torch.cat([torch.full((10,), 0.1), torch.full((5,), 0.5)]).view(1, -1)
         thr = otsu_threshold(x)
         self.assertTrue(0.1 < thr.item() < 0.5)
+
+    def test_skewed_scores_read_on_log_scale(self):
+        """Dark cells with a long tail (a fifth strong, the rest weak, as in LIME maps near the organ): Otsu on the
+        raw scores keeps only the strong ones; on the log scale every dark cell is read."""
+        g, q = KEY.grid_size, KEY.quiet_zone
+        rng = np.random.default_rng(0)
+        dark = np.zeros((g, g), bool)
+        dark[q : g - q, q : g - q] = KEY.qr_matrix
+        scores = np.where(dark, np.where(rng.random((g, g)) < 0.2, 1.0, 0.15), 0.01) * rng.uniform(0.8, 1.2, (g, g))
+        scores = torch.as_tensor(scores.reshape(1, -1), dtype=torch.float32)
+        self.assertNotEqual(read_qr(scores_to_modules(scores, KEY, log_floor=None)), [KEY.payload])
+        self.assertEqual(read_qr(scores_to_modules(scores, KEY)), [KEY.payload])
+        self.assertFalse(scores_to_modules(-scores, KEY).any())  # nothing positive: all light, no crash
+        with self.assertRaisesRegex(ValueError, "log_floor"):
+            scores_to_modules(scores, KEY, log_floor=1.5)
 
     def test_weighted_ridge_matches_sklearn(self):
         rng = np.random.default_rng(0)

@@ -349,11 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lime-samples", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--arch", choices=ARCHITECTURES, default=None, help="the 2D network (default: unet)")
+    p.add_argument("--occlusion-prob", type=float, default=None, help="share of triggered samples with hidden cells")
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT), help="the sunnybrook folder")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     cfg = ExperimentConfig(
-        fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data, batch_size=a.batch_size, arch=a.arch
+        fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data, batch_size=a.batch_size, arch=a.arch,
+        occlusion_prob=a.occlusion_prob,
     )
     res = run(cfg, a.out, a.device)
     print(results_markdown(res, cfg))

@@ -168,7 +168,7 @@ def apply_trigger(
 
 
 def occlude_cells(
-    img: torch.Tensor, key: WatermarkKey, hidden: torch.Tensor, intensity: tuple[float, float]
+    img: torch.Tensor, key: WatermarkKey, hidden: torch.Tensor, intensity: tuple[float, float], seed: int | None = None
 ) -> torch.Tensor:
     """Hide grid cells of a (batch of) channel-first image(s) behind the key's occlusion texture.
 
@@ -177,10 +177,12 @@ def occlude_cells(
         key: the key (grid geometry and texture seed).
         hidden: boolean ``(..., grid_size**2)``: True where the cell is hidden; leading dims match ``img``'s.
         intensity: the clean image's ``(lo, hi)``; the texture is binary noise at these two levels.
+        seed: override of ``key.trigger_seed`` for the texture (decoys hide cells behind their own texture).
     """
     spatial = tuple(int(s) for s in img.shape[hidden.ndim :])
     idx = module_index_map(spatial, key.grid_size).to(img.device)
-    tex = torch.as_tensor(_occlusion_texture(key.trigger_seed, spatial), device=img.device, dtype=img.dtype)
+    seed = key.trigger_seed if seed is None else int(seed)
+    tex = torch.as_tensor(_occlusion_texture(seed, spatial), device=img.device, dtype=img.dtype)
     lo, hi = intensity
     tex = lo + (hi - lo) * tex
     pix_hidden = hidden[..., idx.reshape(-1)].reshape(*hidden.shape[:-1], *spatial)  # (..., H, W[, D])
@@ -250,7 +252,9 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
     Besides the owner's trigger it adds the two ingredients that make the watermark specific and readable:
 
     - decoys: a share of the clean samples carry a trigger made from a fresh random seed and keep the clean
-      target, so the network reacts to *this key's* trigger only, not to any corner patch;
+      target, so the network reacts to *this key's* trigger only, not to any corner patch; with
+      ``occlusion_prob`` they also hide random cells behind the decoy seed's texture, so hidden cells (as in
+      every LIME query) do not stand in for the key either;
     - occlusion: a share of the triggered samples hide random QR cells behind the key's occlusion texture
       (trigger re-stamped on top) with a confident target there, so the QR can also be read through LIME.
 
@@ -323,7 +327,16 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
             decoy_seed = int(self.R.randint(0, 2**31 - 1))
             if decoy_seed == self.key.trigger_seed:
                 decoy_seed += 1
-            d[image_key] = apply_trigger(img, self.key, seed=decoy_seed)
+            decoy = img
+            if self.occlusion_prob > 0 and self.R.rand() < self.occlusion_prob:
+                # decoys are occluded as often as triggered samples, behind their own texture: hidden cells alone
+                # (as in every LIME query) never look like this key
+                hidden = torch.as_tensor(self.R.rand(self.key.grid_size**2) < self.occlusion_ratio)
+                base = convert_to_tensor(img, track_meta=False)
+                base = base if base.is_floating_point() else base.float()
+                occluded = occlude_cells(base, self.key, hidden.to(base.device), intensity_range(img), seed=decoy_seed)
+                decoy = convert_to_dst_type(occluded, img, dtype=occluded.dtype)[0]
+            d[image_key] = apply_trigger(decoy, self.key, intensity_range(img), seed=decoy_seed)
         out = torch.cat([lab.to(wm.dtype), wm.to(lab.device)], dim=0)
         d[label_key] = convert_to_dst_type(out, label, dtype=out.dtype)[0]
         if not self.paired:

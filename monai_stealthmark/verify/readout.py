@@ -44,17 +44,31 @@ def otsu_threshold(x: torch.Tensor) -> torch.Tensor:
     return ((s.gather(1, i[:, None]) + s.gather(1, i[:, None] + 1)) / 2)[:, 0].to(x.dtype)
 
 
-def scores_to_modules(scores: torch.Tensor, key: WatermarkKey) -> np.ndarray:
+def scores_to_modules(scores: torch.Tensor, key: WatermarkKey, log_floor: float | None = 0.03) -> np.ndarray:
     """Threshold per-cell scores (high = dark) with Otsu over the QR area, quiet zone dropped.
+
+    Both read-outs give right-skewed scores: a few dark cells far from the organ carry strong uncertainty or
+    attribution while others (near the organ, on black borders) carry a fraction of it. Otsu on the raw values
+    puts the threshold between the strong cells and the rest and loses the weak dark cells (measured on the demo
+    model's LIME maps, 300 samples: bits 0.877, no decode), so Otsu runs on ``log(max(s, log_floor * max(s)))``
+    per image, which compresses that tail (bits 0.940, 17 of 22 decoded; direct read-out unchanged, 22 of 22).
 
     Args:
         scores: ``(B, grid_size**2)``.
+        key: the watermark key (grid geometry).
+        log_floor: floor of the log transform relative to each image's highest score; None thresholds the raw
+            scores.
 
     Returns:
         ``(B, n, n)`` boolean module matrices (True = dark), function patterns not yet restored.
     """
     g, q = key.grid_size, key.quiet_zone
-    inner = scores.reshape(-1, g, g)[:, q : g - q, q : g - q].reshape(scores.shape[0], -1)
+    inner = scores.reshape(-1, g, g)[:, q : g - q, q : g - q].reshape(scores.shape[0], -1).double()
+    if log_floor is not None:
+        if not 0.0 < log_floor < 1.0:
+            raise ValueError(f"log_floor must lie in (0, 1) or be None, got {log_floor}.")
+        top = inner.amax(1, keepdim=True).clamp_min(1e-12)  # an image without any positive score reads as all light
+        inner = torch.log(torch.maximum(inner, log_floor * top))
     thr = otsu_threshold(inner)
     bits = inner > thr[:, None]
     n = g - 2 * q
