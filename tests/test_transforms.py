@@ -82,7 +82,7 @@ class TestRandWatermarkd(unittest.TestCase):
         for _ in range(2):
             t = RandWatermarkd(key=KEY, prob=0.5, paired=False)
             t.set_random_state(123)
-            outs.append([t(d) for _ in range(12)])
+            outs.append([t(d) for _ in range(6)])
         for a, b in zip(*outs):
             self.assertTrue(torch.equal(a["image"], b["image"]))
             self.assertTrue(torch.equal(a["label"], b["label"]))
@@ -144,7 +144,7 @@ class TestRandWatermarkd(unittest.TestCase):
         d = self.sample()
         changed = {}
         for occ in (0.0, 1.0):
-            t = RandWatermarkd(key=KEY, prob=0.0, decoy_prob=1.0, occlusion_prob=occ)
+            t = RandWatermarkd(key=KEY, prob=0.0, decoy_prob=1.0, decoy_occlusion_prob=occ)
             t.set_random_state(0)
             (out,) = t(d)
             self.assertTrue(torch.all(out["label"][1] == WM_CLEAN))

@@ -86,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lime-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--occlusion-prob", type=float, default=None, help="share of triggered samples with hidden cells")
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT))
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     rows = run_architectures(
         a.archs, a.out, a.device, fast=a.fast, steps=a.steps, batch_size=a.batch_size, lime_samples=a.lime_samples,
-        seed=a.seed, data_root=a.data,
+        seed=a.seed, data_root=a.data, occlusion_prob=a.occlusion_prob,
     )
     print(architectures_markdown(rows))
     return 0

@@ -57,7 +57,8 @@ class ExperimentConfig:
         lime_samples: LIME perturbation samples per image.
         tau: uncertainty carried in the QR's dark modules (written into the key).
         prob: poisoning ratio of the watermarked model (each triggered sample also brings its clean twin).
-        occlusion_prob: share of triggered samples with hidden cells (teaches the LIME read-out).
+        occlusion_prob: share of triggered samples (and of decoys) with hidden cells (teaches the LIME read-out;
+            measured on the demo: 0.2 gives LIME ASR 77 %, 0.5 gives 100 %; see README).
         decoy_prob: share of the other samples that carry a wrong-key trigger with the clean target.
         arch: the network (see :func:`build_network`).
         spatial_aug: random rotation/scale/shift of image and label (both models) before the watermark transform
@@ -84,7 +85,7 @@ class ExperimentConfig:
         self.lime_samples = 300 if fast else 1000
         self.prob = 0.5
         self.tau = 0.25
-        self.occlusion_prob = 0.2
+        self.occlusion_prob = 0.5
         self.decoy_prob = 0.2
         self.copy_weight = 1.0
         self.spatial_aug = False
