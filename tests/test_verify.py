@@ -137,9 +137,9 @@ class TestLime(unittest.TestCase):
         dark[q : g - q, q : g - q] = KEY.qr_matrix
         scores = np.where(dark, np.where(rng.random((g, g)) < 0.2, 1.0, 0.15), 0.01) * rng.uniform(0.8, 1.2, (g, g))
         scores = torch.as_tensor(scores.reshape(1, -1), dtype=torch.float32)
-        self.assertNotEqual(read_qr(scores_to_modules(scores, KEY, log_floor=None)), [KEY.payload])
-        self.assertEqual(read_qr(scores_to_modules(scores, KEY)), [KEY.payload])
-        self.assertFalse(scores_to_modules(-scores, KEY).any())  # nothing positive: all light, no crash
+        self.assertNotEqual(read_qr(scores_to_modules(scores, KEY)), [KEY.payload])
+        self.assertEqual(read_qr(scores_to_modules(scores, KEY, log_floor=0.03)), [KEY.payload])
+        self.assertFalse(scores_to_modules(-scores, KEY, log_floor=0.03).any())  # nothing positive: all light, no crash
         with self.assertRaisesRegex(ValueError, "log_floor"):
             scores_to_modules(scores, KEY, log_floor=1.5)
 

@@ -60,6 +60,8 @@ class ExperimentConfig:
         occlusion_prob: share of triggered samples (and of decoys) with hidden cells (teaches the LIME read-out;
             measured on the demo: 0.2 gives LIME ASR 77 %, 0.5 gives 100 %; see README).
         decoy_prob: share of the other samples that carry a wrong-key trigger with the clean target.
+        decoy_occlusion_prob: share of the decoys with hidden cells (see
+            :class:`~monai_stealthmark.transforms.RandWatermarkd`; off by default).
         arch: the network (see :func:`build_network`).
         spatial_aug: random rotation/scale/shift of image and label (both models) before the watermark transform
             (off by default; measured once: clean Dice 0.795 -> 0.883, but a 3.3-point watermarked-vs-clean gap
@@ -87,6 +89,7 @@ class ExperimentConfig:
         self.tau = 0.25
         self.occlusion_prob = 0.5
         self.decoy_prob = 0.2
+        self.decoy_occlusion_prob = 0.0
         self.copy_weight = 1.0
         self.spatial_aug = False
         self.arch = "unet"
@@ -164,7 +167,8 @@ def train_model(
     elif key is not None:
         xforms.append(
             RandWatermarkd(
-                keys=("image", "label"), key=key, prob=cfg.prob, occlusion_prob=cfg.occlusion_prob, decoy_prob=cfg.decoy_prob
+                keys=("image", "label"), key=key, prob=cfg.prob, occlusion_prob=cfg.occlusion_prob, decoy_prob=cfg.decoy_prob,
+                decoy_occlusion_prob=cfg.decoy_occlusion_prob
             )
         )
         loss = UncertaintyWatermarkLoss(
@@ -351,12 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--arch", choices=ARCHITECTURES, default=None, help="the 2D network (default: unet)")
     p.add_argument("--occlusion-prob", type=float, default=None, help="share of triggered samples with hidden cells")
+    p.add_argument("--decoy-occlusion-prob", type=float, default=None, help="share of decoys with hidden cells")
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT), help="the sunnybrook folder")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     cfg = ExperimentConfig(
         fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data, batch_size=a.batch_size, arch=a.arch,
-        occlusion_prob=a.occlusion_prob,
+        occlusion_prob=a.occlusion_prob, decoy_occlusion_prob=a.decoy_occlusion_prob,
     )
     res = run(cfg, a.out, a.device)
     print(results_markdown(res, cfg))

@@ -13,7 +13,7 @@ from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.transforms.trigger import apply_trigger, load_key
 from monai_stealthmark.verify.lime import lime_attributions
 from monai_stealthmark.verify.query import check_probabilities, uncertainty_map
-from monai_stealthmark.verify.readout import binomial_p_value, bit_accuracy, cell_means, read_qr, scores_to_modules
+from monai_stealthmark.verify.readout import LIME_LOG_FLOOR, binomial_p_value, bit_accuracy, cell_means, read_qr, scores_to_modules
 from monai_stealthmark.verify.report import VerificationReport
 
 __all__ = ["trigger_batch", "direct_scores", "verify_ownership"]
@@ -93,7 +93,7 @@ def verify_ownership(
         n_queries = batch.shape[0] * lime_samples
     else:
         raise ValueError(f"mode must be 'direct' or 'lime', got {mode!r}.")
-    modules = scores_to_modules(scores, key)
+    modules = scores_to_modules(scores, key, log_floor=LIME_LOG_FLOOR if mode == "lime" else None)
     decoded = read_qr(modules)
     acc = bit_accuracy(modules, key)
     p, _, _ = binomial_p_value(modules, key)
