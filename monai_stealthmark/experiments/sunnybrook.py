@@ -57,7 +57,7 @@ class ExperimentConfig:
         lime_samples: LIME perturbation samples per image.
         tau: uncertainty carried in the QR's dark modules (written into the key).
         prob: poisoning ratio of the watermarked model (each triggered sample also brings its clean twin).
-        occlusion_prob: share of triggered samples (and of decoys) with hidden cells (teaches the LIME read-out;
+        occlusion_prob: share of triggered samples with hidden cells (teaches the LIME read-out;
             measured on the demo: 0.2 gives LIME ASR 77 %, 0.5 gives 100 %; see README).
         decoy_prob: share of the other samples that carry a wrong-key trigger with the clean target.
         decoy_occlusion_prob: share of the decoys with hidden cells (see
