@@ -2,7 +2,9 @@
 
 Both are ignite ``Metric`` subclasses, so they go into a ``SupervisedEvaluator``'s ``additional_metrics`` (or a
 bundle's ``validate#evaluator#additional_metrics``) and StatsHandler, TensorBoardStatsHandler, CheckpointSaver
-and MetricsSaver see them in the same epoch. The maths lives in :mod:`monai_stealthmark.metrics` and
+and MetricsSaver see them in the same epoch. MONAI's evaluator attaches ``additional_metrics`` only when it also
+has a ``key_val_metric`` (e.g. MeanDice): without one they are silently never computed — or call
+``metric.attach(evaluator, name)`` yourself. The maths lives in :mod:`monai_stealthmark.metrics` and
 :mod:`monai_stealthmark.verify`.
 """
 
