@@ -42,6 +42,7 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         self.assertGreaterEqual(rep.asr, 0.8, f"ASR {rep.asr}, bit accuracy {rep.mean_bit_accuracy}")
         self.assertLess(rep.p_value, 1e-6)
         self.assertTrue(rep.verdict)
+        self.assertEqual(rep.vote_decoded, self.key.payload)  # one QR voted from all slices
 
     def test_checkpoint_written(self):
         self.assertTrue(list(Path(self.tmp.name).glob("checkpoint_epoch=*.pt")))
@@ -50,6 +51,7 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         wrong = verify_ownership(self.query, self.images, self.key.replace(trigger_seed=987654321), mode="direct")
         self.assertEqual(wrong.asr, 0.0)
         self.assertFalse(wrong.verdict)
+        self.assertIsNone(wrong.vote_decoded)
         with torch.no_grad():
             clean_modules = scores_to_modules(cell_means(uncertainty_map(self.query(self.images)), self.key), self.key)
         self.assertNotIn(self.key.payload, read_qr(clean_modules))

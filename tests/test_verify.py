@@ -9,7 +9,7 @@ import torch
 from parameterized import parameterized
 from sklearn.linear_model import Ridge
 
-from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.key import WatermarkKey, function_pattern_mask
 from monai_stealthmark.transforms import qr_target_map
 from monai_stealthmark.transforms.trigger import _pattern
 from monai_stealthmark.verify import (
@@ -24,6 +24,7 @@ from monai_stealthmark.verify import (
     scores_to_modules,
     uncertainty_map,
     verify_ownership,
+    vote_modules,
     weighted_ridge,
 )
 
@@ -98,8 +99,10 @@ class TestDirectReadout(unittest.TestCase):
         self.assertTrue(rep.verdict)
         self.assertLess(rep.p_value, 1e-30)
         self.assertEqual(rep.n_queries, 3)
+        self.assertEqual(rep.vote_decoded, KEY.payload)
         wrong = verify_ownership(q, images(), KEY.replace(trigger_seed=8))
         self.assertEqual(wrong.asr, 0.0)
+        self.assertIsNone(wrong.vote_decoded)
         self.assertFalse(wrong.verdict)
         self.assertLess(abs(wrong.mean_bit_accuracy - 0.5), 0.15)
 
@@ -114,6 +117,20 @@ class TestDirectReadout(unittest.TestCase):
         d = rep.to_dict()
         for k in ("asr", "bit_accuracy", "p_value", "verdict", "decoded", "key_fingerprint"):
             self.assertIn(k, d)
+
+    def test_majority_vote_decodes_what_no_single_image_does(self):
+        qr = KEY.qr_matrix
+        data = np.flatnonzero(~function_pattern_mask(KEY.qr_version)[0].reshape(-1))
+        thirds = np.array_split(np.random.default_rng(0).permutation(data), 3)
+        damaged = np.stack([qr.reshape(-1).copy() for _ in range(3)])
+        for i, part in enumerate(thirds):  # each image loses a different third of the payload modules
+            damaged[i, part] = ~damaged[i, part]
+        damaged = damaged.reshape(3, *qr.shape)
+        self.assertEqual(read_qr(damaged), [None, None, None])
+        np.testing.assert_array_equal(vote_modules(damaged), qr)
+        self.assertEqual(read_qr(vote_modules(damaged)[None]), [KEY.payload])
+        with self.assertRaises(ValueError):
+            vote_modules(np.zeros((0, 5, 5), bool))
 
     def test_p_value_of_chance_is_large(self):
         rng = np.random.default_rng(0)

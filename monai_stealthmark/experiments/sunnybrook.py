@@ -256,6 +256,7 @@ def evaluate(
     res["p_value"] = {m: r.p_value for m, r in reports.items()}
     res["verdict"] = {m: r.verdict for m, r in reports.items()}
     res["verify_seconds"] = {m: r.seconds for m, r in reports.items()}
+    res["vote_decoded"] = {m: r.vote_decoded for m, r in reports.items()}  # majority-vote QR of all images
 
     # controls: none of them may decode the payload
     def n_decodes(decoded) -> int:
@@ -277,6 +278,10 @@ def evaluate(
         ctrl_reports[mode] = {"clean_model": r_cm, "wrong_key": r_wk}
     res["false_decodes"] = {name: int(sum(v.values())) for name, v in controls.items()}
     res["false_decodes_by_mode"] = controls
+    res["false_vote_decodes"] = {
+        name: int(sum(r.vote_decoded == key.payload for r in (d[name] for d in ctrl_reports.values())))
+        for name in ("clean_model", "wrong_key")
+    }
     res["control_bit_accuracy"] = {
         f"{name}_{mode}": r.mean_bit_accuracy for mode, d in ctrl_reports.items() for name, r in d.items()
     }
@@ -300,6 +305,14 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
         ("p-value direct / LIME", f"{res['p_value']['direct']:.3g} / {res['p_value']['lime']:.3g}"),
         ("false decodes: clean inputs / clean model / wrong key",
          f"{fd['clean_inputs']} / {fd['clean_model']} / {fd['wrong_key']} (of {res['n_images']} images each)"),
+    ]
+    if "vote_decoded" in res:  # results written before the majority-vote read-out lack it
+        fv = res["false_vote_decodes"]
+        rows += [
+            ("majority-vote QR of all images direct / LIME", " / ".join(repr(res["vote_decoded"][m]) for m in ("direct", "lime"))),
+            ("false majority-vote decodes: clean model / wrong key (both modes)", f"{fv['clean_model']} / {fv['wrong_key']}"),
+        ]
+    rows += [
         ("device, seconds", f"{res['device']}, {res['seconds']:.0f} s"),
     ]
     net = f"UNet {tuple(cfg.channels)}" if cfg.arch == "unet" else cfg.arch

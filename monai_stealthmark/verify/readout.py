@@ -88,6 +88,14 @@ def read_qr(modules: np.ndarray) -> list[str | None]:
     return out
 
 
+def vote_modules(modules: np.ndarray) -> np.ndarray:
+    """Per-module majority vote over images: ``(B, n, n)`` bool -> ``(n, n)`` bool (ties read as light)."""
+    m = np.asarray(modules, dtype=bool)
+    if m.ndim != 3 or m.shape[0] == 0:
+        raise ValueError(f"expected recovered modules of shape (B, n, n) with B >= 1, got {m.shape}.")
+    return m.mean(0) > 0.5
+
+
 def _data_mask(key: WatermarkKey) -> np.ndarray:
     return ~function_pattern_mask(key.qr_version)[0]
 
@@ -111,7 +119,7 @@ def binomial_p_value(modules: np.ndarray, key: WatermarkKey) -> tuple[float, int
     """
     mask = _data_mask(key)
     m = np.asarray(modules, dtype=bool).reshape(-1, *mask.shape)
-    vote = m.mean(0) > 0.5
+    vote = vote_modules(m)
     agree = int((vote[mask] == key.qr_matrix[mask]).sum())
     n = int(mask.sum())
     return float(binom.sf(agree - 1, n, 0.5)), agree, n

@@ -49,6 +49,8 @@ class VerificationReport:
         verdict: ownership shown (``p_value <= alpha`` and ``asr >= min_asr``).
         n_queries: images sent to the model.
         seconds: wall time of the check.
+        vote_decoded: what the per-module majority vote of all images' recovered QRs decodes to (None if
+            nothing). Extra evidence from the same queries; the ASR and the verdict do not use it.
         calibration: where the suspect falls in an empirical null of clean models (``z``, ``p_empirical``,
             ``p_gaussian``, the null's size/mean/std), when one was given.
         commitment: the commitment check (``admissible``, ``flags``...), when a commitment was given.
@@ -67,6 +69,7 @@ class VerificationReport:
     verdict: bool
     n_queries: int = 0
     seconds: float = 0.0
+    vote_decoded: str | None = None
     calibration: dict[str, Any] | None = None
     commitment: dict[str, Any] | None = None
     modules: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (B, n, n) recovered
@@ -87,6 +90,7 @@ class VerificationReport:
             "bit_accuracy": self.mean_bit_accuracy,
             "bit_accuracy_per_image": [float(b) for b in self.bit_accuracy],
             "decoded": self.decoded,
+            "vote_decoded": self.vote_decoded,
             "p_value": self.p_value,
             "alpha": self.alpha,
             "min_asr": self.min_asr,
@@ -107,12 +111,18 @@ class VerificationReport:
             f"| verdict | **{d['verdict']}** |",
             f"| ASR (exact decodes) | {self.asr:.3f} ({sum(t == self.payload for t in self.decoded)}/{self.n_images}) |",
             f"| mean bit accuracy | {self.mean_bit_accuracy:.4f} |",
+            f"| majority-vote QR of all images decodes to | {self._vote_text()} |",
             f"| p-value (binomial, majority vote) | {self.p_value:.3g} (threshold {self.alpha:g}) |",
             f"| key fingerprint | `{self.key_fingerprint}` |",
             *self._calibration_lines(),
             f"| queries | {self.n_queries} in {self.seconds:.1f} s |",
         ]
         return "\n".join(lines) + "\n"
+
+    def _vote_text(self) -> str:
+        if self.vote_decoded is None:
+            return "nothing"
+        return f"`{self.vote_decoded}`" + (" (the payload)" if self.vote_decoded == self.payload else " (not the payload)")
 
     def _calibration_lines(self) -> list[str]:
         lines = []

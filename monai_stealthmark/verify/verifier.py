@@ -13,7 +13,7 @@ from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.transforms.trigger import apply_trigger, load_key
 from monai_stealthmark.verify.lime import lime_attributions
 from monai_stealthmark.verify.query import check_probabilities, uncertainty_map
-from monai_stealthmark.verify.readout import LIME_LOG_FLOOR, binomial_p_value, bit_accuracy, cell_means, read_qr, scores_to_modules
+from monai_stealthmark.verify.readout import LIME_LOG_FLOOR, binomial_p_value, bit_accuracy, cell_means, read_qr, scores_to_modules, vote_modules
 from monai_stealthmark.verify.report import VerificationReport
 
 __all__ = ["trigger_batch", "direct_scores", "verify_ownership"]
@@ -95,6 +95,7 @@ def verify_ownership(
         raise ValueError(f"mode must be 'direct' or 'lime', got {mode!r}.")
     modules = scores_to_modules(scores, key, log_floor=LIME_LOG_FLOOR if mode == "lime" else None)
     decoded = read_qr(modules)
+    vote_decoded = read_qr(vote_modules(modules)[None])[0]  # one QR from all images: evidence, not part of the ASR
     acc = bit_accuracy(modules, key)
     p, _, _ = binomial_p_value(modules, key)
     asr = float(np.mean([t == key.payload for t in decoded]))
@@ -122,6 +123,7 @@ def verify_ownership(
         payload=key.payload,
         n_images=int(batch.shape[0]),
         decoded=decoded,
+        vote_decoded=vote_decoded,
         asr=asr,
         bit_accuracy=[float(a) for a in acc],
         p_value=p,
