@@ -9,7 +9,16 @@ from scipy.stats import binom
 from monai_stealthmark.key import WatermarkKey, decode_qr, function_pattern_mask, restore_function_patterns
 from monai_stealthmark.transforms.trigger import module_index_map
 
-__all__ = ["LIME_LOG_FLOOR", "cell_means", "otsu_threshold", "scores_to_modules", "read_qr", "bit_accuracy", "binomial_p_value"]
+__all__ = [
+    "LIME_LOG_FLOOR",
+    "cell_means",
+    "otsu_threshold",
+    "scores_to_modules",
+    "read_qr",
+    "vote_modules",
+    "bit_accuracy",
+    "binomial_p_value",
+]
 
 LIME_LOG_FLOOR = 0.03  # LIME maps are thresholded on the log scale with this floor (see scores_to_modules)
 
