@@ -77,3 +77,27 @@ class TestStealth(unittest.TestCase):
         self.assertAlmostEqual(d, 2 * 12 / (16 + 12))
         self.assertAlmostEqual(agree, 0.96)
         self.assertEqual(stealth(a, a), (1.0, 1.0))
+
+
+class TestReuseCheck(unittest.TestCase):
+    def test_saved_model_reused_only_with_its_settings(self):
+        from monai_stealthmark.experiments.sunnybrook import _check_reuse, _training_settings
+        from monai_stealthmark.utils import atomic_write_json
+
+        cfg = ExperimentConfig(fast=True)
+        with tempfile.TemporaryDirectory() as d:
+            for name in ("clean", "watermarked"):
+                path = Path(d) / f"{name}.pt"
+                path.write_bytes(b"")
+                atomic_write_json(path.with_suffix(".settings.json"), _training_settings(cfg, name))
+                _check_reuse(path, cfg, name)  # same settings: fine
+                _check_reuse(path, ExperimentConfig(fast=True, lime_samples=50), name)  # verification only: fine
+            other = ExperimentConfig(fast=True, twin_consistency=0.0)
+            _check_reuse(Path(d) / "clean.pt", other, "clean")  # the clean model trains without the watermark
+            with self.assertRaisesRegex(ValueError, r"other settings \(twin_consistency: 1.0 -> 0.0\)"):
+                _check_reuse(Path(d) / "watermarked.pt", other, "watermarked")
+            with self.assertRaisesRegex(ValueError, "steps: 800 -> 400"):
+                _check_reuse(Path(d) / "clean.pt", ExperimentConfig(fast=True, steps=400), "clean")
+            bare = Path(d) / "old.pt"
+            with self.assertWarnsRegex(UserWarning, "no record of its training settings"):
+                _check_reuse(bare, cfg, "clean")

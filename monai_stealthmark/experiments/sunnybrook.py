@@ -9,9 +9,11 @@ Writes ``DIR/results.json``, ``DIR/results.md``, the two models (``clean.pt``, `
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,8 @@ class ExperimentConfig:
             (off by default; measured once: clean Dice 0.795 -> 0.883, but a 3.3-point watermarked-vs-clean gap
             and no change in stealth).
         copy_weight: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
+        twin_consistency: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = the clean path
+            trains on the base loss alone, as before this option).
         simulate_attacks: share of iterations trained at attacked weights
             (:class:`~monai_stealthmark.handlers.SimulatedAttacks`, ComMark's idea; 0 = off).
         coupling_weight: weight of :class:`~monai_stealthmark.losses.FeatureCouplingLoss` (DeepTracer's idea;
@@ -91,6 +95,7 @@ class ExperimentConfig:
         self.decoy_prob = 0.2
         self.decoy_occlusion_prob = 0.0
         self.copy_weight = 1.0
+        self.twin_consistency = 1.0
         self.spatial_aug = False
         self.arch = "unet"
         self.simulate_attacks = 0.0
@@ -175,6 +180,7 @@ def train_model(
             DiceCELoss(to_onehot_y=True, softmax=True),
             key=key,
             copy_weight=cfg.copy_weight,
+            twin_consistency=cfg.twin_consistency,
         )
         if cfg.coupling_weight > 0:
             loss = FeatureCouplingLoss(net, cfg.coupling_layer, loss, weight=cfg.coupling_weight)
@@ -321,6 +327,36 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
     return head + "| measure | value |\n|---|---|\n" + "\n".join(f"| {a} | {b} |" for a, b in rows) + "\n"
 
 
+# settings that shape only the watermarked model (the clean one trains without them) or only the verification
+_WATERMARK_ONLY = (
+    "prob", "tau", "occlusion_prob", "decoy_prob", "decoy_occlusion_prob", "copy_weight", "twin_consistency",
+    "simulate_attacks", "coupling_weight", "coupling_layer", "badnet",
+)
+_VERIFY_ONLY = ("lime_samples",)
+
+
+def _training_settings(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
+    """The settings a saved model ``name`` (``"clean"`` / ``"watermarked"``) depends on, to check before reusing it."""
+    skip = set(_VERIFY_ONLY) | (set(_WATERMARK_ONLY) if name == "clean" else set())
+    return {k: v for k, v in cfg.to_dict().items() if k not in skip}
+
+
+def _check_reuse(path: Path, cfg: ExperimentConfig, name: str) -> None:
+    """Refuse to reuse ``path`` when its recorded training settings differ from ``cfg``'s."""
+    rec = path.with_suffix(".settings.json")
+    if not rec.is_file():
+        warnings.warn(f"{path} has no record of its training settings; reusing it as it is.", stacklevel=3)
+        return
+    old = json.loads(rec.read_text())
+    new = _training_settings(cfg, name)
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise ValueError(
+            f"{path} was trained with other settings ({', '.join(f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in diff)}); "
+            "use another --out folder or delete the model to retrain it."
+        )
+
+
 def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> dict[str, Any]:
     """Train both models, verify, and write ``results.json`` + ``results.md`` under ``out``."""
     t0 = time.perf_counter()
@@ -337,6 +373,7 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
     for name, k in (("clean", None), ("watermarked", key)):
         path = out / f"{name}.pt"
         if path.is_file():
+            _check_reuse(path, cfg, name)
             net = build_network(cfg.channels, cfg.arch).to(dev)
             net.load_state_dict(torch.load(path, map_location=dev))
             models[name] = net.eval()
@@ -347,6 +384,7 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
         tmp = path.with_suffix(".pt.tmp")
         torch.save(models[name].state_dict(), tmp)
         tmp.replace(path)
+        atomic_write_json(path.with_suffix(".settings.json"), _training_settings(cfg, name))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     res = evaluate(models["clean"], models["watermarked"], test, key, cfg, dev, out / "report")
     res["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
@@ -369,12 +407,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", choices=ARCHITECTURES, default=None, help="the 2D network (default: unet)")
     p.add_argument("--occlusion-prob", type=float, default=None, help="share of triggered samples with hidden cells")
     p.add_argument("--decoy-occlusion-prob", type=float, default=None, help="share of decoys with hidden cells")
+    p.add_argument("--twin-consistency", type=float, default=None, help="weight of the clean twin's reverse copy (0 = off)")
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT), help="the sunnybrook folder")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     cfg = ExperimentConfig(
         fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data, batch_size=a.batch_size, arch=a.arch,
-        occlusion_prob=a.occlusion_prob, decoy_occlusion_prob=a.decoy_occlusion_prob,
+        occlusion_prob=a.occlusion_prob, decoy_occlusion_prob=a.decoy_occlusion_prob, twin_consistency=a.twin_consistency,
     )
     res = run(cfg, a.out, a.device)
     print(results_markdown(res, cfg))

@@ -30,7 +30,7 @@ class UncertaintyWatermarkLoss(_Loss):
     module, 3 clean twin of the next sample). A label without the watermark channel is passed to the base loss
     unchanged, so validation and clean-only training work as before.
 
-    Clean samples (and clean twins) get ``base_loss`` unchanged. Triggered samples get:
+    Clean samples (and clean twins) get ``base_loss`` (twins also the reverse copy below). Triggered samples get:
 
     - a soft-target cross-entropy against a reference class: the class the network itself predicts (detached)
       on the clean twin when there is one, else the label. Light pixels get the one-hot reference; in dark
@@ -44,6 +44,10 @@ class UncertaintyWatermarkLoss(_Loss):
     The QR is carried by the background only: the label's foreground and a ``protect_radius`` band around
     it keep the reference — with a twin, the twin's soft output itself, so boundary pixels copy the clean
     output. The organ is a few percent of the image; QR error correction absorbs the modules it covers.
+    In that band the copy also runs the other way (``twin_consistency``): the clean twin is pulled towards
+    the detached triggered output, so both paths settle on one boundary instead of the triggered path
+    chasing a clean boundary that was learned without regard to it — which is what moves the hard mask of
+    an unseen image.
 
     Args:
         base_loss: the loss for clean samples, called as ``base_loss(input, label)``; default DiceCELoss with
@@ -61,6 +65,9 @@ class UncertaintyWatermarkLoss(_Loss):
             background. A negative value turns the protection off.
         copy_weight: weight of the cross-entropy in the protected region of samples with a twin (the boundary
             pixels whose copying decides the stealth of the hard mask).
+        twin_consistency: weight of the reverse copy in the protected region: cross-entropy of the clean twin's
+            output against the detached triggered output (0 = off, the clean path then trains on the base
+            loss alone).
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -76,6 +83,7 @@ class UncertaintyWatermarkLoss(_Loss):
         watermark_weight: float = 3.0,
         protect_radius: int = 3,
         copy_weight: float = 1.0,
+        twin_consistency: float = 1.0,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -99,6 +107,7 @@ class UncertaintyWatermarkLoss(_Loss):
         self.watermark_weight = float(watermark_weight)
         self.protect_radius = int(protect_radius)
         self.copy_weight = float(copy_weight)
+        self.twin_consistency = float(twin_consistency)
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -143,8 +152,7 @@ class UncertaintyWatermarkLoss(_Loss):
             idx = torch.nonzero(trig).flatten()
             prev = (idx - 1).clamp_min(0)
             has_twin = (idx > 0) & (flag[prev] == WM_TWIN)
-            twin_logits = input[prev].detach()
-            wm_loss = self._triggered(input[idx], seg[idx], wm[idx], twin_logits, has_twin)
+            wm_loss = self._triggered(input[idx], seg[idx], wm[idx], input[prev], has_twin)
             total = total + self.watermark_weight * wm_loss * (trig.sum() / n)
         return total
 
@@ -165,8 +173,9 @@ class UncertaintyWatermarkLoss(_Loss):
         return y * p + (1 - y) * (1 - p)
 
     def _triggered(
-        self, logits: torch.Tensor, seg: torch.Tensor, wm: torch.Tensor, twin_logits: torch.Tensor, has_twin: torch.Tensor
+        self, logits: torch.Tensor, seg: torch.Tensor, wm: torch.Tensor, twin_live: torch.Tensor, has_twin: torch.Tensor
     ) -> torch.Tensor:
+        twin_logits = twin_live.detach()
         dark = (wm == WM_DARK).to(logits.dtype)
         light = (wm == WM_LIGHT).to(logits.dtype)
         tau = self.tau
@@ -197,6 +206,12 @@ class UncertaintyWatermarkLoss(_Loss):
         floor = torch.where(copy, torch.minimum(floor, twin_ref), floor)  # never ask for more than the twin has
         hinge = F.relu(floor - p_ref).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
+        if self.twin_consistency > 0 and copy.any():  # the clean twin meets the triggered output in the band
+            if softmax:
+                back = -(p.detach() * F.log_softmax(twin_live, dim=1)).sum(1, keepdim=True)
+            else:
+                back = F.binary_cross_entropy_with_logits(twin_live, p.detach(), reduction="none")
+            loss = loss + self.twin_consistency * (back * copy.to(back.dtype)).mean()
         no_twin = ~has_twin
         if self.dice_weight > 0 and no_twin.any() and light[no_twin].sum() > 0:
             frac = no_twin.sum() / no_twin.numel()
