@@ -99,17 +99,18 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         heavy = UncertaintyWatermarkLoss(copy_weight=10.0, **kw)(logits, target)
         self.assertGreater(heavy.item(), base.item())
 
-    def test_twin_consistency_pulls_the_clean_twin_in_the_band_only(self):
+    @parameterized.expand([("softmax", 2), ("sigmoid", 1)])
+    def test_twin_consistency_pulls_the_clean_twin_in_the_band_only(self, activation, channels):
         """The reverse copy adds a gradient on the clean twin inside the protected band, towards the triggered output."""
         seg = torch.zeros(2, 1, 16, 16)
         seg[:, :, 6:10, 6:10] = 1
         wm = torch.stack([torch.full((1, 16, 16), float(WM_TWIN)), torch.full((1, 16, 16), float(WM_DARK))])
         target = torch.cat([seg, wm], 1)
-        logits = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+        logits = torch.randn(2, channels, 16, 16, generator=torch.Generator().manual_seed(0))
         grads = {}
         for w in (0.0, 1.0):
             x = logits.clone().requires_grad_()
-            UncertaintyWatermarkLoss(tau=TAU, protect_radius=2, twin_consistency=w)(x, target).backward()
+            UncertaintyWatermarkLoss(tau=TAU, activation=activation, protect_radius=2, twin_consistency=w)(x, target).backward()
             grads[w] = x.grad
         extra = grads[1.0] - grads[0.0]
         band = torch.zeros(16, 16, dtype=torch.bool)
@@ -117,8 +118,8 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         torch.testing.assert_close(extra[1], torch.zeros_like(extra[1]))  # the triggered sample's gradient is unchanged
         torch.testing.assert_close(extra[0][:, ~band], torch.zeros_like(extra[0][:, ~band]))
         self.assertGreater(extra[0][:, band].abs().min().item(), 0.0)
-        p_trig = torch.softmax(logits[1], 0)[:, band]
-        gap = lambda z: (torch.softmax(z, 0)[:, band] - p_trig).abs().sum().item()
+        prob = (lambda z: torch.softmax(z, 0)) if activation == "softmax" else torch.sigmoid
+        gap = lambda z: (prob(z)[:, band] - prob(logits[1])[:, band]).abs().sum().item()
         self.assertLess(gap(logits[0] - 50.0 * extra[0]), gap(logits[0]))  # a step moves the twin towards it
 
     def test_gradients_flow_to_triggered_and_clean(self):

@@ -206,7 +206,7 @@ class UncertaintyWatermarkLoss(_Loss):
         floor = torch.where(copy, torch.minimum(floor, twin_ref), floor)  # never ask for more than the twin has
         hinge = F.relu(floor - p_ref).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
-        if self.twin_consistency > 0 and copy.any():  # the clean twin meets the triggered output in the band
+        if self.twin_consistency > 0:  # the clean twin meets the triggered output in the band (zero where none)
             if softmax:
                 back = -(p.detach() * F.log_softmax(twin_live, dim=1)).sum(1, keepdim=True)
             else:
