@@ -148,6 +148,10 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
             UncertaintyWatermarkLoss(tau=0.7)
         with self.assertRaisesRegex(ValueError, "hinge_margin"):
             UncertaintyWatermarkLoss(tau=0.4, hinge_margin=0.2)
+        with self.assertRaisesRegex(ValueError, r"weights must be >= 0, got twin_consistency=-1.0"):
+            UncertaintyWatermarkLoss(tau=TAU, twin_consistency=-1.0)
+        with self.assertRaisesRegex(ValueError, r"copy_weight=nan"):
+            UncertaintyWatermarkLoss(tau=TAU, copy_weight=float("nan"))
 
 
 if __name__ == "__main__":

@@ -99,6 +99,13 @@ class UncertaintyWatermarkLoss(_Loss):
             raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}.")
         if not 0.0 <= hinge_margin <= 0.5 - tau + 1e-9:
             raise ValueError(f"hinge_margin must lie in [0, 0.5 - tau] = [0, {0.5 - tau:.3f}], got {hinge_margin}.")
+        weights = {
+            "hinge_weight": hinge_weight, "dice_weight": dice_weight, "watermark_weight": watermark_weight,
+            "copy_weight": copy_weight, "twin_consistency": twin_consistency,
+        }
+        negative = [f"{k}={v}" for k, v in weights.items() if not v >= 0]  # `not >=` also catches NaN
+        if negative:
+            raise ValueError(f"loss weights must be >= 0, got {', '.join(negative)}.")
         self.tau = float(tau)
         self.activation = activation
         self.hinge_margin = float(hinge_margin)
