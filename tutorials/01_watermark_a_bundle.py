@@ -14,6 +14,7 @@ the held-out patient, see the README). Steps:
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,13 @@ def main(argv: list[str] | None = None) -> int:
         "--val_interval", "1",
     ]
     print("running:", " ".join(cmd), flush=True)
-    log = subprocess.run(cmd, capture_output=True, text=True, cwd=BUNDLE)
+    # the bundle run imports monai_stealthmark from its config: make the copy this script uses importable there
+    # too (a source checkout that was not pip-installed, or an editable install that went stale)
+    import monai_stealthmark
+
+    pkg_parent = str(Path(monai_stealthmark.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [pkg_parent, os.environ.get("PYTHONPATH")]))}
+    log = subprocess.run(cmd, capture_output=True, text=True, cwd=BUNDLE, env=env)
     if log.returncode != 0:
         print(log.stderr[-3000:], file=sys.stderr)
         return log.returncode
