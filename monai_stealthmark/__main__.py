@@ -40,7 +40,7 @@ def load_images(paths: list[str], size: int | None = 128):
     from monai.data import PydicomReader
     from monai.transforms import Compose, EnsureChannelFirst, LoadImage, Resize, ScaleIntensityRangePercentiles
 
-    from monai_stealthmark.data import DataFileError
+    from monai_stealthmark.data import DataFileError, read_error
 
     out = []
     for f in _collect(paths):
@@ -52,7 +52,7 @@ def load_images(paths: list[str], size: int | None = 128):
         try:
             img = Compose(xf)(str(f))
         except Exception as e:
-            raise DataFileError(f"cannot read image {str(f)!r}: {e}") from e
+            raise read_error(f, e, "image") from e
         img = torch.as_tensor(img).float()
         if img.ndim != 3:
             raise DataFileError(f"image {str(f)!r} is not a 2D slice after loading (shape {tuple(img.shape)}).")
@@ -65,9 +65,12 @@ def cmd_keygen(a) -> int:
 
     from monai_stealthmark.verify.calibrate import Commitment
 
+    commitment = Path(a.out).with_suffix(".commitment.json")
+    existing = [str(f) for f in (Path(a.out), commitment) if f.exists()]
+    if existing and not a.force:  # a key's secret seed cannot be recovered once overwritten
+        raise FileExistsError(f"{', '.join(existing)} already exist(s); refusing to overwrite a key (use --force).")
     key = WatermarkKey.generate(a.payload, seed=a.seed, trigger=a.trigger, tau=a.tau)
     key.save(a.out)
-    commitment = Path(a.out).with_suffix(".commitment.json")
     Commitment.for_key(key).save(commitment)
     print(f"key written to {a.out} (keep it secret)")
     print(f"fingerprint (publish this commitment): {key.fingerprint}")
@@ -132,7 +135,7 @@ def load_bundle_images(paths: list[str], preprocessing):
     """Read the images with the bundle's own inference preprocessing (``{"image": path}`` dicts)."""
     import torch
 
-    from monai_stealthmark.data import DataFileError
+    from monai_stealthmark.data import DataFileError, read_error
 
     out = []
     for f in _collect(paths):
@@ -201,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--trigger", default="patch", choices=("patch", "noise", "lowfreq"))
     k.add_argument("--seed", type=int, default=None, help="trigger seed (default: a fresh secret one)")
     k.add_argument("--tau", type=float, default=0.25)
+    k.add_argument("--force", action="store_true", help="overwrite an existing key file (its secret seed is lost)")
     v = sub.add_parser("verify", help="query a suspect model black-box and write a report")
     v.add_argument("--key", required=True)
     v.add_argument("--images", nargs="+", required=True, help="folders or files: DICOM, NIfTI, PNG, NPY")

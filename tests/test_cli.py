@@ -21,6 +21,15 @@ class TestCLI(unittest.TestCase):
             self.assertEqual((key.payload, key.trigger_seed, key.trigger), ("SM:cli", 5, "noise"))
             self.assertIn(key.fingerprint, out.getvalue())
             self.assertEqual(oct(Path(f"{d}/k.json").stat().st_mode & 0o777), "0o600")
+            # a second keygen on the same file would lose the secret seed: refused unless --force
+            err = io.StringIO()
+            with redirect_stderr(err), redirect_stdout(io.StringIO()):
+                self.assertEqual(main(["keygen", "--payload", "SM:other", "--out", f"{d}/k.json"]), 2)
+            self.assertIn("--force", err.getvalue())
+            self.assertEqual(WatermarkKey.load(f"{d}/k.json").trigger_seed, 5)
+            with redirect_stdout(io.StringIO()):
+                self.assertEqual(main(["keygen", "--payload", "SM:other", "--out", f"{d}/k.json", "--force", "--seed", "6"]), 0)
+            self.assertEqual(WatermarkKey.load(f"{d}/k.json").trigger_seed, 6)
 
     def test_errors_exit_2(self):
         with tempfile.TemporaryDirectory() as d:

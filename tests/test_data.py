@@ -10,11 +10,14 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from monai.data import PydicomReader
 
 from monai_stealthmark.data import (
     DEFAULT_SUNNYBROOK_ROOT,
     DataFileError,
+    SafeLoadImaged,
     contour_mask,
+    load_dicom_series,
     load_sunnybrook,
     split_by_patient,
     sunnybrook_datalist,
@@ -65,8 +68,14 @@ class TestSunnybrook(unittest.TestCase):
             shutil.copytree(DEFAULT_SUNNYBROOK_ROOT, root)
             victim = root / "dicoms" / "SCD0000101" / "48.dcm"
             victim.write_bytes(b"not a dicom" * 10)
-            with self.assertRaisesRegex(DataFileError, "48.dcm"):
+            with self.assertRaisesRegex(DataFileError, "48.dcm.*not a DICOM file"):
                 load_sunnybrook(root, size=64, patients=["SCD0000101"])
+            data = (root / "dicoms" / "SCD0000101" / "59.dcm").read_bytes()
+            (root / "dicoms" / "SCD0000101" / "59.dcm").write_bytes(data[: len(data) // 2])  # truncated pixel data
+            with self.assertRaisesRegex(DataFileError, "59.dcm.*pixel data"):
+                SafeLoadImaged(keys="image", reader=PydicomReader())({"image": str(root / "dicoms" / "SCD0000101" / "59.dcm")})
+            with self.assertRaisesRegex(DataFileError, "no such file"):
+                load_dicom_series(root / "missing_series")
             os.remove(root / "link.csv")
             with self.assertRaisesRegex(DataFileError, "link.csv"):
                 sunnybrook_datalist(root)

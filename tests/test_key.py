@@ -124,6 +124,18 @@ class TestWatermarkKey(unittest.TestCase):
     def test_payload_too_long(self):
         with self.assertRaises(PayloadTooLongError):
             WatermarkKey.generate("y" * 100, seed=1)
+        with self.assertRaisesRegex(PayloadTooLongError, "does not fit in any QR code"):  # beyond version 40
+            WatermarkKey.generate("y" * 5000, seed=1, max_version=40)
+
+    @parameterized.expand([({"max_version": 0}, "max_version"), ({"max_version": 41}, "max_version"),
+                           ({"tau": "0.2"}, "tau must be a number"), ({"quiet_zone": 2.5}, "quiet_zone must be an int")])
+    def test_field_types_and_ranges(self, kw, msg):
+        with self.assertRaisesRegex(ValueError, msg):
+            WatermarkKey.generate("x", seed=1, **kw)
+
+    def test_folder_is_not_a_key(self):
+        with self.assertRaisesRegex(KeyFileError, "is a folder"):
+            WatermarkKey.load(self.tmp.name)
 
 
 if __name__ == "__main__":

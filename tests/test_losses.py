@@ -152,6 +152,11 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
             UncertaintyWatermarkLoss(tau=TAU, twin_consistency=-1.0)
         with self.assertRaisesRegex(ValueError, r"copy_weight=nan"):
             UncertaintyWatermarkLoss(tau=TAU, copy_weight=float("nan"))
+        with self.assertRaisesRegex(ValueError, r"class indices in \[0, 1\].*got \[0, 5\]"):
+            loss(torch.randn(2, 2, 32, 32), torch.full((2, 1, 32, 32), 5.0).index_fill_(0, torch.tensor([0]), 0.0))
+        bad_wm = torch.cat([torch.zeros(2, 1, 32, 32), torch.full((2, 1, 32, 32), 7.0)], 1)
+        with self.assertRaisesRegex(ValueError, r"watermark channel .* holds \[7.0\]"):
+            loss(torch.randn(2, 2, 32, 32), bad_wm)
 
 
 if __name__ == "__main__":

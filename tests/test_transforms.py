@@ -166,6 +166,21 @@ class TestRandWatermarkd(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "spatial shape"):
             RandWatermarkd(key=KEY, prob=1.0)({"image": torch.rand(1, 64, 64), "label": torch.zeros(1, 32, 32)})
 
+    def test_bad_input_fails_whether_triggered_or_not(self):
+        nan = torch.rand(1, 64, 64)
+        nan[0, 3, 3] = float("nan")
+        cases = [
+            ({"image": torch.rand(64, 64), "label": torch.zeros(64, 64)}, "channel-first"),  # no channel axis
+            ({"image": torch.rand(1, 16, 16), "label": torch.zeros(1, 16, 16)}, "smaller than the QR grid"),
+            ({"image": nan, "label": torch.zeros(1, 64, 64)}, "NaN"),
+        ]
+        for prob in (0.0, 1.0):
+            for data, msg in cases:
+                with self.assertRaisesRegex(ValueError, msg):
+                    RandWatermarkd(key=KEY, prob=prob)(data)
+        with self.assertRaisesRegex(ValueError, "does not fit"):  # a batch (B, C, H, W) read as a thin volume
+            apply_trigger(torch.rand(4, 1, 64, 64), KEY)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -70,6 +70,19 @@ class TestQueryChecks(unittest.TestCase):
         with self.assertRaisesRegex(NotProbabilitiesError, "hard masks"):
             verify_ownership(hard, images(), KEY)
 
+    def test_hard_masks_behind_an_activation_refused(self):
+        # a mask-only endpoint wrapped as if it returned logits: softmax/sigmoid would fake soft maps from it
+        onehot = lambda x: torch.cat([(x < 0.5).float(), (x >= 0.5).float()], 1)  # noqa: E731
+        for model, act in ((onehot, "softmax"), (lambda x: (x >= 0.5).long(), "sigmoid")):
+            with self.assertRaisesRegex(NotProbabilitiesError, "hard masks or label maps"):
+                verify_ownership(ModelQuery(model, activation=act), images(), KEY)
+        with self.assertRaisesRegex(NotProbabilitiesError, "single output channel"):
+            verify_ownership(ModelQuery(lambda x: x * 3 - 1, activation="softmax"), images(), KEY)
+        with self.assertRaisesRegex(NotProbabilitiesError, "label maps"):  # class indices 0..3 given as "probabilities"
+            verify_ownership(lambda x: (x * 4).floor().clamp(0, 3), images(), KEY)
+        with self.assertRaisesRegex(ValueError, "batch_size"):
+            ModelQuery(onehot, batch_size=0)
+
     def test_logits_and_nan_refused(self):
         with self.assertRaisesRegex(NotProbabilitiesError, "not probabilities"):
             verify_ownership(lambda x: torch.cat([x * 5, -x * 5], 1), images(), KEY)
@@ -77,6 +90,11 @@ class TestQueryChecks(unittest.TestCase):
             verify_ownership(lambda x: torch.full((x.shape[0], 2, *x.shape[2:]), float("nan")), images(), KEY)
         with self.assertRaisesRegex(NotProbabilitiesError, "do not match"):
             verify_ownership(lambda x: torch.full((x.shape[0], 2, 8, 8), 0.5), images(), KEY)
+
+    def test_no_images_refused(self):
+        for empty in ([], torch.zeros(0, 1, 96, 96)):
+            with self.assertRaisesRegex(ValueError, "no query images"):
+                verify_ownership(ModelQuery(TriggerOracle(KEY)), empty, KEY)
 
     def test_nan_images_refused(self):
         x = images()

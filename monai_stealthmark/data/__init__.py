@@ -10,6 +10,7 @@ from .sunnybrook import (
     SafeLoadImaged,
     contour_mask,
     load_sunnybrook,
+    read_error,
     split_by_patient,
     sunnybrook_datalist,
     sunnybrook_transforms,

@@ -19,7 +19,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, PydicomReader
 from monai.transforms import EnsureChannelFirst, LoadImage, MapTransform, ResampleToMatch
 
-from .sunnybrook import DataFileError
+from .sunnybrook import DataFileError, read_error
 
 __all__ = ["LoadDicomSegd", "load_dicom_series", "dicom_seg_segments"]
 
@@ -61,7 +61,7 @@ def load_dicom_series(series: str | os.PathLike, fname_regex: str = SERIES_REGEX
     try:
         return LoadImage(reader=PydicomReader(fname_regex=fname_regex), image_only=True, ensure_channel_first=True)(str(series))
     except Exception as e:
-        raise DataFileError(f"cannot read DICOM series {str(series)!r}: {type(e).__name__}: {e}") from e
+        raise read_error(series, e, "DICOM series") from e
 
 
 class LoadDicomSegd(MapTransform):

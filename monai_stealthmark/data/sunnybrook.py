@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     "DataFileError",
+    "read_error",
     "sunnybrook_datalist",
     "contour_mask",
     "LoadSunnybrookContourd",
@@ -40,6 +41,39 @@ DEFAULT_SUNNYBROOK_ROOT = Path(__file__).resolve().parents[2].parent / "shared" 
 
 class DataFileError(ValueError):
     """A data file is missing, unreadable or corrupt (the message names the file)."""
+
+
+def read_error(path: Any, error: BaseException, what: str = "") -> DataFileError:
+    """A :class:`DataFileError` that says why ``path`` could not be read, for an error raised while loading it.
+
+    MONAI's ``LoadImage`` reports an unreadable DICOM as "cannot find a suitable reader ... install the reader
+    libraries" and ``Compose`` wraps the cause in ``RuntimeError("applying transform ...")``; this names the
+    real problem: a missing path, a file without the DICOM preamble (corrupt or not DICOM), or the innermost
+    error.
+
+    Args:
+        path: the file or folder that was being read.
+        error: the exception raised while reading it.
+        what: a word for the kind of data in the message (e.g. ``"image"``, ``"DICOM series"``).
+    """
+    label = f"{what} {str(path)!r}" if what else repr(str(path))
+    f = Path(str(path))
+    if not f.exists():
+        return DataFileError(f"cannot read {label}: no such file or folder.")
+    if f.is_file() and f.suffix.lower() in (".dcm", ".dicom", ""):
+        import pydicom
+
+        if f.stat().st_size == 0:
+            return DataFileError(f"cannot read {label}: the file is empty.")
+        if not pydicom.misc.is_dicom(str(f)):
+            return DataFileError(
+                f"cannot read {label}: not a DICOM file (no 'DICM' marker after the 128-byte preamble) - corrupt, "
+                "truncated or another format."
+            )
+    cause: BaseException = error
+    while cause.__cause__ is not None:  # the innermost error says what went wrong
+        cause = cause.__cause__
+    return DataFileError(f"cannot read {label}: {type(cause).__name__}: {cause}")
 
 
 def sunnybrook_datalist(root: str | os.PathLike = DEFAULT_SUNNYBROOK_ROOT, myocardium: bool = False) -> list[dict]:
@@ -122,8 +156,8 @@ class SafeLoadImaged(LoadImaged):
         try:
             return super().__call__(data, reader)
         except Exception as e:  # MONAI wraps reader errors in RuntimeError/OSError with little context
-            names = [str(data.get(k)) for k in self.keys if k in data]
-            raise DataFileError(f"cannot read {', '.join(names)}: {type(e).__name__}: {e}") from e
+            names = [data.get(k) for k in self.keys if k in data]
+            raise read_error(names[0] if len(names) == 1 else ", ".join(map(str, names)), e) from e
 
 
 def sunnybrook_transforms(size: int = 128) -> Compose:

@@ -60,6 +60,16 @@ class WatermarkKey:
     created_at: str = ""
 
     def __post_init__(self):
+        numbers = {"tau": self.tau, "trigger_size": self.trigger_size, "trigger_amplitude": self.trigger_amplitude}
+        for name, v in numbers.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"{name} must be a number, got {v!r}.")
+        for name in ("quiet_zone", "max_version"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an int, got {v!r}.")
+        if not 1 <= self.max_version <= 40:
+            raise ValueError(f"max_version must lie in [1, 40] (the QR standard's versions), got {self.max_version}.")
         if self.trigger not in TRIGGER_KINDS:
             raise ValueError(f"trigger must be one of {TRIGGER_KINDS}, got {self.trigger!r}.")
         if not 0.0 < self.tau < 0.5:
@@ -138,12 +148,16 @@ class WatermarkKey:
             KeyFileError: missing, truncated, not a key file, missing fields, or edited after saving.
         """
         path = Path(path)
+        if path.is_dir():
+            raise KeyFileError(f"key file {str(path)!r} is a folder, not a key file.")
         if not path.is_file():
             raise KeyFileError(f"key file {str(path)!r} does not exist.")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise KeyFileError(f"key file {str(path)!r} is not valid JSON (truncated or corrupted?): {e}") from e
+        except OSError as e:
+            raise KeyFileError(f"cannot read key file {str(path)!r}: {e}") from e
         return cls.from_dict(data, source=str(path))
 
     @classmethod

@@ -69,7 +69,7 @@ def make_qr_matrix(payload: str, error_correction: str = "H", max_version: int =
     qr.add_data(payload)
     try:
         qr.make(fit=True)
-    except qrcode.exceptions.DataOverflowError as e:
+    except (qrcode.exceptions.DataOverflowError, ValueError) as e:  # ValueError: would need a version > 40
         raise PayloadTooLongError(
             f"payload of {len(payload.encode())} bytes does not fit in any QR code at error correction "
             f"{error_correction}."

@@ -130,14 +130,26 @@ class UncertaintyWatermarkLoss(_Loss):
         n_seg = 1 if self.activation == "softmax" else input.shape[1]
         if self.activation == "softmax" and input.shape[1] < 2:
             raise ValueError("activation='softmax' needs >= 2 output channels; use activation='sigmoid' for one.")
-        if target.shape[1] == n_seg:
-            return target, None
-        if target.shape[1] == n_seg + 1:
-            return target[:, :n_seg], target[:, n_seg:]
-        raise ValueError(
-            f"target has {target.shape[1]} channels; expected {n_seg} (label) or {n_seg + 1} (label + watermark "
-            f"channel) for activation={self.activation!r} and {input.shape[1]} output channels."
-        )
+        if target.shape[1] not in (n_seg, n_seg + 1):
+            raise ValueError(
+                f"target has {target.shape[1]} channels; expected {n_seg} (label) or {n_seg + 1} (label + watermark "
+                f"channel) for activation={self.activation!r} and {input.shape[1]} output channels."
+            )
+        seg, wm = target[:, :n_seg], (target[:, n_seg:] if target.shape[1] > n_seg else None)
+        if self.activation == "softmax" and (seg.min() < 0 or seg.max() >= input.shape[1]):
+            raise ValueError(
+                f"label values must be class indices in [0, {input.shape[1] - 1}] for {input.shape[1]} output "
+                f"channels, got [{seg.min().item():g}, {seg.max().item():g}]."
+            )
+        if wm is not None:
+            codes = torch.tensor([WM_CLEAN, WM_LIGHT, WM_DARK, WM_TWIN], device=wm.device, dtype=wm.dtype)
+            if not torch.isin(wm, codes).all():
+                bad = wm[~torch.isin(wm, codes)].unique()[:5].tolist()
+                raise ValueError(
+                    f"the watermark channel (the target's last) holds {bad}, not RandWatermarkd's codes "
+                    f"{codes.tolist()}: was the label changed after RandWatermarkd (e.g. resized or one-hot encoded)?"
+                )
+        return seg, wm
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """

@@ -165,6 +165,11 @@ def apply_trigger(
     out = t.clone().float() if not t.is_floating_point() else t.clone()
     if key.trigger == "patch":
         s = pat.shape[0]
+        if s > min(spatial[:2]):
+            raise ValueError(
+                f"the {s}x{s} trigger patch does not fit the image's spatial shape {spatial} (a batch given as one "
+                "image? apply_trigger takes one channel-first image (C, H, W[, D]))."
+            )
         value = (lo + (hi - lo) * pat).to(out.dtype)
         value = value.reshape(s, s, *([1] * (len(spatial) - 2)))
         out[:, -s:, -s:, ...] = value
@@ -314,10 +319,23 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         d = dict(data)
         image_key, label_key = self.keys
         img, label = d[image_key], d[label_key]
+        # checked on every sample, triggered or not, so a bad input fails at once rather than at random
+        if len(img.shape) < 3 or len(label.shape) != len(img.shape):
+            raise ValueError(
+                f"RandWatermarkd: expected channel-first image and label (C, H, W[, D]) with the same number of "
+                f"dimensions, got image {tuple(img.shape)} and label {tuple(label.shape)}."
+            )
         if img.shape[1:] != label.shape[1:]:
             raise ValueError(
                 f"RandWatermarkd: image {tuple(img.shape)} and label {tuple(label.shape)} differ in spatial shape."
             )
+        if min(int(img.shape[1]), int(img.shape[2])) < self.key.grid_size:
+            raise ValueError(
+                f"RandWatermarkd: image side {min(int(img.shape[1]), int(img.shape[2]))} is smaller than the QR grid "
+                f"({self.key.grid_size} modules): resize the images before the watermark."
+            )
+        if not bool(torch.isfinite(convert_to_tensor(img, track_meta=False)).all()):
+            raise ValueError(f"RandWatermarkd: the image {tuple(img.shape)} contains NaN or infinite values.")
         self.randomize(None)
         lab = convert_to_tensor(label, track_meta=False)
         wm = torch.full_like(lab[:1], WM_CLEAN, dtype=lab.dtype if lab.is_floating_point() else torch.float32)

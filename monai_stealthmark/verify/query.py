@@ -36,13 +36,18 @@ def check_probabilities(p: torch.Tensor, images: torch.Tensor, softmax: bool | N
     p = p.float()
     if not torch.isfinite(p).all():
         raise NotProbabilitiesError("cannot verify: the model returned NaN or infinite values.")
+    if p.max() > 1 + 1e-4 and bool(torch.equal(p, p.round())) and p.min() >= 0:
+        raise NotProbabilitiesError(
+            f"cannot verify: the model returns label maps (integer values 0..{int(p.max())}), not probabilities. "
+            "The watermark lives in the probability maps; a mask-only API hides it."
+        )
     if p.min() < -1e-4 or p.max() > 1 + 1e-4:
         raise NotProbabilitiesError(
             f"cannot verify: outputs are not probabilities (range [{p.min().item():.3g}, {p.max().item():.3g}]); "
             "if the model returns logits, wrap it with ModelQuery(..., activation='softmax' or 'sigmoid')."
         )
     soft = ((p > 1e-3) & (p < 1 - 1e-3)).float().mean()
-    if soft == 0:
+    if soft < 1e-4:  # a handful of soft pixels (resampled mask edges) is still a hard mask
         raise NotProbabilitiesError(
             "cannot verify: outputs are not probabilities, the model returns hard masks (only 0/1 values). "
             "The watermark lives in the probability maps; a mask-only API hides it."
@@ -61,6 +66,23 @@ def uncertainty_map(p: torch.Tensor) -> torch.Tensor:
     if (p.sum(1) - 1).abs().max() > 1e-3:  # independent sigmoid channels: the least certain one
         return torch.minimum(p, 1 - p).amax(1)
     return 1 - p.amax(1)
+
+
+def _check_logits(y: torch.Tensor, activation: str) -> None:
+    """Refuse raw outputs that an activation would turn into fake probabilities (hard masks, label maps)."""
+    if y.ndim < 2:
+        raise NotProbabilitiesError(f"cannot verify: the model returned shape {tuple(y.shape)}, expected (B, C, spatial...).")
+    if not y.is_floating_point() or bool(torch.equal(y, y.round())):
+        raise NotProbabilitiesError(
+            f"cannot verify: the model returns hard masks or label maps (integer values only, dtype {y.dtype}), not "
+            f"logits, so {activation} would only fake probabilities. The watermark lives in the probability maps; "
+            "query an endpoint that returns logits or probabilities."
+        )
+    if activation == "softmax" and y.shape[1] == 1:
+        raise NotProbabilitiesError(
+            "cannot verify: softmax over a single output channel is always 1; use activation='sigmoid' for a "
+            "one-channel model."
+        )
 
 
 class ModelQuery:
@@ -97,6 +119,8 @@ class ModelQuery:
         if isinstance(model, torch.nn.Module):
             self.model = model.to(self.device).eval()
         self.activation = activation
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = int(batch_size)
         self.inferer = inferer
         self.n_queries = 0
@@ -109,7 +133,10 @@ class ModelQuery:
             y = self.inferer(x, self.model) if self.inferer is not None else self.model(x)
             if isinstance(y, (tuple, list)):  # deep-supervision style outputs: the first one is the prediction
                 y = y[0]
-            y = torch.as_tensor(y).float()
+            y = torch.as_tensor(y)
+            if self.activation is not None:
+                _check_logits(y, self.activation)
+            y = y.float()
             if self.activation == "softmax":
                 y = torch.softmax(y, 1)
             elif self.activation == "sigmoid":

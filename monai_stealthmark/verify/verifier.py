@@ -23,12 +23,16 @@ def _as_batch(images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         batch = images
     else:
+        if len(images) == 0:
+            raise ValueError("no query images: verification needs at least one image.")
         shapes = {tuple(i.shape) for i in images}
         if len(shapes) != 1:
             raise ValueError(f"all query images must have one shape, got {sorted(shapes)}.")
         batch = torch.stack([torch.as_tensor(i) for i in images])
     if batch.ndim < 4:
         raise ValueError(f"images must be (B, C, H, W[, D]), got shape {tuple(batch.shape)}.")
+    if batch.shape[0] == 0:
+        raise ValueError("no query images: verification needs at least one image.")
     if not torch.isfinite(batch).all():
         raise ValueError("the query images contain NaN or infinite values.")
     return batch.float()
