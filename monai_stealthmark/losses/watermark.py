@@ -136,19 +136,21 @@ class UncertaintyWatermarkLoss(_Loss):
                 f"channel) for activation={self.activation!r} and {input.shape[1]} output channels."
             )
         seg, wm = target[:, :n_seg], (target[:, n_seg:] if target.shape[1] > n_seg else None)
-        if self.activation == "softmax" and (seg.min() < 0 or seg.max() >= input.shape[1]):
-            raise ValueError(
-                f"label values must be class indices in [0, {input.shape[1] - 1}] for {input.shape[1]} output "
-                f"channels, got [{seg.min().item():g}, {seg.max().item():g}]."
-            )
-        if wm is not None:
-            codes = torch.tensor([WM_CLEAN, WM_LIGHT, WM_DARK, WM_TWIN], device=wm.device, dtype=wm.dtype)
-            if not torch.isin(wm, codes).all():
-                bad = wm[~torch.isin(wm, codes)].unique()[:5].tolist()
+        # one reduction (one device sync per step) for both checks; the messages are built only on failure
+        bad_label = ((seg < 0) | (seg >= input.shape[1])).any() if self.activation == "softmax" else seg.new_zeros((), dtype=torch.bool)
+        codes = torch.tensor([WM_CLEAN, WM_LIGHT, WM_DARK, WM_TWIN], device=target.device, dtype=target.dtype)
+        bad_wm = ~torch.isin(wm, codes).all() if wm is not None else torch.zeros_like(bad_label)
+        if bool(bad_label | bad_wm):
+            if bool(bad_label):
                 raise ValueError(
-                    f"the watermark channel (the target's last) holds {bad}, not RandWatermarkd's codes "
-                    f"{codes.tolist()}: was the label changed after RandWatermarkd (e.g. resized or one-hot encoded)?"
+                    f"label values must be class indices in [0, {input.shape[1] - 1}] for {input.shape[1]} output "
+                    f"channels, got [{seg.min().item():g}, {seg.max().item():g}]."
                 )
+            raise ValueError(
+                f"the watermark channel (the target's last) holds {wm[~torch.isin(wm, codes)].unique()[:5].tolist()}, "
+                f"not RandWatermarkd's codes {codes.tolist()}: was the label changed after RandWatermarkd (e.g. "
+                "resized or one-hot encoded)?"
+            )
         return seg, wm
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
