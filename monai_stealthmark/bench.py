@@ -2,11 +2,12 @@
 
     python -m monai_stealthmark.bench --out bench/results            # writes <device>.json
     python -m monai_stealthmark.bench --smoke --out /tmp/bench        # seconds, for CI
+    python -m monai_stealthmark.bench --sections training --name cpu_training   # one section only
 
 1. LIME on one image: batched torch LIME vs the ``lime`` package (same segments, samples, kernel) — speed ratio
    and attribution correlation; with a watermarked model, decode success against the sample count.
 2. Training: time per step with the watermark (transform + loss, triggered samples bring their twins) vs
-   without, same network and batch.
+   without, same network and batch, at poisoning ratios 0.5 (the default), 0.25 and 0.1.
 3. Validation: time of a ``SupervisedEvaluator`` run with the ASR metric (direct / LIME) vs without.
 4. Verification throughput: images per second in direct mode for several batch sizes (+ peak GPU memory).
 Timings: warm-up, then the median (and min/max) of repeats, with CUDA synchronised.
@@ -18,7 +19,7 @@ import argparse
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +56,23 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run(smoke: bool = False, device: str | None = None, model_path: str | None = None) -> dict[str, Any]:
+SECTIONS = ("lime", "training", "validation", "throughput")
+
+
+def run(
+    smoke: bool = False, device: str | None = None, model_path: str | None = None, sections: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Run the benchmarks and return their figures.
+
+    Args:
+        smoke: tiny sizes and few repeats (seconds, for CI).
+        device: torch device; default CUDA when present, else CPU.
+        model_path: state dict of a watermarked experiment UNet (enables the LIME sample sweep).
+        sections: which of :data:`SECTIONS` to run; all when None.
+    """
+    todo = set(SECTIONS if sections is None else sections)
+    if todo - set(SECTIONS):
+        raise ValueError(f"unknown bench sections {sorted(todo - set(SECTIONS))}; choose from {SECTIONS}.")
     from monai.data import list_data_collate
     from monai.engines import SupervisedEvaluator
     from monai.handlers import MeanDice, from_engine
@@ -84,109 +101,122 @@ def run(smoke: bool = False, device: str | None = None, model_path: str | None =
         net.load_state_dict(torch.load(model_path, map_location=dev))
     query = ModelQuery(net, activation="softmax", device=dev)
     res: dict[str, Any] = {"device": _device_name(dev), "torch": torch.__version__, "smoke": smoke, "image_size": size}
+    res["sections"] = [k for k in SECTIONS if k in todo]
+    n = 50 if smoke else 250  # LIME samples per image
 
-    # 1. LIME: torch vs the lime package on the same samples
-    n = 50 if smoke else 250
-    img = images[0]
-    t_torch = timeit(lambda: lime_attributions(query, img, key, num_samples=n, seed=0), dev, repeats=reps)
-    labels_all = list(range(key.grid_size**2))
-    t_lime = timeit(lambda: lime_reference_attributions(query, img, key, num_samples=n, seed=0, labels=labels_all), dev, repeats=1, warmup=0)
-    _, coef = lime_attributions(query, img, key, num_samples=n, seed=0, return_full=True)  # (features, outputs)
-    ref = lime_reference_attributions(query, img, key, num_samples=n, seed=0, labels=labels_all)
-    ours = coef.T.cpu().numpy()  # one row per explained output, as lime's local_exp
-    r = float(np.corrcoef(ours.reshape(-1), np.stack([ref[k] for k in labels_all]).reshape(-1))[0, 1])
-    res["lime_one_image"] = {
-        "samples": n,
-        "torch": t_torch,
-        "lime_package": t_lime,
-        "speedup": t_lime["median_s"] / t_torch["median_s"],
-        "attribution_r": r,
-    }
-    if model_path and not smoke:
-        sweep = []
-        for ns in (250, 500, 1000, 2000, 4000):
-            rep = verify_ownership(query, images[-8:], key, mode="lime", lime_samples=ns)
-            sweep.append({"samples": ns, "asr": rep.asr, "bit_accuracy": rep.mean_bit_accuracy, "seconds": rep.seconds})
-        res["lime_samples_sweep"] = sweep
+    if "lime" in todo:
+        # 1. LIME: torch vs the lime package on the same samples
+        img = images[0]
+        t_torch = timeit(lambda: lime_attributions(query, img, key, num_samples=n, seed=0), dev, repeats=reps)
+        labels_all = list(range(key.grid_size**2))
+        t_lime = timeit(lambda: lime_reference_attributions(query, img, key, num_samples=n, seed=0, labels=labels_all), dev, repeats=1, warmup=0)
+        _, coef = lime_attributions(query, img, key, num_samples=n, seed=0, return_full=True)  # (features, outputs)
+        ref = lime_reference_attributions(query, img, key, num_samples=n, seed=0, labels=labels_all)
+        ours = coef.T.cpu().numpy()  # one row per explained output, as lime's local_exp
+        r = float(np.corrcoef(ours.reshape(-1), np.stack([ref[k] for k in labels_all]).reshape(-1))[0, 1])
+        res["lime_one_image"] = {
+            "samples": n,
+            "torch": t_torch,
+            "lime_package": t_lime,
+            "speedup": t_lime["median_s"] / t_torch["median_s"],
+            "attribution_r": r,
+        }
+        if model_path and not smoke:
+            sweep = []
+            for ns in (250, 500, 1000, 2000, 4000):
+                rep = verify_ownership(query, images[-8:], key, mode="lime", lime_samples=ns)
+                sweep.append({"samples": ns, "asr": rep.asr, "bit_accuracy": rep.mean_bit_accuracy, "seconds": rep.seconds})
+            res["lime_samples_sweep"] = sweep
 
-    # 2. training step with vs without the watermark (same network, batch, optimiser)
-    bs = 8 if smoke else 24
-    train_items = [{"image": s["image"], "label": s["label"]} for s in samples][:bs]
-    wm_t = RandWatermarkd(keys=("image", "label"), key=key, prob=0.5)
-    wm_t.set_random_state(seed=0)
-    clean_batch = list_data_collate(train_items)
-    loss_c, loss_w = DiceCELoss(to_onehot_y=True, softmax=True), UncertaintyWatermarkLoss(key=key)
-    tnet = build_network(channels).to(dev)
-    opt = torch.optim.Adam(tnet.parameters(), 1e-4)
+    if "training" in todo:
+        # 2. training step with vs without the watermark (same network, batch, optimiser)
+        bs = 8 if smoke else 24
+        train_items = [{"image": s["image"], "label": s["label"]} for s in samples][:bs]
+        clean_batch = list_data_collate(train_items)
+        loss_c, loss_w = DiceCELoss(to_onehot_y=True, softmax=True), UncertaintyWatermarkLoss(key=key)
+        tnet = build_network(channels).to(dev)
+        opt = torch.optim.Adam(tnet.parameters(), 1e-4)
 
-    def step(batch, loss_fn):
-        def f():
-            opt.zero_grad(set_to_none=True)
-            loss_fn(tnet(batch["image"].to(dev)), batch["label"].to(dev)).backward()
-            opt.step()
+        def step(batch, loss_fn):
+            def f():
+                opt.zero_grad(set_to_none=True)
+                loss_fn(tnet(batch["image"].to(dev)), batch["label"].to(dev)).backward()
+                opt.step()
 
-        return f
+            return f
 
-    t_clean = timeit(step(clean_batch, loss_c), dev, repeats=reps)
+        t_clean = timeit(step(clean_batch, loss_c), dev, repeats=reps)
 
-    wm_sizes: list[int] = []
+        def wm_timing(prob: float) -> dict[str, Any]:
+            """One watermarked training step at poisoning ratio ``prob``, transform included (it runs every step)."""
+            wm_t = RandWatermarkd(keys=("image", "label"), key=key, prob=prob)
+            wm_t.set_random_state(seed=0)
+            sizes: list[int] = []
 
-    def wm_step():
-        batch = list_data_collate([wm_t(dict(d)) for d in train_items])  # the transform runs every step
-        wm_sizes.append(int(batch["image"].shape[0]))  # triggered samples bring their clean twin
-        step(batch, loss_w)()
+            def wm_step():
+                batch = list_data_collate([wm_t(dict(d)) for d in train_items])
+                sizes.append(int(batch["image"].shape[0]))  # triggered samples bring their clean twin
+                step(batch, loss_w)()
 
-    t_wm = timeit(wm_step, dev, repeats=reps)
-    wm_images = float(np.mean(wm_sizes))
-    res["training_step"] = {
-        "batch": bs, "clean": t_clean, "watermarked": t_wm, "ratio": t_wm["median_s"] / t_clean["median_s"],
-        "watermarked_images_per_step": wm_images,
-        "ratio_per_image": (t_wm["median_s"] / wm_images) / (t_clean["median_s"] / bs),
-    }
+            t = timeit(wm_step, dev, repeats=reps)
+            images = float(np.mean(sizes))
+            return {"prob": prob, "watermarked": t, "ratio": t["median_s"] / t_clean["median_s"], "images_per_step": images,
+                    "ratio_per_image": (t["median_s"] / images) / (t_clean["median_s"] / bs)}
 
-    # 3. validation with / without the ASR metric. MONAI attaches ``additional_metrics`` only next to a
-    # ``key_metric``, so every run validates with MeanDice as a bundle does, and checks that the ASR was computed.
-    data = [{"image": images[i], "label": labels[i]} for i in range(images.shape[0])]
-    post = Compose([Activationsd(keys="pred", softmax=True), AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=2)])
+        # the default poisoning ratio first, then lower ones (the cost of a step grows with the triggered images)
+        by_prob = [wm_timing(p) for p in ((0.5,) if smoke else (0.5, 0.25, 0.1))]
+        res["training_step"] = {
+            "batch": bs, "clean": t_clean, "watermarked": by_prob[0]["watermarked"], "ratio": by_prob[0]["ratio"],
+            "watermarked_images_per_step": by_prob[0]["images_per_step"], "ratio_per_image": by_prob[0]["ratio_per_image"],
+            "by_prob": [{k: v for k, v in r.items() if k != "watermarked"} | {"median_s": r["watermarked"]["median_s"]} for r in by_prob],
+        }
 
-    def evaluator(metrics):
-        return SupervisedEvaluator(
-            device=dev, val_data_loader=torch.utils.data.DataLoader(data, batch_size=8), network=net,
-            inferer=SimpleInferer(), postprocessing=post,
-            key_val_metric={"dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
-            additional_metrics=metrics,
-        )
+    if "validation" in todo:
+        # 3. validation with / without the ASR metric. MONAI attaches ``additional_metrics`` only next to a
+        # ``key_metric``, so every run validates with MeanDice as a bundle does, and checks that the ASR was computed.
+        data = [{"image": images[i], "label": labels[i]} for i in range(images.shape[0])]
+        post = Compose([Activationsd(keys="pred", softmax=True), AsDiscreted(keys=("pred", "label"), argmax=(True, False), to_onehot=2)])
 
-    def validate(ev, names=("dice",)):
-        ev.run()
-        missing = [m for m in names if m not in ev.state.metrics]
-        if missing:
-            raise RuntimeError(f"validation did not compute {missing}.")
+        def evaluator(metrics):
+            return SupervisedEvaluator(
+                device=dev, val_data_loader=torch.utils.data.DataLoader(data, batch_size=8), network=net,
+                inferer=SimpleInferer(), postprocessing=post,
+                key_val_metric={"dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+                additional_metrics=metrics,
+            )
 
-    ev_off = evaluator({})
-    ev_dir = evaluator({"asr": WatermarkASR(key, mode="direct")})
-    ev_lime = evaluator({"asr": WatermarkASR(key, mode="lime", max_images=2, lime_samples=n)})
-    t_off = timeit(lambda: validate(ev_off), dev, repeats=reps)
-    t_dir = timeit(lambda: validate(ev_dir, ("dice", "asr")), dev, repeats=reps)
-    t_lime_v = timeit(lambda: validate(ev_lime, ("dice", "asr")), dev, repeats=max(1, reps // 2))
-    res["validation"] = {
-        "images": len(data), "off": t_off, "asr_direct": t_dir, "asr_lime_2_images": t_lime_v,
-        "ratio_direct": t_dir["median_s"] / t_off["median_s"], "ratio_lime": t_lime_v["median_s"] / t_off["median_s"],
-        "asr_value": {"direct": ev_dir.state.metrics["asr"], "lime": ev_lime.state.metrics["asr"]},
-    }
+        def validate(ev, names=("dice",)):
+            ev.run()
+            missing = [m for m in names if m not in ev.state.metrics]
+            if missing:
+                raise RuntimeError(f"validation did not compute {missing}.")
 
-    # 4. direct-mode throughput by batch size
-    thr = []
-    for b in (1, 8, 32):
-        x = images[:b] if images.shape[0] >= b else images.repeat((b + images.shape[0] - 1) // images.shape[0], 1, 1, 1)[:b]
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        t = timeit(lambda x=x: verify_ownership(ModelQuery(net, device=dev, batch_size=b), x, key), dev, repeats=reps)
-        row = {"batch": b, "images_per_s": b / t["median_s"], **t}
-        if dev.type == "cuda":
-            row["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-        thr.append(row)
-    res["direct_throughput"] = thr
+        ev_off = evaluator({})
+        ev_dir = evaluator({"asr": WatermarkASR(key, mode="direct")})
+        ev_lime = evaluator({"asr": WatermarkASR(key, mode="lime", max_images=2, lime_samples=n)})
+        t_off = timeit(lambda: validate(ev_off), dev, repeats=reps)
+        t_dir = timeit(lambda: validate(ev_dir, ("dice", "asr")), dev, repeats=reps)
+        t_lime_v = timeit(lambda: validate(ev_lime, ("dice", "asr")), dev, repeats=max(1, reps // 2))
+        res["validation"] = {
+            "images": len(data), "off": t_off, "asr_direct": t_dir, "asr_lime_2_images": t_lime_v,
+            "ratio_direct": t_dir["median_s"] / t_off["median_s"], "ratio_lime": t_lime_v["median_s"] / t_off["median_s"],
+            "asr_value": {"direct": ev_dir.state.metrics["asr"], "lime": ev_lime.state.metrics["asr"]},
+        }
+
+    if "throughput" in todo:
+        # 4. direct-mode throughput by batch size
+        thr = []
+        for b in (1, 8, 32):
+            x = images[:b] if images.shape[0] >= b else images.repeat((b + images.shape[0] - 1) // images.shape[0], 1, 1, 1)[:b]
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            t = timeit(lambda x=x: verify_ownership(ModelQuery(net, device=dev, batch_size=b), x, key), dev, repeats=reps)
+            row = {"batch": b, "images_per_s": b / t["median_s"], **t}
+            if dev.type == "cuda":
+                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            thr.append(row)
+        res["direct_throughput"] = thr
+
     return res
 
 
@@ -196,14 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes (seconds), for CI")
     p.add_argument("--device", default=None)
     p.add_argument("--model", default=None, help="state dict of a watermarked experiment UNet (enables the LIME sample sweep)")
+    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="which benchmarks to run")
+    p.add_argument("--name", default=None, help="output file name (default: the device's name)")
     a = p.parse_args(argv)
-    res = run(a.smoke, a.device, a.model)
-    slug = "smoke" if a.smoke else "".join(c if c.isalnum() else "_" for c in res["device"].split(" (")[0]).lower()
+    res = run(a.smoke, a.device, a.model, a.sections)
+    slug = a.name or ("smoke" if a.smoke else "".join(c if c.isalnum() else "_" for c in res["device"].split(" (")[0]).lower())
     out = Path(a.out) / f"{slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, res)
     print(f"wrote {out}")
     for k in ("lime_one_image", "training_step", "validation"):
+        if k not in res:
+            continue
         v = res[k]
         print(k, {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in v.items() if not isinstance(vv, dict)})
     return 0

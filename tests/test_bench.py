@@ -21,3 +21,16 @@ def test_bench_smoke_writes_json(tmp_path):
     assert set(res["validation"]["asr_value"]) == {"direct", "lime"}
     assert all(0.0 <= v <= 1.0 for v in res["validation"]["asr_value"].values())
     assert [r["batch"] for r in res["direct_throughput"]] == [1, 8, 32]
+
+
+@pytest.mark.skipif(not DEFAULT_SUNNYBROOK_ROOT.is_dir(), reason="needs ../shared/data/sunnybrook")
+def test_bench_sections(tmp_path):
+    assert main(["--smoke", "--sections", "training", "--name", "train_only", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "train_only.json").read_text())
+    assert res["sections"] == ["training"] and "validation" not in res and "lime_one_image" not in res
+    (row,) = res["training_step"]["by_prob"]
+    assert row["prob"] == 0.5 and row["images_per_step"] >= res["training_step"]["batch"]
+    with pytest.raises(ValueError, match="unknown bench sections"):
+        from monai_stealthmark.bench import run
+
+        run(smoke=True, sections=["speed"])
