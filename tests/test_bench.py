@@ -18,7 +18,7 @@ def test_bench_smoke_writes_json(tmp_path):
     for k in ("training_step", "validation"):
         assert res[k]["clean" if k == "training_step" else "off"]["median_s"] > 0
     # the ASR metric really ran during validation (MONAI attaches additional metrics only beside a key metric)
-    assert set(res["validation"]["asr_value"]) == {"direct", "lime"}
+    assert set(res["validation"]["asr_value"]) == {"direct", "direct_8_images", "lime"}
     assert all(0.0 <= v <= 1.0 for v in res["validation"]["asr_value"].values())
     assert [r["batch"] for r in res["direct_throughput"]] == [1, 8, 32]
 
