@@ -142,7 +142,7 @@ def load_bundle_images(paths: list[str], preprocessing):
         try:
             img = preprocessing({"image": str(f)})["image"]
         except Exception as e:
-            raise DataFileError(f"cannot read image {str(f)!r} with the bundle's preprocessing: {e}") from e
+            raise read_error(f, e, "image (bundle preprocessing)") from e
         out.append(torch.as_tensor(img).float())
     shapes = {tuple(i.shape) for i in out}
     if len(shapes) > 1:
