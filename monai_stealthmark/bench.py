@@ -50,6 +50,23 @@ def timeit(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup
     return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
 
 
+def timeit_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 5, warmup: int = 1) -> dict[str, dict[str, float]]:
+    """:func:`timeit` for several functions run in turn (A B C A B C ...), so drift in the machine's speed hits
+    each of them alike: the right way to take ratios between them."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    ts: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ts[k].append(time.perf_counter() - t0)
+    return {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "repeats": repeats} for k, v in ts.items()}
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -145,26 +162,30 @@ def run(
 
             return f
 
-        t_clean = timeit(step(clean_batch, loss_c), dev, repeats=reps)
-
-        def wm_timing(prob: float) -> dict[str, Any]:
+        def wm_step(prob: float, sizes: list[int]) -> Callable[[], None]:
             """One watermarked training step at poisoning ratio ``prob``, transform included (it runs every step)."""
             wm_t = RandWatermarkd(keys=("image", "label"), key=key, prob=prob)
             wm_t.set_random_state(seed=0)
-            sizes: list[int] = []
 
-            def wm_step():
+            def f():
                 batch = list_data_collate([wm_t(dict(d)) for d in train_items])
                 sizes.append(int(batch["image"].shape[0]))  # triggered samples bring their clean twin
                 step(batch, loss_w)()
 
-            t = timeit(wm_step, dev, repeats=reps)
-            images = float(np.mean(sizes))
-            return {"prob": prob, "watermarked": t, "ratio": t["median_s"] / t_clean["median_s"], "images_per_step": images,
-                    "ratio_per_image": (t["median_s"] / images) / (t_clean["median_s"] / bs)}
+            return f
 
-        # the default poisoning ratio first, then lower ones (the cost of a step grows with the triggered images)
-        by_prob = [wm_timing(p) for p in ((0.5,) if smoke else (0.5, 0.25, 0.1))]
+        # the default poisoning ratio, then lower ones (a step's cost grows with its triggered images); steps of all
+        # kinds interleaved, and more repeats than elsewhere: the batch size of a watermarked step varies
+        probs = (0.5,) if smoke else (0.5, 0.25, 0.1)
+        sizes: dict[float, list[int]] = {pr: [] for pr in probs}
+        fns = {"clean": step(clean_batch, loss_c)} | {f"prob_{pr}": wm_step(pr, sizes[pr]) for pr in probs}
+        times = timeit_interleaved(fns, dev, repeats=reps if smoke else 4 * reps)
+        t_clean = times["clean"]
+        by_prob = []
+        for pr in probs:
+            t, n_img = times[f"prob_{pr}"], float(np.mean(sizes[pr]))
+            by_prob.append({"prob": pr, "watermarked": t, "ratio": t["median_s"] / t_clean["median_s"], "images_per_step": n_img,
+                            "ratio_per_image": (t["median_s"] / n_img) / (t_clean["median_s"] / bs)})
         res["training_step"] = {
             "batch": bs, "clean": t_clean, "watermarked": by_prob[0]["watermarked"], "ratio": by_prob[0]["ratio"],
             "watermarked_images_per_step": by_prob[0]["images_per_step"], "ratio_per_image": by_prob[0]["ratio_per_image"],
@@ -195,9 +216,11 @@ def run(
         ev_dir = evaluator({"asr": WatermarkASR(key, mode="direct")})
         ev_dir8 = evaluator({"asr": WatermarkASR(key, mode="direct", max_images=8)})
         ev_lime = evaluator({"asr": WatermarkASR(key, mode="lime", max_images=2, lime_samples=n)})
-        t_off = timeit(lambda: validate(ev_off), dev, repeats=reps)
-        t_dir = timeit(lambda: validate(ev_dir, ("dice", "asr")), dev, repeats=reps)
-        t_dir8 = timeit(lambda: validate(ev_dir8, ("dice", "asr")), dev, repeats=reps)
+        times = timeit_interleaved(
+            {"off": lambda: validate(ev_off), "direct": lambda: validate(ev_dir, ("dice", "asr")),
+             "direct_8": lambda: validate(ev_dir8, ("dice", "asr"))}, dev, repeats=reps,
+        )
+        t_off, t_dir, t_dir8 = times["off"], times["direct"], times["direct_8"]
         t_lime_v = timeit(lambda: validate(ev_lime, ("dice", "asr")), dev, repeats=max(1, reps // 2))
         res["validation"] = {
             "images": len(data), "off": t_off, "asr_direct": t_dir, "asr_lime_2_images": t_lime_v,
