@@ -38,16 +38,7 @@ def _sync(device: torch.device) -> None:
 
 def timeit(fn: Callable[[], Any], device: torch.device, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
     """Median / min / max seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "repeats": repeats}
+    return timeit_interleaved({"fn": fn}, device, repeats, warmup)["fn"]
 
 
 def timeit_interleaved(fns: dict[str, Callable[[], Any]], device: torch.device, repeats: int = 5, warmup: int = 1) -> dict[str, dict[str, float]]:
