@@ -174,13 +174,14 @@ def run(
         t_clean = times["clean"]
         by_prob = []
         for pr in probs:
-            t, n_img = times[f"prob_{pr}"], float(np.mean(sizes[pr]))
-            by_prob.append({"prob": pr, "watermarked": t, "ratio": t["median_s"] / t_clean["median_s"], "images_per_step": n_img,
-                            "ratio_per_image": (t["median_s"] / n_img) / (t_clean["median_s"] / bs)})
+            t, n_img = times[f"prob_{pr}"]["median_s"], float(np.mean(sizes[pr]))
+            by_prob.append({"prob": pr, "ratio": t / t_clean["median_s"], "images_per_step": n_img,
+                            "ratio_per_image": (t / n_img) / (t_clean["median_s"] / bs), "median_s": t})
+        default = by_prob[0]
         res["training_step"] = {
-            "batch": bs, "clean": t_clean, "watermarked": by_prob[0]["watermarked"], "ratio": by_prob[0]["ratio"],
-            "watermarked_images_per_step": by_prob[0]["images_per_step"], "ratio_per_image": by_prob[0]["ratio_per_image"],
-            "by_prob": [{k: v for k, v in r.items() if k != "watermarked"} | {"median_s": r["watermarked"]["median_s"]} for r in by_prob],
+            "batch": bs, "clean": t_clean, "watermarked": times[f"prob_{default['prob']}"], "ratio": default["ratio"],
+            "watermarked_images_per_step": default["images_per_step"], "ratio_per_image": default["ratio_per_image"],
+            "by_prob": by_prob,
         }
 
     if "validation" in todo:
