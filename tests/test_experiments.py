@@ -101,3 +101,20 @@ class TestReuseCheck(unittest.TestCase):
             bare = Path(d) / "old.pt"
             with self.assertWarnsRegex(UserWarning, "no record of its training settings"):
                 _check_reuse(bare, cfg, "clean")
+            # a record written before the trigger settings existed was trained with the patch trigger
+            old = _training_settings(cfg, "watermarked")
+            del old["trigger"], old["trigger_amplitude"]
+            atomic_write_json(Path(d) / "watermarked.settings.json", old)
+            _check_reuse(Path(d) / "watermarked.pt", cfg, "watermarked")
+            with self.assertRaisesRegex(ValueError, r"trigger: 'patch' -> 'noise'"):
+                _check_reuse(Path(d) / "watermarked.pt", ExperimentConfig(fast=True, trigger="noise"), "watermarked")
+
+    def test_experiment_key_follows_config(self):
+        from monai_stealthmark.experiments.sunnybrook import experiment_key
+
+        default = experiment_key(ExperimentConfig(fast=True))
+        self.assertEqual((default.trigger, default.trigger_amplitude), ("patch", 0.1))
+        noisy = experiment_key(ExperimentConfig(fast=True, trigger="noise", trigger_amplitude=0.2))
+        self.assertEqual((noisy.trigger, noisy.trigger_amplitude, noisy.trigger_seed), ("noise", 0.2, default.trigger_seed))
+        self.assertNotEqual(noisy.fingerprint, default.fingerprint)
+        self.assertEqual(experiment_key(ExperimentConfig(fast=True), trigger="lowfreq").trigger, "lowfreq")

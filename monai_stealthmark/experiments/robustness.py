@@ -25,7 +25,7 @@ from monai.metrics import DiceMetric
 from monai_stealthmark import attacks as A
 from monai_stealthmark.attacks._common import train_steps
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook
-from monai_stealthmark.experiments.sunnybrook import KEY_SEED, PAYLOAD, ExperimentConfig, build_network, train_model
+from monai_stealthmark.experiments.sunnybrook import ExperimentConfig, build_network, experiment_key, train_model
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.transforms.trigger import WM_DARK, WM_LIGHT, qr_target_map
@@ -137,7 +137,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     cfg = ExperimentConfig(fast=fast, steps=steps, data_root=data_root)
-    key = WatermarkKey.generate(PAYLOAD, seed=KEY_SEED + cfg.seed, tau=cfg.tau, created_at="2026-11-23T00:00:00+00:00")
+    key = experiment_key(cfg)
     key.save(out / "key.json")
     samples = load_sunnybrook(data_root, size=cfg.size)
     owner = [s for s in samples if s["patient"] in OWNER]

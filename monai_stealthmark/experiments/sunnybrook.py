@@ -37,7 +37,7 @@ from monai_stealthmark.transforms import RandBadNetd, RandWatermarkd
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import ModelQuery, cell_means, read_qr, scores_to_modules, trigger_batch, uncertainty_map, verify_ownership
 
-__all__ = ["ExperimentConfig", "build_network", "train_model", "stealth", "evaluate", "run", "main"]
+__all__ = ["ExperimentConfig", "experiment_key", "build_network", "train_model", "stealth", "evaluate", "run", "main"]
 
 PAYLOAD = "SM:3f9a2c71"
 KEY_SEED = 20261123
@@ -58,6 +58,8 @@ class ExperimentConfig:
         seed: seed of everything (data order, augmentation, triggers, initialisation).
         lime_samples: LIME perturbation samples per image.
         tau: uncertainty carried in the QR's dark modules (written into the key).
+        trigger: the key's trigger kind, ``"patch"`` (default), ``"noise"`` or ``"lowfreq"`` (written into the key).
+        trigger_amplitude: blend amplitude of the noise / low-frequency triggers (written into the key).
         prob: poisoning ratio of the watermarked model (each triggered sample also brings its clean twin).
         occlusion_prob: share of triggered samples with hidden cells (teaches the LIME read-out;
             measured on the demo: 0.2 gives LIME ASR 77 %, 0.5 gives 100 %; see README).
@@ -91,6 +93,8 @@ class ExperimentConfig:
         self.lime_samples = 300 if fast else 1000
         self.prob = 0.5
         self.tau = 0.25
+        self.trigger = "patch"
+        self.trigger_amplitude = 0.1
         self.occlusion_prob = 0.5
         self.decoy_prob = 0.2
         self.decoy_occlusion_prob = 0.0
@@ -112,6 +116,12 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+
+
+def experiment_key(cfg: ExperimentConfig, **fields: Any) -> WatermarkKey:
+    """The experiments' fixed key (payload, seed from ``cfg.seed``, ``cfg``'s tau and trigger; ``fields`` override)."""
+    fields = {"tau": cfg.tau, "trigger": cfg.trigger, "trigger_amplitude": cfg.trigger_amplitude, **fields}
+    return WatermarkKey.generate(PAYLOAD, seed=KEY_SEED + cfg.seed, created_at="2026-11-23T00:00:00+00:00", **fields)
 
 
 ARCHITECTURES = ("unet", "basicunet", "segresnet", "attentionunet", "swinunetr")
@@ -329,10 +339,12 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
 
 # settings that shape only the watermarked model (the clean one trains without them) or only the verification
 _WATERMARK_ONLY = (
-    "prob", "tau", "occlusion_prob", "decoy_prob", "decoy_occlusion_prob", "copy_weight", "twin_consistency",
+    "prob", "tau", "trigger", "trigger_amplitude", "occlusion_prob", "decoy_prob", "decoy_occlusion_prob", "copy_weight", "twin_consistency",
     "simulate_attacks", "coupling_weight", "coupling_layer", "badnet",
 )
 _VERIFY_ONLY = ("lime_samples",)
+# settings added after models were saved: a record without them was trained with these values
+_ADDED_LATER = {"trigger": "patch", "trigger_amplitude": 0.1}
 
 
 def _training_settings(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
@@ -347,8 +359,8 @@ def _check_reuse(path: Path, cfg: ExperimentConfig, name: str) -> None:
     if not rec.is_file():
         warnings.warn(f"{path} has no record of its training settings; reusing it as it is.", stacklevel=3)
         return
-    old = json.loads(rec.read_text())
     new = _training_settings(cfg, name)
+    old = {**{k: v for k, v in _ADDED_LATER.items() if k in new}, **json.loads(rec.read_text())}
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         raise ValueError(
@@ -365,7 +377,7 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
-    key = WatermarkKey.generate(PAYLOAD, seed=KEY_SEED + cfg.seed, tau=cfg.tau, created_at="2026-11-23T00:00:00+00:00")
+    key = experiment_key(cfg)
     key.save(out / "key.json")
     samples = load_sunnybrook(cfg.data_root, size=cfg.size, patients=cfg.patients)
     train, test = split_by_patient(samples, [cfg.test_patient])
@@ -408,12 +420,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--occlusion-prob", type=float, default=None, help="share of triggered samples with hidden cells")
     p.add_argument("--decoy-occlusion-prob", type=float, default=None, help="share of decoys with hidden cells")
     p.add_argument("--twin-consistency", type=float, default=None, help="weight of the clean twin's reverse copy (0 = off)")
+    p.add_argument("--trigger", choices=("patch", "noise", "lowfreq"), default=None, help="the key's trigger kind (default: patch)")
+    p.add_argument("--trigger-amplitude", type=float, default=None, help="blend amplitude of the noise / lowfreq trigger")
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT), help="the sunnybrook folder")
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     cfg = ExperimentConfig(
         fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data, batch_size=a.batch_size, arch=a.arch,
         occlusion_prob=a.occlusion_prob, decoy_occlusion_prob=a.decoy_occlusion_prob, twin_consistency=a.twin_consistency,
+        trigger=a.trigger, trigger_amplitude=a.trigger_amplitude,
     )
     res = run(cfg, a.out, a.device)
     print(results_markdown(res, cfg))

@@ -30,8 +30,7 @@ import torch
 from monai_stealthmark import attacks as A
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook
 from monai_stealthmark.experiments.robustness import ATTACKER, OWNER, TEST, _stack, dice
-from monai_stealthmark.experiments.sunnybrook import KEY_SEED, PAYLOAD, ExperimentConfig, build_network, stealth, train_model
-from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.experiments.sunnybrook import ExperimentConfig, build_network, experiment_key, stealth, train_model
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import ModelQuery, trigger_batch, verify_badnet, verify_ownership
 
@@ -105,7 +104,7 @@ def run(
         t0 = time.perf_counter()
         cfg_over, key_over = VARIANTS[name]
         cfg = ExperimentConfig(fast=fast, steps=steps, data_root=data_root, **cfg_over)
-        key = WatermarkKey.generate(PAYLOAD, seed=KEY_SEED + cfg.seed, tau=cfg.tau, created_at="2026-11-23T00:00:00+00:00", **key_over)
+        key = experiment_key(cfg, **key_over)
         d = out / name
         d.mkdir(exist_ok=True)
         key.save(d / "key.json")
