@@ -118,3 +118,32 @@ class TestReuseCheck(unittest.TestCase):
         self.assertEqual((noisy.trigger, noisy.trigger_amplitude, noisy.trigger_seed), ("noise", 0.2, default.trigger_seed))
         self.assertNotEqual(noisy.fingerprint, default.fingerprint)
         self.assertEqual(experiment_key(ExperimentConfig(fast=True), trigger="lowfreq").trigger, "lowfreq")
+
+
+class TestCapacityProbe(unittest.TestCase):
+    def test_unet_draws_the_qr_on_real_slices(self):
+        from monai_stealthmark.data import load_sunnybrook
+        from monai_stealthmark.experiments.capacity import capacity_probe
+        from monai_stealthmark.experiments.sunnybrook import experiment_key
+
+        cfg = ExperimentConfig(fast=True)
+        key = experiment_key(cfg)
+        train = load_sunnybrook(cfg.data_root, size=128, patients=["SCD0000101"])  # a training patient
+        images = torch.stack([s["image"] for s in train[:6]])
+        labels = torch.stack([s["label"] for s in train[:6]])
+        torch.manual_seed(0)
+        net = build_network(arch="unet")
+        res = capacity_probe(net, images, labels, key, steps=60, eval_every=30)
+        self.assertEqual([c["step"] for c in res["curve"]], [30, 60])
+        self.assertGreater(res["curve"][-1]["bits"], 0.9)  # the network itself draws the QR (0.5 = chance)
+        self.assertGreater(res["curve"][-1]["asr"], 0.5)
+        self.assertEqual(len(res["error_map"]), key.grid_size)
+        self.assertGreater(res["dark_mean"], res["light_mean"])
+
+    def test_bad_shapes(self):
+        from monai_stealthmark.experiments.capacity import capacity_probe
+        from monai_stealthmark.experiments.sunnybrook import experiment_key
+
+        key = experiment_key(ExperimentConfig(fast=True))
+        with self.assertRaisesRegex(ValueError, "labels"):
+            capacity_probe(build_network(arch="unet"), torch.zeros(2, 1, 128, 128), torch.zeros(2, 128, 128), key, steps=1)
