@@ -17,6 +17,7 @@ from typing import Any
 
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT
 from monai_stealthmark.experiments.sunnybrook import ARCHITECTURES, ExperimentConfig, run
+from monai_stealthmark.key import TRIGGER_KINDS
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 
 __all__ = ["run_architectures", "architectures_markdown", "main"]
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lime-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--occlusion-prob", type=float, default=None, help="share of triggered samples with hidden cells")
-    p.add_argument("--trigger", choices=("patch", "noise", "lowfreq"), default=None, help="the key's trigger kind (default: patch)")
+    p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None, help="the key's trigger kind (default: patch)")
     p.add_argument("--trigger-amplitude", type=float, default=None, help="blend amplitude of the noise / lowfreq trigger")
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT))
     p.add_argument("--device", default=None)

@@ -23,7 +23,7 @@ import torch
 
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
 from monai_stealthmark.experiments.sunnybrook import ARCHITECTURES, WRONG_KEY_SEED, ExperimentConfig, build_network, experiment_key
-from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.key import TRIGGER_KINDS, WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.transforms.trigger import WM_CLEAN, WM_DARK, WM_LIGHT, qr_target_map
 from monai_stealthmark.utils import atomic_write_json
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conditional", action="store_true", help="add the clean copies with the plain target")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--tau", type=float, default=None)
-    p.add_argument("--trigger", choices=("patch", "noise", "lowfreq"), default=None)
+    p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None)
     p.add_argument("--trigger-amplitude", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT), help="the sunnybrook folder")

@@ -29,7 +29,7 @@ from monai.transforms import Compose, RandAffined, RandScaleIntensityd
 from monai.utils import set_determinism
 
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
-from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.key import TRIGGER_KINDS, WatermarkKey
 from monai_stealthmark.handlers import SimulatedAttacks
 from monai_stealthmark.losses import FeatureCouplingLoss, UncertaintyWatermarkLoss
 from monai_stealthmark.metrics import pixel_auc
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--occlusion-prob", type=float, default=None, help="share of triggered samples with hidden cells")
     p.add_argument("--decoy-occlusion-prob", type=float, default=None, help="share of decoys with hidden cells")
     p.add_argument("--twin-consistency", type=float, default=None, help="weight of the clean twin's reverse copy (0 = off)")
-    p.add_argument("--trigger", choices=("patch", "noise", "lowfreq"), default=None, help="the key's trigger kind (default: patch)")
+    p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None, help="the key's trigger kind (default: patch)")
     p.add_argument("--trigger-amplitude", type=float, default=None, help="blend amplitude of the noise / lowfreq trigger")
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT), help="the sunnybrook folder")
     p.add_argument("--device", default=None)
