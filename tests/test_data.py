@@ -57,6 +57,8 @@ class TestSunnybrook(unittest.TestCase):
         train, test = split_by_patient(s, ["SCD0000501"])
         self.assertEqual({x["patient"] for x in test}, {"SCD0000501"})
         self.assertNotIn("SCD0000501", {x["patient"] for x in train})
+        with self.assertRaisesRegex(ValueError, r"SCD0000999.*the data has \['SCD0000101'"):
+            split_by_patient(s, ["SCD0000999"])  # a mistyped patient id: the message lists the real ones
 
     def test_myocardium_label(self):
         s = load_sunnybrook(size=64, patients=["SCD0000101"], myocardium=True)

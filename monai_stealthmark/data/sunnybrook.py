@@ -221,5 +221,7 @@ def split_by_patient(samples: Sequence[dict], test_patients: Sequence[str]) -> t
     train = [s for s in samples if s["patient"] not in test]
     held = [s for s in samples if s["patient"] in test]
     if not held:
-        raise ValueError(f"no sample of the held-out patient(s) {sorted(test)}.")
+        raise ValueError(
+            f"no sample of the held-out patient(s) {sorted(test)}; the data has {sorted({s['patient'] for s in samples})}."
+        )
     return train, held

@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--lime-samples", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--test-patient", default=None, help="the held-out patient (default: SCD0000501)")
     p.add_argument("--arch", choices=ARCHITECTURES, default=None, help="the 2D network (default: unet)")
     p.add_argument("--occlusion-prob", type=float, default=None, help="share of triggered samples with hidden cells")
     p.add_argument("--decoy-occlusion-prob", type=float, default=None, help="share of decoys with hidden cells")
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ExperimentConfig(
         fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data, batch_size=a.batch_size, arch=a.arch,
         occlusion_prob=a.occlusion_prob, decoy_occlusion_prob=a.decoy_occlusion_prob, twin_consistency=a.twin_consistency,
-        trigger=a.trigger, trigger_amplitude=a.trigger_amplitude,
+        trigger=a.trigger, trigger_amplitude=a.trigger_amplitude, test_patient=a.test_patient,
     )
     res = run(cfg, a.out, a.device)
     print(results_markdown(res, cfg))
