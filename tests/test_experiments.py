@@ -103,11 +103,13 @@ class TestReuseCheck(unittest.TestCase):
                 _check_reuse(bare, cfg, "clean")
             # a record written before the trigger settings existed was trained with the patch trigger
             old = _training_settings(cfg, "watermarked")
-            del old["trigger"], old["trigger_amplitude"]
+            del old["trigger"], old["trigger_amplitude"], old["cutmix_prob"]
             atomic_write_json(Path(d) / "watermarked.settings.json", old)
             _check_reuse(Path(d) / "watermarked.pt", cfg, "watermarked")
             with self.assertRaisesRegex(ValueError, r"trigger: 'patch' -> 'noise'"):
                 _check_reuse(Path(d) / "watermarked.pt", ExperimentConfig(fast=True, trigger="noise"), "watermarked")
+            with self.assertRaisesRegex(ValueError, r"cutmix_prob: 0.0 -> 0.5"):  # an augmentation of both models
+                _check_reuse(Path(d) / "clean.pt", ExperimentConfig(fast=True, cutmix_prob=0.5), "clean")
 
     def test_experiment_key_follows_config(self):
         from monai_stealthmark.experiments.sunnybrook import experiment_key

@@ -182,10 +182,6 @@ class TestRandWatermarkd(unittest.TestCase):
             apply_trigger(torch.rand(4, 1, 64, 64), KEY)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class TestRandBadNetd(unittest.TestCase):
     def test_poisons_region_with_fixed_seed(self):
         from monai_stealthmark.transforms import RandBadNetd, badnet_region
@@ -216,3 +212,65 @@ class TestRandBadNetd(unittest.TestCase):
             RandBadNetd(key=key, region_size=0.9)
         with self.assertRaisesRegex(ValueError, "one-channel"):
             RandBadNetd(key=key, prob=1.0)({"image": np.zeros((1, 32, 32)), "label": np.zeros((2, 32, 32))})
+
+
+class TestRandPoolCutMixd(unittest.TestCase):
+    def _pool(self, shape):
+        rng = np.random.default_rng(0)
+        return [{"image": rng.random((1, *shape)).astype(np.float32), "label": (rng.random((1, *shape)) > 0.5).astype(np.float32)}
+                for _ in range(4)]
+
+    @parameterized.expand([((32, 32),), ((16, 20, 12),)])
+    def test_pastes_an_exact_box_of_a_donor(self, shape):
+        from monai_stealthmark.transforms import RandPoolCutMixd
+
+        pool = self._pool(shape)
+        sample = {"image": torch.full((1, *shape), -1.0), "label": torch.zeros((1, *shape)), "meta": "kept"}
+        t = RandPoolCutMixd(("image", "label"), pool=pool, prob=1.0, box_fraction=(0.25, 0.5)).set_random_state(seed=3)
+        out = t(sample)
+        changed = (out["image"] != -1.0)[0]
+        self.assertEqual(out["meta"], "kept")
+        self.assertIsInstance(out["image"], torch.Tensor)
+        # one axis-aligned box, each side within the fraction range, holding one donor's image and label exactly
+        idx = [torch.nonzero(changed.any(dim=tuple(j for j in range(len(shape)) if j != i))).flatten() for i in range(len(shape))]
+        box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+        self.assertEqual(int(changed.sum()), int(np.prod([b.stop - b.start for b in box])))
+        for b, s in zip(box, shape):
+            self.assertTrue(0.25 * s - 1 <= b.stop - b.start <= 0.5 * s + 1, (box, shape))
+        donors = [p for p in pool if np.array_equal(out["image"][0][box].numpy(), p["image"][0][box])]
+        self.assertEqual(len(donors), 1)
+        np.testing.assert_array_equal(out["label"][0][box].numpy(), donors[0]["label"][0][box])
+        self.assertEqual(float(out["label"][0][~changed].abs().sum()), 0.0)  # outside the box: the sample's own
+        # the same seed gives the same box and donor; the input is not modified
+        again = RandPoolCutMixd(("image", "label"), pool=pool, prob=1.0, box_fraction=(0.25, 0.5)).set_random_state(seed=3)(sample)
+        torch.testing.assert_close(again["image"], out["image"])
+        self.assertTrue(bool((sample["image"] == -1.0).all()))
+
+    def test_prob(self):
+        from monai_stealthmark.transforms import RandPoolCutMixd
+
+        pool = self._pool((16, 16))
+        t = RandPoolCutMixd(("image", "label"), pool=pool, prob=0.3).set_random_state(seed=1)
+        img = np.full((1, 16, 16), -1.0, np.float32)
+        hits = sum(bool((np.asarray(t({"image": img, "label": img})["image"]) != -1).any()) for _ in range(200))
+        self.assertTrue(40 <= hits <= 80, hits)
+        never = RandPoolCutMixd(("image", "label"), pool=pool, prob=0.0)({"image": img, "label": img})
+        np.testing.assert_array_equal(never["image"], img)
+
+    def test_errors(self):
+        from monai_stealthmark.transforms import RandPoolCutMixd
+
+        pool = self._pool((16, 16))
+        with self.assertRaisesRegex(ValueError, "pool is empty"):
+            RandPoolCutMixd(("image", "label"), pool=[])
+        with self.assertRaisesRegex(ValueError, "box_fraction"):
+            RandPoolCutMixd(("image", "label"), pool=pool, box_fraction=(0.6, 0.3))
+        t = RandPoolCutMixd(("image", "label"), pool=pool, prob=1.0)
+        with self.assertRaisesRegex(ValueError, "spatial shape"):
+            t({"image": np.zeros((1, 16, 16)), "label": np.zeros((1, 16, 8))})
+        with self.assertRaisesRegex(ValueError, "preprocessed like the ones being mixed"):
+            t({"image": np.zeros((1, 32, 32)), "label": np.zeros((1, 32, 32))})
+
+
+if __name__ == "__main__":
+    unittest.main()

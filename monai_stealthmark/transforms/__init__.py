@@ -1,9 +1,10 @@
-"""MONAI transforms: keyed triggers (array + dict), the random training transform that embeds the QR, and the
-BadNet baseline's poisoning transform."""
+"""MONAI transforms: keyed triggers (array + dict), the random training transform that embeds the QR, a per-sample
+CutMix that helps the watermark stay invisible on unseen images, and the BadNet baseline's poisoning transform."""
 
 from __future__ import annotations
 
 from .badnet import RandBadNetd, badnet_region
+from .mix import RandPoolCutMixd
 from .trigger import (
     WM_CLEAN,
     WM_DARK,
