@@ -101,15 +101,22 @@ class TestReuseCheck(unittest.TestCase):
             bare = Path(d) / "old.pt"
             with self.assertWarnsRegex(UserWarning, "no record of its training settings"):
                 _check_reuse(bare, cfg, "clean")
-            # a record written before the trigger settings existed was trained with the patch trigger
-            old = _training_settings(cfg, "watermarked")
-            del old["trigger"], old["trigger_amplitude"], old["cutmix_prob"]
-            atomic_write_json(Path(d) / "watermarked.settings.json", old)
-            _check_reuse(Path(d) / "watermarked.pt", cfg, "watermarked")
+            # a record written before the trigger, CutMix and margin settings existed was trained with the patch
+            # trigger and without the other two: reusable with those values, refused with others
+            legacy = ExperimentConfig(fast=True)
+            mixed = ExperimentConfig(fast=True, cutmix_prob=0.5, margin_consistency=0.3)
+            for name in ("clean", "watermarked"):
+                old = _training_settings(legacy, name)
+                for k in ("trigger", "trigger_amplitude", "cutmix_prob", "margin_consistency"):
+                    old.pop(k, None)
+                atomic_write_json(Path(d) / f"{name}.settings.json", old)
+                _check_reuse(Path(d) / f"{name}.pt", legacy, name)
             with self.assertRaisesRegex(ValueError, r"trigger: 'patch' -> 'noise'"):
                 _check_reuse(Path(d) / "watermarked.pt", ExperimentConfig(fast=True, trigger="noise"), "watermarked")
             with self.assertRaisesRegex(ValueError, r"cutmix_prob: 0.0 -> 0.5"):  # an augmentation of both models
-                _check_reuse(Path(d) / "clean.pt", ExperimentConfig(fast=True, cutmix_prob=0.5), "clean")
+                _check_reuse(Path(d) / "clean.pt", mixed, "clean")
+            with self.assertRaisesRegex(ValueError, r"margin_consistency: 0.0 -> 0.3"):
+                _check_reuse(Path(d) / "watermarked.pt", mixed, "watermarked")
 
     def test_experiment_key_follows_config(self):
         from monai_stealthmark.experiments.sunnybrook import experiment_key

@@ -122,6 +122,45 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         gap = lambda z: (prob(z)[:, band] - prob(logits[1])[:, band]).abs().sum().item()
         self.assertLess(gap(logits[0] - 50.0 * extra[0]), gap(logits[0]))  # a step moves the twin towards it
 
+    @parameterized.expand([("softmax", 2), ("softmax", 3), ("sigmoid", 1)])
+    def test_margin_consistency_ties_the_logits_in_the_band_only(self, activation, channels):
+        """The logit-level copy: zero when the two paths agree up to the softmax's shift, else a gradient on both
+        samples inside the protected band only, which closes the margin gap (the squared margin gap for 2 classes)."""
+        seg = torch.zeros(2, 1, 16, 16)
+        seg[:, :, 6:10, 6:10] = 1
+        wm = torch.stack([torch.full((1, 16, 16), float(WM_TWIN)), torch.full((1, 16, 16), float(WM_DARK))])
+        target = torch.cat([seg, wm], 1)
+        twin = torch.randn(1, channels, 16, 16, generator=torch.Generator().manual_seed(0))
+        band = torch.zeros(16, 16, dtype=torch.bool)
+        band[4:12, 4:12] = True
+        shift = 0.0 if activation == "sigmoid" else 5.0  # a shift of every logit leaves the softmax unchanged
+
+        def extra(trig):
+            x = torch.cat([twin, trig]).requires_grad_()
+            vals = []
+            for w in (0.0, 1.0):
+                x.grad = None
+                v = UncertaintyWatermarkLoss(tau=TAU, activation=activation, protect_radius=2, margin_consistency=w)(x, target)
+                v.backward()
+                vals.append((v.item(), x.grad.clone()))
+            return vals[1][0] - vals[0][0], vals[1][1] - vals[0][1]
+
+        if activation == "softmax":
+            dv, dg = extra(twin + shift)
+            self.assertAlmostEqual(dv, 0.0, places=5)
+            torch.testing.assert_close(dg, torch.zeros_like(dg))
+        trig = twin.clone()
+        trig[:, -1] += 1.0  # the last class's logit one higher everywhere
+        dv, dg = extra(trig)
+        self.assertGreater(dv, 0.0)
+        for i in (0, 1):  # both paths get a gradient, inside the band only, in opposite directions
+            torch.testing.assert_close(dg[i][:, ~band], torch.zeros_like(dg[i][:, ~band]))
+            self.assertGreater(dg[i][-1, band].abs().min().item(), 0.0)
+        self.assertTrue(bool((dg[0][-1, band] < 0).all() and (dg[1][-1, band] > 0).all()))
+        if activation == "softmax" and channels == 2:  # margin gap 1 on the band's pixels of the triggered image,
+            # times the watermark weight 3 and the triggered share 1/2 of the batch
+            self.assertAlmostEqual(dv, 3.0 * 0.5 * band.sum().item() / 256, places=4)
+
     def test_gradients_flow_to_triggered_and_clean(self):
         loss = UncertaintyWatermarkLoss(tau=TAU)
         seg, wm = make_target()

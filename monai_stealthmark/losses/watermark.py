@@ -48,6 +48,10 @@ class UncertaintyWatermarkLoss(_Loss):
     the detached triggered output, so both paths settle on one boundary instead of the triggered path
     chasing a clean boundary that was learned without regard to it — which is what moves the hard mask of
     an unseen image.
+    The cross-entropy copy is loose where the twin is confident (its gradient vanishes there): the triggered
+    logits drift by most of a logit inside the organ, and on an unseen image that drift reaches the boundary and
+    shrinks the mask. ``margin_consistency`` ties the two paths' logits in the band as well (squared difference of
+    the logit margins, both paths get gradients).
 
     Args:
         base_loss: the loss for clean samples, called as ``base_loss(input, label)``; default DiceCELoss with
@@ -68,6 +72,9 @@ class UncertaintyWatermarkLoss(_Loss):
         twin_consistency: weight of the reverse copy in the protected region: cross-entropy of the clean twin's
             output against the detached triggered output (0 = off, the clean path then trains on the base
             loss alone).
+        margin_consistency: weight of the squared difference between the triggered sample's and its clean twin's
+            logit margins in the protected region (softmax: twice the summed squared difference of the centred
+            logits, which is the squared margin difference for two classes; sigmoid: summed over channels). 0 = off.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -84,6 +91,7 @@ class UncertaintyWatermarkLoss(_Loss):
         protect_radius: int = 3,
         copy_weight: float = 1.0,
         twin_consistency: float = 1.0,
+        margin_consistency: float = 0.0,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -101,7 +109,7 @@ class UncertaintyWatermarkLoss(_Loss):
             raise ValueError(f"hinge_margin must lie in [0, 0.5 - tau] = [0, {0.5 - tau:.3f}], got {hinge_margin}.")
         weights = {
             "hinge_weight": hinge_weight, "dice_weight": dice_weight, "watermark_weight": watermark_weight,
-            "copy_weight": copy_weight, "twin_consistency": twin_consistency,
+            "copy_weight": copy_weight, "twin_consistency": twin_consistency, "margin_consistency": margin_consistency,
         }
         negative = [f"{k}={v}" for k, v in weights.items() if not v >= 0]  # `not >=` also catches NaN
         if negative:
@@ -115,6 +123,7 @@ class UncertaintyWatermarkLoss(_Loss):
         self.protect_radius = int(protect_radius)
         self.copy_weight = float(copy_weight)
         self.twin_consistency = float(twin_consistency)
+        self.margin_consistency = float(margin_consistency)
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -233,6 +242,12 @@ class UncertaintyWatermarkLoss(_Loss):
             else:
                 back = F.binary_cross_entropy_with_logits(twin_live, p.detach(), reduction="none")
             loss = loss + self.twin_consistency * (back * copy.to(back.dtype)).mean()
+        if self.margin_consistency > 0:  # logit-level copy in the band, both ways (zero where no twin)
+            diff = logits - twin_live
+            if softmax:
+                diff = diff - diff.mean(1, keepdim=True)
+            gap = diff.pow(2).sum(1, keepdim=True) * (2.0 if softmax else 1.0)
+            loss = loss + self.margin_consistency * (gap * copy.to(gap.dtype)).mean()
         no_twin = ~has_twin
         if self.dice_weight > 0 and no_twin.any() and light[no_twin].sum() > 0:
             frac = no_twin.sum() / no_twin.numel()

@@ -1,0 +1,2 @@
+exec(open("runs/probe/patch_cutmix.py").read())
+exec(open("runs/probe/patch_l2.py").read())
