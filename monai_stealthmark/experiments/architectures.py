@@ -91,13 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None, help="the key's trigger kind (default: patch)")
     p.add_argument("--trigger-amplitude", type=float, default=None, help="blend amplitude of the noise / lowfreq trigger")
     p.add_argument("--cutmix-prob", type=float, default=None, help="share of training slices with a pasted box of another (0 = off)")
+    p.add_argument("--margin-consistency", type=float, default=None, help="weight of the logit-margin copy in the band (0 = off)")
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT))
     p.add_argument("--device", default=None)
     a = p.parse_args(argv)
     rows = run_architectures(
         a.archs, a.out, a.device, fast=a.fast, steps=a.steps, batch_size=a.batch_size, lime_samples=a.lime_samples,
         seed=a.seed, data_root=a.data, occlusion_prob=a.occlusion_prob, trigger=a.trigger, trigger_amplitude=a.trigger_amplitude,
-        cutmix_prob=a.cutmix_prob,
+        cutmix_prob=a.cutmix_prob, margin_consistency=a.margin_consistency,
     )
     print(architectures_markdown(rows))
     return 0
