@@ -96,15 +96,15 @@ class TestReuseCheck(unittest.TestCase):
             _check_reuse(Path(d) / "clean.pt", other, "clean")  # the clean model trains without the watermark
             with self.assertRaisesRegex(ValueError, r"other settings \(twin_consistency: 1.0 -> 0.0\)"):
                 _check_reuse(Path(d) / "watermarked.pt", other, "watermarked")
-            with self.assertRaisesRegex(ValueError, "steps: 800 -> 400"):
+            with self.assertRaisesRegex(ValueError, "steps: 1600 -> 400"):
                 _check_reuse(Path(d) / "clean.pt", ExperimentConfig(fast=True, steps=400), "clean")
             bare = Path(d) / "old.pt"
             with self.assertWarnsRegex(UserWarning, "no record of its training settings"):
                 _check_reuse(bare, cfg, "clean")
             # a record written before the trigger, CutMix and margin settings existed was trained with the patch
             # trigger and without the other two: reusable with those values, refused with others
-            legacy = ExperimentConfig(fast=True)
-            mixed = ExperimentConfig(fast=True, cutmix_prob=0.5, margin_consistency=0.3)
+            legacy = ExperimentConfig(fast=True, steps=800, cutmix_prob=0.0, margin_consistency=0.0)  # defaults then
+            mixed = ExperimentConfig(fast=True, steps=800)  # today's defaults: CutMix 0.5, margin consistency 0.3
             for name in ("clean", "watermarked"):
                 old = _training_settings(legacy, name)
                 for k in ("trigger", "trigger_amplitude", "cutmix_prob", "margin_consistency"):

@@ -13,10 +13,10 @@ import torch
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
 from monai_stealthmark.experiments.sunnybrook import ExperimentConfig, train_model
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.verify import ModelQuery, cell_means, read_qr, scores_to_modules, trigger_batch, uncertainty_map, verify_ownership
+from monai_stealthmark.verify import ModelQuery, cell_means, read_scores, trigger_batch, uncertainty_map, verify_ownership
 
 HAVE_DATA = Path(DEFAULT_SUNNYBROOK_ROOT, "link.csv").is_file()
-STEPS = int(os.environ.get("STEALTHMARK_IT_STEPS", "800"))  # the demo setting: ~7 min on 2 CPU cores
+STEPS = int(os.environ.get("STEALTHMARK_IT_STEPS", "800"))  # half the demo's schedule: a few minutes on 2 CPU cores
 
 
 @unittest.skipUnless(HAVE_DATA, f"Sunnybrook data not found at {DEFAULT_SUNNYBROOK_ROOT}")
@@ -53,8 +53,8 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         self.assertFalse(wrong.verdict)
         self.assertIsNone(wrong.vote_decoded)
         with torch.no_grad():
-            clean_modules = scores_to_modules(cell_means(uncertainty_map(self.query(self.images)), self.key), self.key)
-        self.assertNotIn(self.key.payload, read_qr(clean_modules))
+            clean_scores = cell_means(uncertainty_map(self.query(self.images)), self.key)
+        self.assertNotIn(self.key.payload, read_scores(clean_scores, self.key, "direct")[1])  # both binarisations
 
     def test_cli_verifies_dicom_folder_with_torchscript(self):
         """The CLI on the held-out patient's raw DICOM files and a TorchScript export: exit 0 / 1 / 2."""
@@ -119,10 +119,16 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         self.assertEqual(code, 1)
 
     def test_hard_masks_mostly_unchanged(self):
+        from monai_stealthmark.experiments.sunnybrook import stealth
+
         with torch.no_grad():
             m_clean = self.query(self.images).argmax(1)
             m_trig = self.query(trigger_batch(self.images, self.key)).argmax(1)
-        self.assertGreater((m_clean == m_trig).float().mean().item(), 0.99)
+        mask_dice, agreement = stealth(m_clean, m_trig)
+        self.assertGreater(agreement, 0.998)
+        # the LV is ~1 % of the image: the masks' Dice is the measure that sees a moved boundary (0.972 measured
+        # at 800 steps with the defaults; the demo's 1600 steps reach 0.98-0.99)
+        self.assertGreater(mask_dice, 0.95)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from monai_stealthmark.verify import (
     lime_reference_attributions,
     otsu_threshold,
     read_qr,
+    read_scores,
     scores_to_modules,
     uncertainty_map,
     verify_ownership,
@@ -177,6 +178,28 @@ class TestLime(unittest.TestCase):
         self.assertFalse(scores_to_modules(-scores, KEY, log_floor=0.03).any())  # nothing positive: all light, no crash
         with self.assertRaisesRegex(ValueError, "log_floor"):
             scores_to_modules(scores, KEY, log_floor=1.5)
+
+    def test_direct_read_falls_back_to_log_scale(self):
+        """Direct mode: the raw read first, the log scale for images (and the vote) where it finds no QR; the
+        returned modules stay the raw read's. Chance scores decode in neither read."""
+        g, q = KEY.grid_size, KEY.quiet_zone
+        rng = np.random.default_rng(1)
+        dark = np.zeros((g, g), bool)
+        dark[q : g - q, q : g - q] = KEY.qr_matrix
+        skewed = np.where(dark, np.where(rng.random((g, g)) < 0.2, 1.0, 0.15), 0.01) * rng.uniform(0.8, 1.2, (g, g))
+        clean = np.where(dark, 0.25, 0.01)
+        noise = rng.random((g, g))
+        scores = torch.as_tensor(np.stack([skewed, clean, noise]).reshape(3, -1), dtype=torch.float32)
+        modules, decoded, vote = read_scores(scores, KEY, "direct")
+        self.assertEqual(decoded, [KEY.payload, KEY.payload, None])
+        np.testing.assert_array_equal(modules, scores_to_modules(scores, KEY))  # the raw read's modules
+        self.assertIsNone(read_qr(modules[:1])[0])  # the first image decodes only through the second read
+        self.assertEqual(vote, KEY.payload)
+        lime_modules, lime_decoded, _ = read_scores(scores, KEY, "lime")  # LIME: the log scale alone
+        np.testing.assert_array_equal(lime_modules, scores_to_modules(scores, KEY, log_floor=0.03))
+        self.assertEqual(lime_decoded[2], None)
+        with self.assertRaisesRegex(ValueError, "mode"):
+            read_scores(scores, KEY, "otsu")
 
     def test_weighted_ridge_matches_sklearn(self):
         rng = np.random.default_rng(0)

@@ -120,6 +120,8 @@ def run(
     epochs: int = 20,
     distill_steps: int | None = None,
     overwrite_steps: int | None = None,
+    cutmix_prob: float | None = None,
+    margin_consistency: float | None = None,
 ) -> dict[str, Any]:
     """Train (or reuse ``out/watermarked.pt``), attack, and write the tables and plots.
 
@@ -131,12 +133,15 @@ def run(
         epochs: fine-tuning epochs of the attacks and of the persistence run.
         distill_steps: student steps (default 300 fast / 1500 full).
         overwrite_steps: attacker's embedding steps (default 150 fast / 600 full).
+        cutmix_prob: the owner's CutMix share (default: the experiment's setting, see
+            :class:`~monai_stealthmark.experiments.sunnybrook.ExperimentConfig`).
+        margin_consistency: the owner's margin-copy weight (default: the experiment's setting).
     """
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    cfg = ExperimentConfig(fast=fast, steps=steps, data_root=data_root)
+    cfg = ExperimentConfig(fast=fast, steps=steps, data_root=data_root, cutmix_prob=cutmix_prob, margin_consistency=margin_consistency)
     key = experiment_key(cfg)
     key.save(out / "key.json")
     samples = load_sunnybrook(data_root, size=cfg.size)
@@ -308,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (attacks, persistence)")
     p.add_argument("--distill-steps", type=int, default=None)
     p.add_argument("--overwrite-steps", type=int, default=None)
+    p.add_argument("--cutmix-prob", type=float, default=None, help="owner's CutMix share (default: the demo's)")
+    p.add_argument("--margin-consistency", type=float, default=None, help="owner's margin-copy weight (default: the demo's)")
     a = p.parse_args(argv)
-    res = run(a.out, a.fast, a.steps, a.data, a.epochs, a.distill_steps, a.overwrite_steps)
+    res = run(a.out, a.fast, a.steps, a.data, a.epochs, a.distill_steps, a.overwrite_steps, a.cutmix_prob, a.margin_consistency)
     print(markdown(res))
     return 0
 

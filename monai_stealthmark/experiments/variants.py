@@ -78,6 +78,8 @@ def run(
     data_root: str = str(DEFAULT_SUNNYBROOK_ROOT),
     epochs: int = 20,
     distill_steps: int = 600,
+    cutmix_prob: float | None = None,
+    margin_consistency: float | None = None,
 ) -> list[dict[str, Any]]:
     """Train (or reuse) each variant's owner model, measure it and attack it; see the module docstring.
 
@@ -85,6 +87,8 @@ def run(
     (their own and the owner's: public data of the same kind). With their own patient alone the students did
     not learn the task (measured: Dice 0.05-0.14 on the test patient after 300-1200 steps), which says nothing
     about the watermark.
+
+    ``cutmix_prob`` and ``margin_consistency`` override the demo's defaults for every variant (None keeps them).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +107,8 @@ def run(
             continue
         t0 = time.perf_counter()
         cfg_over, key_over = VARIANTS[name]
-        cfg = ExperimentConfig(fast=fast, steps=steps, data_root=data_root, **cfg_over)
+        base = {"cutmix_prob": cutmix_prob, "margin_consistency": margin_consistency}
+        cfg = ExperimentConfig(fast=fast, steps=steps, data_root=data_root, **{**base, **cfg_over})
         key = experiment_key(cfg, **key_over)
         d = out / name
         d.mkdir(exist_ok=True)
@@ -187,8 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT))
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--distill-steps", type=int, default=600)
+    p.add_argument("--cutmix-prob", type=float, default=None, help="CutMix share of every variant (default: the demo's)")
+    p.add_argument("--margin-consistency", type=float, default=None, help="margin-copy weight (default: the demo's)")
     a = p.parse_args(argv)
-    rows = run(a.out, a.variants, a.fast, a.steps, a.data, a.epochs, a.distill_steps)
+    rows = run(a.out, a.variants, a.fast, a.steps, a.data, a.epochs, a.distill_steps, a.cutmix_prob, a.margin_consistency)
     print(markdown(rows))
     return 0
 

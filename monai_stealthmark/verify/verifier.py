@@ -13,7 +13,7 @@ from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.transforms.trigger import apply_trigger, load_key
 from monai_stealthmark.verify.lime import lime_attributions
 from monai_stealthmark.verify.query import check_probabilities, uncertainty_map
-from monai_stealthmark.verify.readout import LIME_LOG_FLOOR, binomial_p_value, bit_accuracy, cell_means, read_qr, scores_to_modules, vote_modules
+from monai_stealthmark.verify.readout import binomial_p_value, bit_accuracy, cell_means, read_scores
 from monai_stealthmark.verify.report import VerificationReport
 
 __all__ = ["trigger_batch", "direct_scores", "verify_ownership"]
@@ -97,9 +97,9 @@ def verify_ownership(
         n_queries = batch.shape[0] * lime_samples
     else:
         raise ValueError(f"mode must be 'direct' or 'lime', got {mode!r}.")
-    modules = scores_to_modules(scores, key, log_floor=LIME_LOG_FLOOR if mode == "lime" else None)
-    decoded = read_qr(modules)
-    vote_decoded = read_qr(vote_modules(modules)[None])[0]  # one QR from all images: evidence, not part of the ASR
+    # direct mode reads the raw means, then the log scale where they find no QR (see read_scores); the vote is one
+    # QR from all images: evidence, not part of the ASR
+    modules, decoded, vote_decoded = read_scores(scores, key, mode)
     acc = bit_accuracy(modules, key)
     p, _, _ = binomial_p_value(modules, key)
     asr = float(np.mean([t == key.payload for t in decoded]))
