@@ -76,6 +76,8 @@ class ExperimentConfig:
             0 = off. Default 0.5: with ``margin_consistency`` 0.3 the unseen patient's mask barely moves under the
             trigger (README "Measured results": stealth 0.988 at 1600 steps, 0.957 without both options).
         copy_weight: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
+        watermark_weight: weight of the triggered samples' loss against the clean samples' (see
+            :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`).
         twin_consistency: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = the clean path
             trains on the base loss alone, as before this option).
         margin_consistency: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = off; default 0.3,
@@ -106,6 +108,7 @@ class ExperimentConfig:
         self.decoy_prob = 0.2
         self.decoy_occlusion_prob = 0.0
         self.copy_weight = 1.0
+        self.watermark_weight = 3.0
         self.twin_consistency = 1.0
         self.margin_consistency = 0.3
         self.spatial_aug = False
@@ -201,6 +204,7 @@ def train_model(
             DiceCELoss(to_onehot_y=True, softmax=True),
             key=key,
             copy_weight=cfg.copy_weight,
+            watermark_weight=cfg.watermark_weight,
             twin_consistency=cfg.twin_consistency,
             margin_consistency=cfg.margin_consistency,
         )
@@ -351,12 +355,12 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
 
 # settings that shape only the watermarked model (the clean one trains without them) or only the verification
 _WATERMARK_ONLY = (
-    "prob", "tau", "trigger", "trigger_amplitude", "occlusion_prob", "decoy_prob", "decoy_occlusion_prob", "copy_weight", "twin_consistency",
+    "prob", "tau", "trigger", "trigger_amplitude", "occlusion_prob", "decoy_prob", "decoy_occlusion_prob", "copy_weight", "watermark_weight", "twin_consistency",
     "margin_consistency", "simulate_attacks", "coupling_weight", "coupling_layer", "badnet",
 )
 _VERIFY_ONLY = ("lime_samples",)
 # settings added after models were saved: a record without them was trained with these values
-_ADDED_LATER = {"trigger": "patch", "trigger_amplitude": 0.1, "cutmix_prob": 0.0, "margin_consistency": 0.0}
+_ADDED_LATER = {"trigger": "patch", "trigger_amplitude": 0.1, "cutmix_prob": 0.0, "margin_consistency": 0.0, "watermark_weight": 3.0}
 
 
 def _training_settings(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
@@ -434,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoy-occlusion-prob", type=float, default=None, help="share of decoys with hidden cells")
     p.add_argument("--twin-consistency", type=float, default=None, help="weight of the clean twin's reverse copy (0 = off)")
     p.add_argument("--margin-consistency", type=float, default=None, help="weight of the logit-margin copy in the band (0 = off)")
+    p.add_argument("--watermark-weight", type=float, default=None, help="weight of the triggered samples' loss (default 3)")
     p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None, help="the key's trigger kind (default: patch)")
     p.add_argument("--trigger-amplitude", type=float, default=None, help="blend amplitude of the noise / lowfreq trigger")
     p.add_argument("--cutmix-prob", type=float, default=None, help="share of training slices with a pasted box of another (0 = off)")
@@ -444,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data, batch_size=a.batch_size, arch=a.arch,
         occlusion_prob=a.occlusion_prob, decoy_occlusion_prob=a.decoy_occlusion_prob, twin_consistency=a.twin_consistency,
         trigger=a.trigger, trigger_amplitude=a.trigger_amplitude, test_patient=a.test_patient,
-        cutmix_prob=a.cutmix_prob, margin_consistency=a.margin_consistency,
+        cutmix_prob=a.cutmix_prob, margin_consistency=a.margin_consistency, watermark_weight=a.watermark_weight,
     )
     res = run(cfg, a.out, a.device)
     print(results_markdown(res, cfg))
