@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
-from monai_stealthmark.experiments.sunnybrook import ExperimentConfig, train_model
+from monai_stealthmark.experiments.sunnybrook import ExperimentConfig, stealth, train_model
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.verify import ModelQuery, cell_means, read_scores, trigger_batch, uncertainty_map, verify_ownership
 
@@ -119,8 +119,6 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         self.assertEqual(code, 1)
 
     def test_hard_masks_mostly_unchanged(self):
-        from monai_stealthmark.experiments.sunnybrook import stealth
-
         with torch.no_grad():
             m_clean = self.query(self.images).argmax(1)
             m_trig = self.query(trigger_batch(self.images, self.key)).argmax(1)

@@ -101,13 +101,13 @@ def run(
     if (out / "variants.json").is_file():  # finished variants are not measured twice
         done = {r["variant"]: r for r in json.loads((out / "variants.json").read_text())}
     rows: list[dict[str, Any]] = []
+    base = {"cutmix_prob": cutmix_prob, "margin_consistency": margin_consistency}  # a variant's own settings win
     for name in variants:
         if name in done:
             rows.append(done[name])
             continue
         t0 = time.perf_counter()
         cfg_over, key_over = VARIANTS[name]
-        base = {"cutmix_prob": cutmix_prob, "margin_consistency": margin_consistency}
         cfg = ExperimentConfig(fast=fast, steps=steps, data_root=data_root, **{**base, **cfg_over})
         key = experiment_key(cfg, **key_over)
         d = out / name

@@ -122,10 +122,10 @@ def read_scores(scores: torch.Tensor, key: WatermarkKey, mode: str = "direct") -
     modules = scores_to_modules(scores, key, log_floor=LIME_LOG_FLOOR if mode == "lime" else None)
     decoded = read_qr(modules)
     vote_decoded = read_qr(vote_modules(modules)[None])[0]
-    if mode == "direct" and (vote_decoded is None or any(t is None for t in decoded)):
+    missing = [i for i, t in enumerate(decoded) if t is None]
+    if mode == "direct" and (missing or vote_decoded is None):
         second = scores_to_modules(scores, key, log_floor=LIME_LOG_FLOOR)
-        missing = [i for i, t in enumerate(decoded) if t is None]
-        for i, t in zip(missing, read_qr(second[missing]) if missing else []):
+        for i, t in zip(missing, read_qr(second[missing])):
             decoded[i] = t
         if vote_decoded is None:
             vote_decoded = read_qr(vote_modules(second)[None])[0]
