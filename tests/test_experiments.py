@@ -107,7 +107,7 @@ class TestReuseCheck(unittest.TestCase):
             mixed = ExperimentConfig(fast=True, steps=800)  # today's defaults: CutMix 0.5, margin consistency 0.3
             for name in ("clean", "watermarked"):
                 old = _training_settings(legacy, name)
-                for k in ("trigger", "trigger_amplitude", "cutmix_prob", "margin_consistency", "watermark_weight"):
+                for k in ("trigger", "trigger_amplitude", "cutmix_prob", "margin_consistency", "watermark_weight", "protect_radius"):
                     old.pop(k, None)
                 atomic_write_json(Path(d) / f"{name}.settings.json", old)
                 _check_reuse(Path(d) / f"{name}.pt", legacy, name)
@@ -121,6 +121,10 @@ class TestReuseCheck(unittest.TestCase):
             _check_reuse(Path(d) / "clean.pt", lighter, "clean")  # the clean model has no watermark loss
             with self.assertRaisesRegex(ValueError, r"watermark_weight: 3.0 -> 1.5"):
                 _check_reuse(Path(d) / "watermarked.pt", lighter, "watermarked")
+            wider = ExperimentConfig(fast=True, steps=800, cutmix_prob=0.0, margin_consistency=0.0, protect_radius=8)
+            _check_reuse(Path(d) / "clean.pt", wider, "clean")
+            with self.assertRaisesRegex(ValueError, r"protect_radius: 3 -> 8"):
+                _check_reuse(Path(d) / "watermarked.pt", wider, "watermarked")
 
     def test_experiment_key_follows_config(self):
         from monai_stealthmark.experiments.sunnybrook import experiment_key

@@ -100,6 +100,32 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         self.assertGreater(heavy.item(), base.item())
 
     @parameterized.expand([("softmax", 2), ("sigmoid", 1)])
+    def test_hard_copy_keeps_the_band_confident(self, activation, channels):
+        """In the band a soft copy follows an unsure twin (p 0.6); a hard copy trains its class with full confidence."""
+        seg = torch.zeros(2, 1, 16, 16)
+        seg[:, :, 6:10, 6:10] = 1
+        wm = torch.stack([torch.full((1, 16, 16), float(WM_TWIN)), torch.full((1, 16, 16), float(WM_DARK))])
+        target = torch.cat([seg, wm], 1)
+        margin = torch.log(torch.tensor(0.6 / 0.4))  # the twin gives its class (foreground in the organ) 0.6
+        sign = seg[0] * 2 - 1
+        twin = torch.cat([-sign * margin / 2, sign * margin / 2]) if channels == 2 else sign * margin
+        got = {}
+        for mode in ("soft", "hard"):
+            trig = torch.zeros(1, channels, 16, 16, requires_grad=True)
+            opt = torch.optim.Adam([trig], lr=0.1)
+            loss = UncertaintyWatermarkLoss(tau=TAU, activation=activation, protect_radius=2, copy_target=mode)
+            for _ in range(300):
+                opt.zero_grad()
+                loss(torch.cat([twin[None], trig]), target).backward()
+                opt.step()
+            p = torch.softmax(trig, 1)[:, 1:] if channels == 2 else torch.sigmoid(trig)
+            got[mode] = torch.where(seg[:1] > 0, p, 1 - p)[0, 0, 7, 7].item()  # inside the organ
+        self.assertAlmostEqual(got["soft"], 0.6, delta=0.02)  # the copy (the hinge never asks for more than the twin has)
+        self.assertGreater(got["hard"], 0.95)
+        with self.assertRaisesRegex(ValueError, "copy_target must be 'soft' or 'hard'"):
+            UncertaintyWatermarkLoss(tau=TAU, copy_target="twin")
+
+    @parameterized.expand([("softmax", 2), ("sigmoid", 1)])
     def test_twin_consistency_pulls_the_clean_twin_in_the_band_only(self, activation, channels):
         """The reverse copy adds a gradient on the clean twin inside the protected band, towards the triggered output."""
         seg = torch.zeros(2, 1, 16, 16)

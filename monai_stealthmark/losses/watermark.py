@@ -75,6 +75,9 @@ class UncertaintyWatermarkLoss(_Loss):
         margin_consistency: weight of the squared difference between the triggered sample's and its clean twin's
             logit margins in the protected region (softmax: twice the summed squared difference of the centred
             logits, which is the squared margin difference for two classes; sigmoid: summed over channels). 0 = off.
+        copy_target: what the two paths copy from each other in the protected region: ``"soft"`` (the other
+            path's probabilities) or ``"hard"`` (the one-hot of the other path's predicted class, so neither path
+            can pull the other's confidence down).
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -92,6 +95,7 @@ class UncertaintyWatermarkLoss(_Loss):
         copy_weight: float = 1.0,
         twin_consistency: float = 1.0,
         margin_consistency: float = 0.0,
+        copy_target: str = "soft",
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -103,6 +107,8 @@ class UncertaintyWatermarkLoss(_Loss):
             tau = load_key(key).tau
         if not 0.0 < tau < 0.5:
             raise ValueError(f"tau must lie in (0, 0.5), got {tau}.")
+        if copy_target not in ("soft", "hard"):
+            raise ValueError(f"copy_target must be 'soft' or 'hard', got {copy_target!r}.")
         if activation not in ("softmax", "sigmoid"):
             raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}.")
         if not 0.0 <= hinge_margin <= 0.5 - tau + 1e-9:
@@ -124,6 +130,7 @@ class UncertaintyWatermarkLoss(_Loss):
         self.copy_weight = float(copy_weight)
         self.twin_consistency = float(twin_consistency)
         self.margin_consistency = float(margin_consistency)
+        self.copy_target = copy_target
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -223,7 +230,10 @@ class UncertaintyWatermarkLoss(_Loss):
         softmax = self.activation == "softmax"
         twin_p = torch.softmax(twin_logits, 1) if softmax else torch.sigmoid(twin_logits)
         other = tau / (c - 1) if softmax else tau  # share of the non-reference class(es) in dark pixels
-        q = torch.where(copy, twin_p, y * (1 - tau * dark) + (1 - y) * other * dark)
+        hard = self.copy_target == "hard"
+        q = y * (1 - tau * dark) + (1 - y) * other * dark  # in the band dark = 0: q is the twin's one-hot class
+        if not hard:
+            q = torch.where(copy, twin_p, q)
         if softmax:
             logp = F.log_softmax(logits, dim=1)
             ce_map = -(q * logp).sum(1, keepdim=True)
@@ -233,14 +243,18 @@ class UncertaintyWatermarkLoss(_Loss):
             p = torch.sigmoid(logits)
         ce = (ce_map * pix_w).mean()
         p_ref, twin_ref = self._prob_of_reference(p, y), self._prob_of_reference(twin_p, y)
-        floor = torch.where(copy, torch.minimum(floor, twin_ref), floor)  # never ask for more than the twin has
+        if not hard:
+            floor = torch.where(copy, torch.minimum(floor, twin_ref), floor)  # never ask for more than the twin has
         hinge = F.relu(floor - p_ref).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
         if self.twin_consistency > 0:  # the clean twin meets the triggered output in the band (zero where none)
+            back_q = p.detach()
+            if hard:
+                back_q = (F.one_hot(back_q.argmax(1), c).movedim(-1, 1) if softmax else back_q > 0.5).to(p.dtype)
             if softmax:
-                back = -(p.detach() * F.log_softmax(twin_live, dim=1)).sum(1, keepdim=True)
+                back = -(back_q * F.log_softmax(twin_live, dim=1)).sum(1, keepdim=True)
             else:
-                back = F.binary_cross_entropy_with_logits(twin_live, p.detach(), reduction="none")
+                back = F.binary_cross_entropy_with_logits(twin_live, back_q, reduction="none")
             loss = loss + self.twin_consistency * (back * copy.to(back.dtype)).mean()
         if self.margin_consistency > 0:  # logit-level copy in the band, both ways (zero where no twin)
             diff = logits - twin_live
