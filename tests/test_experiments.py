@@ -107,7 +107,8 @@ class TestReuseCheck(unittest.TestCase):
             mixed = ExperimentConfig(fast=True, steps=800)  # today's defaults: CutMix 0.5, margin consistency 0.3
             for name in ("clean", "watermarked"):
                 old = _training_settings(legacy, name)
-                for k in ("trigger", "trigger_amplitude", "cutmix_prob", "margin_consistency", "watermark_weight", "protect_radius"):
+                for k in ("trigger", "trigger_amplitude", "cutmix_prob", "margin_consistency", "watermark_weight", "protect_radius",
+                          "copy_target", "margin_to_twin"):
                     old.pop(k, None)
                 atomic_write_json(Path(d) / f"{name}.settings.json", old)
                 _check_reuse(Path(d) / f"{name}.pt", legacy, name)

@@ -187,6 +187,23 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
             # times the watermark weight 3 and the triggered share 1/2 of the batch
             self.assertAlmostEqual(dv, 3.0 * 0.5 * band.sum().item() / 256, places=4)
 
+    def test_margin_tie_one_way(self):
+        """margin_to_twin=False: the tie still moves the triggered sample, and no longer the clean twin."""
+        seg = torch.zeros(2, 1, 16, 16)
+        seg[:, :, 6:10, 6:10] = 1
+        wm = torch.stack([torch.full((1, 16, 16), float(WM_TWIN)), torch.full((1, 16, 16), float(WM_DARK))])
+        target = torch.cat([seg, wm], 1)
+        logits = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
+        grads = {}
+        for name, kw in {"off": {}, "both": {"margin_consistency": 1.0}, "one": {"margin_consistency": 1.0, "margin_to_twin": False}}.items():
+            x = logits.clone().requires_grad_()
+            UncertaintyWatermarkLoss(tau=TAU, protect_radius=2, twin_consistency=0.0, **kw)(x, target).backward()
+            grads[name] = x.grad
+        both, one = grads["both"] - grads["off"], grads["one"] - grads["off"]
+        self.assertGreater(both[0].abs().max().item(), 1e-4)  # the two-way tie moves the twin
+        torch.testing.assert_close(one[0], torch.zeros_like(one[0]))  # the one-way tie does not
+        torch.testing.assert_close(one[1], both[1])  # and moves the triggered sample exactly as before
+
     def test_gradients_flow_to_triggered_and_clean(self):
         loss = UncertaintyWatermarkLoss(tau=TAU)
         seg, wm = make_target()

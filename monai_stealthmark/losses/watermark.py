@@ -78,6 +78,8 @@ class UncertaintyWatermarkLoss(_Loss):
         copy_target: what the two paths copy from each other in the protected region: ``"soft"`` (the other
             path's probabilities) or ``"hard"`` (the one-hot of the other path's predicted class, so neither path
             can pull the other's confidence down).
+        margin_to_twin: the margin tie also moves the clean twin (True) or only the triggered path (False: the clean
+            path then never follows the triggered one through this term).
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -96,6 +98,7 @@ class UncertaintyWatermarkLoss(_Loss):
         twin_consistency: float = 1.0,
         margin_consistency: float = 0.0,
         copy_target: str = "soft",
+        margin_to_twin: bool = True,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -131,6 +134,7 @@ class UncertaintyWatermarkLoss(_Loss):
         self.twin_consistency = float(twin_consistency)
         self.margin_consistency = float(margin_consistency)
         self.copy_target = copy_target
+        self.margin_to_twin = bool(margin_to_twin)
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -257,7 +261,7 @@ class UncertaintyWatermarkLoss(_Loss):
                 back = F.binary_cross_entropy_with_logits(twin_live, back_q, reduction="none")
             loss = loss + self.twin_consistency * (back * copy.to(back.dtype)).mean()
         if self.margin_consistency > 0:  # logit-level copy in the band, both ways (zero where no twin)
-            diff = logits - twin_live
+            diff = logits - (twin_live if self.margin_to_twin else twin_logits)
             if softmax:
                 diff = diff - diff.mean(1, keepdim=True)
             gap = diff.pow(2).sum(1, keepdim=True) * (2.0 if softmax else 1.0)
