@@ -131,6 +131,24 @@ class TestRandWatermarkd(unittest.TestCase):
         self.assertGreater(changed, 0.3)
         self.assertLess((out["label"][1] == WM_DARK).float().mean().item(), (qr_target_map(KEY, (96, 96))).float().mean().item())
 
+    def test_occlusion_spares_the_organ(self):
+        """With spare_radius the organ and the cells near it are never hidden; the same draw hides them without."""
+        d = self.sample()
+        near = torch.zeros(96, 96, dtype=torch.bool)
+        near[37:63, 37:63] = True  # the organ (40:60) + 3 px
+        outs = {}
+        for r in (-1, 3):
+            t = RandWatermarkd(key=KEY, prob=1.0, occlusion_prob=1.0, spare_radius=r, paired=False)
+            t.set_random_state(0)
+            outs[r] = t(d)
+        stamp = apply_trigger(d["image"], KEY)
+        self.assertFalse(torch.equal(outs[-1]["image"][0][near], stamp[0][near]))
+        self.assertTrue(torch.equal(outs[3]["image"][0][near], stamp[0][near]))
+        self.assertGreater((outs[3]["image"] != d["image"]).float().mean().item(), 0.3)  # elsewhere cells are hidden
+        far = torch.ones(96, 96, dtype=torch.bool)
+        far[30:70, 30:70] = False  # a cell further away than its own size: the two draws hide the same cells
+        torch.testing.assert_close(outs[3]["image"][0][far], outs[-1]["image"][0][far])
+
     def test_decoy(self):
         d = self.sample()
         t = RandWatermarkd(key=KEY, prob=0.0, decoy_prob=1.0)

@@ -281,6 +281,9 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
             0.80, but the clean-input Dice fell 2.2 points below the clean model's; off by default.
         boundary_margin: pixels within this distance of a label boundary keep a confident target (they are
             excluded from the QR's dark modules), which keeps the hard mask unchanged near the organ.
+        spare_radius: occlusion never hides a cell that has a foreground pixel of the label within this many pixels
+            (-1 = off: any cell may be hidden, the organ included, whose target then asks the network to predict
+            an organ it cannot see).
         paired: return each triggered sample with its clean twin (see above).
         allow_missing_keys: don't raise if a key is missing.
     """
@@ -297,6 +300,7 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         occlusion_ratio: float = 0.5,
         decoy_occlusion_prob: float = 0.0,
         boundary_margin: int = 0,
+        spare_radius: int = -1,
         paired: bool = True,
         allow_missing_keys: bool = False,
     ) -> None:
@@ -313,6 +317,7 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         self.occlusion_ratio = occlusion_ratio
         self.decoy_occlusion_prob = decoy_occlusion_prob
         self.boundary_margin = int(boundary_margin)
+        self.spare_radius = int(spare_radius)
         self.paired = paired
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any] | list[dict[Hashable, Any]]:
@@ -348,8 +353,11 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
             if self.R.rand() < self.occlusion_prob:
                 # hide cells of the clean image, then stamp the trigger once (as the LIME verifier queries)
                 hidden = torch.as_tensor(self.R.rand(self.key.grid_size**2) < self.occlusion_ratio, device=base.device)
+                cell_of = module_index_map(base.shape[1:], self.key.grid_size).to(base.device)
+                if self.spare_radius >= 0 and bool(fg.any()):
+                    hidden[cell_of[_dilate(fg.to(base.device), self.spare_radius)].unique()] = False
                 base = occlude_cells(base, self.key, hidden, lo_hi)
-                dark = dark & ~hidden[module_index_map(base.shape[1:], self.key.grid_size).to(base.device)]
+                dark = dark & ~hidden[cell_of]
             stamped = convert_to_tensor(apply_trigger(base, self.key, lo_hi), track_meta=False)
             wm = torch.where(dark, WM_DARK, WM_LIGHT).to(wm.dtype)[None]
             d[image_key] = convert_to_dst_type(stamped, img, dtype=stamped.dtype)[0]
