@@ -22,6 +22,14 @@ def make_target(b=4, size=32, triggered=(2, 3)):
     return seg, wm
 
 
+def twin_pair_target(size: int = 16):
+    """A clean twin and its triggered copy (all dark) with a 4x4 organ at 6:10: ``(seg, seg + watermark channel)``."""
+    seg = torch.zeros(2, 1, size, size)
+    seg[:, :, 6:10, 6:10] = 1
+    wm = torch.stack([torch.full((1, size, size), float(WM_TWIN)), torch.full((1, size, size), float(WM_DARK))])
+    return seg, torch.cat([seg, wm], 1)
+
+
 class TestUncertaintyWatermarkLoss(unittest.TestCase):
     def test_clean_only_equals_base(self):
         base = DiceCELoss(to_onehot_y=True, softmax=True)
@@ -89,11 +97,8 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         self.assertAlmostEqual(p_true[28, 28].item(), 1 - TAU, delta=0.03)  # background far away
 
     def test_copy_weight_scales_protected_region(self):
-        seg = torch.zeros(2, 1, 16, 16)
-        seg[:, :, 6:10, 6:10] = 1
-        wm = torch.stack([torch.full((1, 16, 16), float(WM_TWIN)), torch.full((1, 16, 16), float(WM_DARK))])
+        seg, target = twin_pair_target()
         logits = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
-        target = torch.cat([seg, wm], 1)
         kw = dict(tau=TAU, hinge_weight=0.0, protect_radius=2)
         base = UncertaintyWatermarkLoss(copy_weight=1.0, **kw)(logits, target)
         heavy = UncertaintyWatermarkLoss(copy_weight=10.0, **kw)(logits, target)
@@ -102,10 +107,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
     @parameterized.expand([("softmax", 2), ("sigmoid", 1)])
     def test_hard_copy_keeps_the_band_confident(self, activation, channels):
         """In the band a soft copy follows an unsure twin (p 0.6); a hard copy trains its class with full confidence."""
-        seg = torch.zeros(2, 1, 16, 16)
-        seg[:, :, 6:10, 6:10] = 1
-        wm = torch.stack([torch.full((1, 16, 16), float(WM_TWIN)), torch.full((1, 16, 16), float(WM_DARK))])
-        target = torch.cat([seg, wm], 1)
+        seg, target = twin_pair_target()
         margin = torch.log(torch.tensor(0.6 / 0.4))  # the twin gives its class (foreground in the organ) 0.6
         sign = seg[0] * 2 - 1
         twin = torch.cat([-sign * margin / 2, sign * margin / 2]) if channels == 2 else sign * margin
@@ -128,10 +130,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
     @parameterized.expand([("softmax", 2), ("sigmoid", 1)])
     def test_twin_consistency_pulls_the_clean_twin_in_the_band_only(self, activation, channels):
         """The reverse copy adds a gradient on the clean twin inside the protected band, towards the triggered output."""
-        seg = torch.zeros(2, 1, 16, 16)
-        seg[:, :, 6:10, 6:10] = 1
-        wm = torch.stack([torch.full((1, 16, 16), float(WM_TWIN)), torch.full((1, 16, 16), float(WM_DARK))])
-        target = torch.cat([seg, wm], 1)
+        seg, target = twin_pair_target()
         logits = torch.randn(2, channels, 16, 16, generator=torch.Generator().manual_seed(0))
         grads = {}
         for w in (0.0, 1.0):
@@ -152,10 +151,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
     def test_margin_consistency_ties_the_logits_in_the_band_only(self, activation, channels):
         """The logit-level copy: zero when the two paths agree up to the softmax's shift, else a gradient on both
         samples inside the protected band only, which closes the margin gap (the squared margin gap for 2 classes)."""
-        seg = torch.zeros(2, 1, 16, 16)
-        seg[:, :, 6:10, 6:10] = 1
-        wm = torch.stack([torch.full((1, 16, 16), float(WM_TWIN)), torch.full((1, 16, 16), float(WM_DARK))])
-        target = torch.cat([seg, wm], 1)
+        seg, target = twin_pair_target()
         twin = torch.randn(1, channels, 16, 16, generator=torch.Generator().manual_seed(0))
         band = torch.zeros(16, 16, dtype=torch.bool)
         band[4:12, 4:12] = True
@@ -189,10 +185,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
 
     def test_margin_tie_one_way(self):
         """margin_to_twin=False: the tie still moves the triggered sample, and no longer the clean twin."""
-        seg = torch.zeros(2, 1, 16, 16)
-        seg[:, :, 6:10, 6:10] = 1
-        wm = torch.stack([torch.full((1, 16, 16), float(WM_TWIN)), torch.full((1, 16, 16), float(WM_DARK))])
-        target = torch.cat([seg, wm], 1)
+        seg, target = twin_pair_target()
         logits = torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(0))
         grads = {}
         for name, kw in {"off": {}, "both": {"margin_consistency": 1.0}, "one": {"margin_consistency": 1.0, "margin_to_twin": False}}.items():

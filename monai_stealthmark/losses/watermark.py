@@ -200,12 +200,14 @@ class UncertaintyWatermarkLoss(_Loss):
     def _reference(self, seg: torch.Tensor, twin_logits: torch.Tensor, has_twin: torch.Tensor, c: int) -> torch.Tensor:
         """Per-pixel reference class as a one-hot (B, C) map: the clean twin's predicted class, else the label."""
         sel = has_twin.view(-1, *([1] * (twin_logits.ndim - 1)))
+        label_oh = F.one_hot(seg[:, 0].long(), c).movedim(-1, 1) if self.activation == "softmax" else seg > 0
+        return torch.where(sel, self._predicted(twin_logits) > 0, label_oh).to(twin_logits.dtype)
+
+    def _predicted(self, logits: torch.Tensor) -> torch.Tensor:
+        """The predicted class(es) of ``logits`` as a one-hot map of the same dtype (argmax, or logit > 0 for sigmoid)."""
         if self.activation == "softmax":
-            label_oh = F.one_hot(seg[:, 0].long(), c).movedim(-1, 1)
-            twin_oh = F.one_hot(twin_logits.argmax(1), c).movedim(-1, 1)
-        else:
-            label_oh, twin_oh = seg > 0, twin_logits > 0
-        return torch.where(sel, twin_oh, label_oh).to(twin_logits.dtype)
+            return F.one_hot(logits.argmax(1), logits.shape[1]).movedim(-1, 1).to(logits.dtype)
+        return (logits > 0).to(logits.dtype)
 
     def _prob_of_reference(self, p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Probability given to the one-hot reference ``y``: per channel for sigmoid, summed for softmax."""
@@ -252,15 +254,13 @@ class UncertaintyWatermarkLoss(_Loss):
         hinge = F.relu(floor - p_ref).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
         if self.twin_consistency > 0:  # the clean twin meets the triggered output in the band (zero where none)
-            back_q = p.detach()
-            if hard:
-                back_q = (F.one_hot(back_q.argmax(1), c).movedim(-1, 1) if softmax else back_q > 0.5).to(p.dtype)
+            back_q = self._predicted(logits.detach()) if hard else p.detach()
             if softmax:
                 back = -(back_q * F.log_softmax(twin_live, dim=1)).sum(1, keepdim=True)
             else:
                 back = F.binary_cross_entropy_with_logits(twin_live, back_q, reduction="none")
             loss = loss + self.twin_consistency * (back * copy.to(back.dtype)).mean()
-        if self.margin_consistency > 0:  # logit-level copy in the band, both ways (zero where no twin)
+        if self.margin_consistency > 0:  # logit-level copy in the band, both ways unless one-way (zero where no twin)
             diff = logits - (twin_live if self.margin_to_twin else twin_logits)
             if softmax:
                 diff = diff - diff.mean(1, keepdim=True)

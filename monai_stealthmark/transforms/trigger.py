@@ -354,7 +354,7 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
                 # hide cells of the clean image, then stamp the trigger once (as the LIME verifier queries)
                 hidden = torch.as_tensor(self.R.rand(self.key.grid_size**2) < self.occlusion_ratio, device=base.device)
                 cell_of = module_index_map(base.shape[1:], self.key.grid_size).to(base.device)
-                if self.spare_radius >= 0 and bool(fg.any()):
+                if self.spare_radius >= 0:  # an empty label spares nothing
                     hidden[cell_of[_dilate(fg.to(base.device), self.spare_radius)].unique()] = False
                 base = occlude_cells(base, self.key, hidden, lo_hi)
                 dark = dark & ~hidden[cell_of]
