@@ -9,7 +9,8 @@
 2. Training: time per step with the watermark (transform + loss, triggered samples bring their twins) vs
    without, same network and batch, at poisoning ratios 0.5 (the default), 0.25 and 0.1.
 3. Validation: time of a ``SupervisedEvaluator`` run with the ASR metric (direct / LIME) vs without.
-4. Verification throughput: images per second in direct mode for several batch sizes (+ peak GPU memory).
+4. Verification throughput: images per second in direct mode and in LIME mode (1000 samples per image) for several
+   query batch sizes (+ peak GPU memory).
 Timings: warm-up, then the median (and min/max) of repeats, with CUDA synchronised.
 """
 
@@ -236,6 +237,21 @@ def run(
                 row["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
             thr.append(row)
         res["direct_throughput"] = thr
+        # LIME-mode throughput by query batch size (the perturbed images of one explained image go out in chunks)
+        lime_thr = []
+        n_img = 1 if smoke else 4
+        ns = n if smoke else 1000
+        for b in ((16, 64) if smoke else (64, 256, 1000)):
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            q = ModelQuery(net, device=dev, batch_size=b)
+            t = timeit(lambda q=q, b=b: verify_ownership(q, images[:n_img], key, mode="lime", lime_samples=ns, lime_batch_size=b),
+                       dev, repeats=max(1, reps // 2))
+            row = {"batch": b, "samples": ns, "images": n_img, "images_per_s": n_img / t["median_s"], **t}
+            if dev.type == "cuda":
+                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            lime_thr.append(row)
+        res["lime_throughput"] = lime_thr
 
     return res
 

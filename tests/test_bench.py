@@ -21,6 +21,8 @@ def test_bench_smoke_writes_json(tmp_path):
     assert set(res["validation"]["asr_value"]) == {"direct", "direct_8_images", "lime"}
     assert all(0.0 <= v <= 1.0 for v in res["validation"]["asr_value"].values())
     assert [r["batch"] for r in res["direct_throughput"]] == [1, 8, 32]
+    assert [r["batch"] for r in res["lime_throughput"]] == [16, 64]
+    assert all(r["images_per_s"] > 0 and r["samples"] == 50 for r in res["lime_throughput"])
 
 
 @pytest.mark.skipif(not DEFAULT_SUNNYBROOK_ROOT.is_dir(), reason="needs ../shared/data/sunnybrook")
