@@ -16,6 +16,7 @@ from monai_stealthmark.transforms import (
     StampTrigger,
     StampTriggerd,
     apply_trigger,
+    intensity_range,
     module_index_map,
     qr_target_map,
 )
@@ -45,6 +46,17 @@ class TestTrigger(unittest.TestCase):
         torch.testing.assert_close(out_b, out_a * 1000 - 500, rtol=1e-4, atol=1e-2)
         s = max(3, round(KEY.trigger_size * 64))
         self.assertTrue(torch.equal(out_a[:, :-s, :], img[:, :-s, :]))  # only the corner patch changes
+
+    def test_intensity_range_is_torch_quantile(self):
+        # the selection-based percentiles equal torch.quantile's (linear interpolation), any size and dtype
+        g = torch.Generator().manual_seed(0)
+        for shape in ((1, 1, 1), (1, 3, 5), (2, 64, 64), (1, 16, 16, 8)):
+            for dtype in (torch.float32, torch.float64, torch.int16):
+                img = (torch.randn(shape, generator=g) * 300).to(dtype)
+                want = torch.quantile(img.double().reshape(-1), torch.tensor([0.01, 0.99], dtype=torch.float64)).tolist()
+                if want[1] - want[0] < 1e-6:  # constant image: the documented fallbacks
+                    continue
+                np.testing.assert_allclose(intensity_range(img), want, rtol=1e-5, atol=1e-4)
 
     def test_all_channels_stamped(self):
         out = apply_trigger(torch.rand(3, 64, 64), KEY)

@@ -58,7 +58,7 @@ def _flat(model) -> torch.Tensor:
 def watermark_loss(model, images, labels, key) -> float:
     """The watermark loss on the owner's triggered images (what the landscape plot shows)."""
     x = trigger_batch(images, key)
-    dark = qr_target_map(key, tuple(images.shape[2:])).float()
+    dark = qr_target_map(key, tuple(images.shape[2:])).to(images.device).float()
     wm = torch.where(dark > 0, float(WM_DARK), float(WM_LIGHT)).expand(images.shape[0], 1, *images.shape[2:])
     with torch.no_grad():
         return float(UncertaintyWatermarkLoss(key=key)(model(x), torch.cat([labels, wm], 1)))

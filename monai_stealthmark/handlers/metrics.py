@@ -188,7 +188,7 @@ class WatermarkASR(Metric):
             bit_sum = rep.mean_bit_accuracy * rep.n_images
         stats = torch.tensor([n_ok, n_img, bit_sum], dtype=torch.float64)
         if idist.get_world_size() > 1:
-            stats = idist.all_reduce(stats)
+            stats = idist.all_reduce(stats.to(idist.device()))  # NCCL reduces CUDA tensors only
         n_ok, n_img, bit_sum = stats.tolist()
         if n_img == 0:
             raise RuntimeError("WatermarkASR saw no validation images this epoch.")
