@@ -197,6 +197,36 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         torch.testing.assert_close(one[0], torch.zeros_like(one[0]))  # the one-way tie does not
         torch.testing.assert_close(one[1], both[1])  # and moves the triggered sample exactly as before
 
+    @parameterized.expand([("softmax", 2), ("sigmoid", 1)])
+    def test_rim_margin_sharpens_the_clean_rim_only(self, activation, channels):
+        """rim_margin: gradient descent on free clean-path logits drives the background ring around the organ to
+        the target margin; the organ, the far background and triggered samples get nothing from the term."""
+        base = DiceCELoss(to_onehot_y=activation == "softmax", softmax=activation == "softmax", sigmoid=activation == "sigmoid")
+        kw = {"tau": TAU, "activation": activation, "protect_radius": 2, "rim_margin_target": 3.0}
+        seg, wm = make_target(b=2, size=32, triggered=(1,))
+        x = torch.zeros(2, channels, 32, 32, requires_grad=True)
+        on, off = UncertaintyWatermarkLoss(base, rim_margin=1.0, **kw), UncertaintyWatermarkLoss(base, **kw)
+        (on(x, torch.cat([seg, wm], 1)) - off(x, torch.cat([seg, wm], 1))).backward()
+        g = x.grad.abs().sum(1)
+        ring = torch.zeros(32, 32, dtype=torch.bool)
+        ring[6:22, 6:22] = True
+        ring[8:20, 8:20] = False  # the organ is 8:20, the ring its 2-pixel background border
+        self.assertTrue(torch.all(g[0][ring] > 0))
+        self.assertEqual(g[0][~ring].abs().sum().item(), 0.0)
+        self.assertEqual(g[1].abs().sum().item(), 0.0)  # the triggered sample: not a clean one
+        # descent on the hinge alone reaches the target margin on the ring and stops there
+        z = torch.zeros(1, channels, 32, 32, requires_grad=True)
+        opt = torch.optim.SGD([z], lr=50.0)  # the mean runs over ~180 ring pixels
+        for _ in range(200):
+            opt.zero_grad()
+            on.rim_hinge(z, seg[:1]).backward()
+            opt.step()
+        margin = (z[0, 0] - z[0, 1]) if activation == "softmax" else -z[0, 0]
+        self.assertGreater(margin.detach()[ring].min().item(), 2.9)
+        self.assertLess(on.rim_hinge(z.detach(), seg[:1]).item(), 0.01)
+        with self.assertRaisesRegex(ValueError, "rim_margin needs protect_radius >= 1"):
+            UncertaintyWatermarkLoss(tau=TAU, rim_margin=1.0, protect_radius=0)
+
     def test_gradients_flow_to_triggered_and_clean(self):
         loss = UncertaintyWatermarkLoss(tau=TAU)
         seg, wm = make_target()

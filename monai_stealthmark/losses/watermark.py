@@ -80,6 +80,11 @@ class UncertaintyWatermarkLoss(_Loss):
             can pull the other's confidence down).
         margin_to_twin: the margin tie also moves the clean twin (True) or only the triggered path (False: the clean
             path then never follows the triggered one through this term).
+        rim_margin: weight of a squared hinge on the clean samples (twins included) that keeps the background within
+            ``protect_radius`` of the label's organ confidently background: the logit margin of the label's class
+            over the best other class must reach ``rim_margin_target`` there (0 = off). A clean model holds such
+            margins by itself; watermark training softens them, and the clean path then over-segments a thin rim.
+        rim_margin_target: the logit margin the hinge asks for on that rim.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -99,6 +104,8 @@ class UncertaintyWatermarkLoss(_Loss):
         margin_consistency: float = 0.0,
         copy_target: str = "soft",
         margin_to_twin: bool = True,
+        rim_margin: float = 0.0,
+        rim_margin_target: float = 4.0,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -119,6 +126,7 @@ class UncertaintyWatermarkLoss(_Loss):
         weights = {
             "hinge_weight": hinge_weight, "dice_weight": dice_weight, "watermark_weight": watermark_weight,
             "copy_weight": copy_weight, "twin_consistency": twin_consistency, "margin_consistency": margin_consistency,
+            "rim_margin": rim_margin, "rim_margin_target": rim_margin_target,
         }
         negative = [f"{k}={v}" for k, v in weights.items() if not v >= 0]  # `not >=` also catches NaN
         if negative:
@@ -135,6 +143,10 @@ class UncertaintyWatermarkLoss(_Loss):
         self.margin_consistency = float(margin_consistency)
         self.copy_target = copy_target
         self.margin_to_twin = bool(margin_to_twin)
+        self.rim_margin = float(rim_margin)
+        self.rim_margin_target = float(rim_margin_target)
+        if self.rim_margin > 0 and self.protect_radius < 1:
+            raise ValueError(f"rim_margin needs protect_radius >= 1 (the rim's width), got {self.protect_radius}.")
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -188,7 +200,10 @@ class UncertaintyWatermarkLoss(_Loss):
         n = input.shape[0]
         total = input.new_zeros(())
         if clean.any():
-            total = total + self.base_loss(input[clean], seg[clean]) * (clean.sum() / n)
+            base = self.base_loss(input[clean], seg[clean])
+            if self.rim_margin > 0:
+                base = base + self.rim_margin * self.rim_hinge(input[clean], seg[clean])
+            total = total + base * (clean.sum() / n)
         if trig.any():
             idx = torch.nonzero(trig).flatten()
             prev = (idx - 1).clamp_min(0)
@@ -196,6 +211,20 @@ class UncertaintyWatermarkLoss(_Loss):
             wm_loss = self._triggered(input[idx], seg[idx], wm[idx], input[prev], has_twin)
             total = total + self.watermark_weight * wm_loss * (trig.sum() / n)
         return total
+
+    def rim_hinge(self, logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        """Mean squared hinge ``relu(rim_margin_target - margin)**2`` over the background pixels within
+        ``protect_radius`` of the label's organ, where ``margin`` is the background logit minus the best organ logit
+        (softmax) or minus the logit (sigmoid, per channel). Zero when no sample has an organ."""
+        if self.activation == "softmax":
+            fg = (seg > 0).to(logits.dtype)
+            margin = logits[:, :1] - logits[:, 1:].amax(1, keepdim=True)
+        else:
+            fg = (seg > 0).to(logits.dtype)  # one label channel per output channel
+            margin = -logits
+        rim = _dilate(fg, self.protect_radius) * (1 - fg)
+        hinge = F.relu(self.rim_margin_target - margin).pow(2)
+        return (hinge * rim).sum() / rim.sum().clamp_min(1.0)
 
     def _reference(self, seg: torch.Tensor, twin_logits: torch.Tensor, has_twin: torch.Tensor, c: int) -> torch.Tensor:
         """Per-pixel reference class as a one-hot (B, C) map: the clean twin's predicted class, else the label."""
