@@ -167,7 +167,10 @@ def decode_qr(modules_or_image: np.ndarray) -> list[str]:
     """
     pyzbar = require_pyzbar()
     arr = np.asarray(modules_or_image)
-    img = render_qr(arr) if arr.dtype == bool else arr.astype(np.uint8)
+    # 4 pixels per module: zbar decodes exactly the same read-outs as at 8 (181 of 220 first reads of five
+    # watermarked models, 0 of 44 clean-model / wrong-key reads, at every scale 2-8; scale 1 loses two) in about
+    # half the time (results/probes/scripts/qr_scale.py)
+    img = render_qr(arr, scale=4) if arr.dtype == bool else arr.astype(np.uint8)
     results = pyzbar.decode(img, symbols=[pyzbar.ZBarSymbol.QRCODE])
     out = []
     for r in results:
