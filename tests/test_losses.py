@@ -224,6 +224,9 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         margin = (z[0, 0] - z[0, 1]) if activation == "softmax" else -z[0, 0]
         self.assertGreater(margin.detach()[ring].min().item(), 2.9)
         self.assertLess(on.rim_hinge(z.detach(), seg[:1]).item(), 0.01)
+        # a target without a watermark channel is all clean: the hinge applies there too
+        x0 = torch.zeros(2, channels, 32, 32)
+        torch.testing.assert_close(on(x0, seg) - off(x0, seg), on.rim_hinge(x0, seg))
         with self.assertRaisesRegex(ValueError, "rim_margin needs protect_radius >= 1"):
             UncertaintyWatermarkLoss(tau=TAU, rim_margin=1.0, protect_radius=0)
 

@@ -80,7 +80,8 @@ class UncertaintyWatermarkLoss(_Loss):
             can pull the other's confidence down).
         margin_to_twin: the margin tie also moves the clean twin (True) or only the triggered path (False: the clean
             path then never follows the triggered one through this term).
-        rim_margin: weight of a squared hinge on the clean samples (twins included) that keeps the background within
+        rim_margin: weight of a squared hinge on the clean samples (twins included, and targets without a
+            watermark channel) that keeps the background within
             ``protect_radius`` of the label's organ confidently background: the logit margin of the label's class
             over the best other class must reach ``rim_margin_target`` there (0 = off). A clean model holds such
             margins by itself; watermark training softens them, and the clean path then over-segments a thin rim.
@@ -192,8 +193,9 @@ class UncertaintyWatermarkLoss(_Loss):
             target: ``(B, n_label [+1], spatial...)``.
         """
         seg, wm = self._split(input, target)
-        if wm is None:
-            return self.base_loss(input, seg)
+        if wm is None:  # all clean
+            base = self.base_loss(input, seg)
+            return base + self.rim_margin * self.rim_hinge(input, seg) if self.rim_margin > 0 else base
         flag = wm.flatten(1).amax(1)
         clean = (flag == WM_CLEAN) | (flag == WM_TWIN)
         trig = ~clean
