@@ -224,6 +224,13 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         margin = (z[0, 0] - z[0, 1]) if activation == "softmax" else -z[0, 0]
         self.assertGreater(margin.detach()[ring].min().item(), 2.9)
         self.assertLess(on.rim_hinge(z.detach(), seg[:1]).item(), 0.01)
+        # rim_on_triggered: the triggered sample's ring gets the hinge too, the clean one exactly as before
+        both = UncertaintyWatermarkLoss(base, rim_margin=1.0, rim_on_triggered=True, **kw)
+        y = torch.zeros(2, channels, 32, 32, requires_grad=True)
+        (both(y, torch.cat([seg, wm], 1)) - on(y, torch.cat([seg, wm], 1))).backward()
+        self.assertTrue(torch.all(y.grad[1].abs().sum(0)[ring] > 0))
+        self.assertEqual(y.grad[1].abs().sum(0)[~ring].sum().item(), 0.0)
+        self.assertLess(y.grad[0].abs().max().item(), 1e-5)
         # a target without a watermark channel is all clean: the hinge applies there too
         x0 = torch.zeros(2, channels, 32, 32)
         torch.testing.assert_close(on(x0, seg) - off(x0, seg), on.rim_hinge(x0, seg))

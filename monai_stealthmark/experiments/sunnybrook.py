@@ -88,6 +88,7 @@ class ExperimentConfig:
         margin_to_twin: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
         spare_radius: see :class:`~monai_stealthmark.transforms.RandWatermarkd` (-1 = off).
         rim_margin: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = off).
+        rim_on_triggered: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
         simulate_attacks: share of iterations trained at attacked weights
             (:class:`~monai_stealthmark.handlers.SimulatedAttacks`, ComMark's idea; 0 = off).
         coupling_weight: weight of :class:`~monai_stealthmark.losses.FeatureCouplingLoss` (DeepTracer's idea;
@@ -122,6 +123,7 @@ class ExperimentConfig:
         self.margin_to_twin = True
         self.spare_radius = -1
         self.rim_margin = 0.0
+        self.rim_on_triggered = False
         self.spatial_aug = False
         self.cutmix_prob = 0.5
         self.arch = "unet"
@@ -222,6 +224,7 @@ def train_model(
             copy_target=cfg.copy_target,
             margin_to_twin=cfg.margin_to_twin,
             rim_margin=cfg.rim_margin,
+            rim_on_triggered=cfg.rim_on_triggered,
         )
         if cfg.coupling_weight > 0:
             loss = FeatureCouplingLoss(net, cfg.coupling_layer, loss, weight=cfg.coupling_weight)
@@ -371,11 +374,11 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
 # settings that shape only the watermarked model (the clean one trains without them) or only the verification
 _WATERMARK_ONLY = (
     "prob", "tau", "trigger", "trigger_amplitude", "occlusion_prob", "decoy_prob", "decoy_occlusion_prob", "copy_weight", "watermark_weight", "twin_consistency",
-    "margin_consistency", "protect_radius", "copy_target", "margin_to_twin", "spare_radius", "rim_margin", "simulate_attacks", "coupling_weight", "coupling_layer", "badnet",
+    "margin_consistency", "protect_radius", "copy_target", "margin_to_twin", "spare_radius", "rim_margin", "rim_on_triggered", "simulate_attacks", "coupling_weight", "coupling_layer", "badnet",
 )
 _VERIFY_ONLY = ("lime_samples",)
 # settings added after models were saved: a record without them was trained with these values
-_ADDED_LATER = {"trigger": "patch", "trigger_amplitude": 0.1, "cutmix_prob": 0.0, "margin_consistency": 0.0, "watermark_weight": 3.0, "protect_radius": 3, "copy_target": "soft", "margin_to_twin": True, "spare_radius": -1, "rim_margin": 0.0}
+_ADDED_LATER = {"trigger": "patch", "trigger_amplitude": 0.1, "cutmix_prob": 0.0, "margin_consistency": 0.0, "watermark_weight": 3.0, "protect_radius": 3, "copy_target": "soft", "margin_to_twin": True, "spare_radius": -1, "rim_margin": 0.0, "rim_on_triggered": False}
 
 
 def _training_settings(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
@@ -459,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--margin-one-way", action="store_true", default=None, help="the margin tie moves the triggered path only")
     p.add_argument("--spare-radius", type=int, default=None, help="occlusion never hides cells this close to the organ (-1 = off)")
     p.add_argument("--rim-margin", type=float, default=None, help="weight of the clean path's rim-confidence hinge (0 = off)")
+    p.add_argument("--rim-triggered", action="store_true", default=None, help="the rim hinge also on triggered samples")
     p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None, help="the key's trigger kind (default: patch)")
     p.add_argument("--trigger-amplitude", type=float, default=None, help="blend amplitude of the noise / lowfreq trigger")
     p.add_argument("--cutmix-prob", type=float, default=None, help="share of training slices with a pasted box of another (0 = off)")
@@ -472,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         cutmix_prob=a.cutmix_prob, margin_consistency=a.margin_consistency, watermark_weight=a.watermark_weight,
         protect_radius=a.protect_radius, copy_target=a.copy_target,
         spare_radius=a.spare_radius, margin_to_twin=None if a.margin_one_way is None else not a.margin_one_way,
-        rim_margin=a.rim_margin,
+        rim_margin=a.rim_margin, rim_on_triggered=a.rim_triggered,
     )
     res = run(cfg, a.out, a.device)
     print(results_markdown(res, cfg))

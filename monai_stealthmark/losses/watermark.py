@@ -86,6 +86,8 @@ class UncertaintyWatermarkLoss(_Loss):
             over the best other class must reach ``rim_margin_target`` there (0 = off). A clean model holds such
             margins by itself; watermark training softens them, and the clean path then over-segments a thin rim.
         rim_margin_target: the logit margin the hinge asks for on that rim.
+        rim_on_triggered: apply the rim hinge to the triggered samples too (their rim lies in the protected band,
+            never in a QR module), so both paths keep the same sharp boundary.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -107,6 +109,7 @@ class UncertaintyWatermarkLoss(_Loss):
         margin_to_twin: bool = True,
         rim_margin: float = 0.0,
         rim_margin_target: float = 4.0,
+        rim_on_triggered: bool = False,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -146,6 +149,7 @@ class UncertaintyWatermarkLoss(_Loss):
         self.margin_to_twin = bool(margin_to_twin)
         self.rim_margin = float(rim_margin)
         self.rim_margin_target = float(rim_margin_target)
+        self.rim_on_triggered = bool(rim_on_triggered)
         if self.rim_margin > 0 and self.protect_radius < 1:
             raise ValueError(f"rim_margin needs protect_radius >= 1 (the rim's width), got {self.protect_radius}.")
         softmax = activation == "softmax"
@@ -212,6 +216,8 @@ class UncertaintyWatermarkLoss(_Loss):
             has_twin = (idx > 0) & (flag[prev] == WM_TWIN)
             wm_loss = self._triggered(input[idx], seg[idx], wm[idx], input[prev], has_twin)
             total = total + self.watermark_weight * wm_loss * (trig.sum() / n)
+            if self.rim_margin > 0 and self.rim_on_triggered:
+                total = total + self.rim_margin * self.rim_hinge(input[idx], seg[idx]) * (trig.sum() / n)
         return total
 
     def rim_hinge(self, logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
