@@ -231,6 +231,18 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         self.assertTrue(torch.all(y.grad[1].abs().sum(0)[ring] > 0))
         self.assertEqual(y.grad[1].abs().sum(0)[~ring].sum().item(), 0.0)
         self.assertLess(y.grad[0].abs().max().item(), 1e-5)
+        # rim_sides="both": the organ's own inner ring (2 px inside its border) joins the background ring
+        sym = UncertaintyWatermarkLoss(base, rim_margin=1.0, rim_sides="both", **kw)
+        w = torch.zeros(1, channels, 32, 32, requires_grad=True)
+        sym.rim_hinge(w, seg[:1]).backward()
+        inner = torch.zeros(32, 32, dtype=torch.bool)
+        inner[8:20, 8:20] = True
+        inner[10:18, 10:18] = False
+        gw = w.grad[0].abs().sum(0)
+        self.assertTrue(torch.all(gw[ring | inner] > 0))
+        self.assertEqual(gw[~(ring | inner)].sum().item(), 0.0)
+        with self.assertRaisesRegex(ValueError, "rim_sides"):
+            UncertaintyWatermarkLoss(tau=TAU, rim_sides="inner")
         # a target without a watermark channel is all clean: the hinge applies there too
         x0 = torch.zeros(2, channels, 32, 32)
         torch.testing.assert_close(on(x0, seg) - off(x0, seg), on.rim_hinge(x0, seg))

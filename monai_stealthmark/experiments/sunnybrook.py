@@ -89,6 +89,7 @@ class ExperimentConfig:
         spare_radius: see :class:`~monai_stealthmark.transforms.RandWatermarkd` (-1 = off).
         rim_margin: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = off).
         rim_on_triggered: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
+        rim_sides: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
         simulate_attacks: share of iterations trained at attacked weights
             (:class:`~monai_stealthmark.handlers.SimulatedAttacks`, ComMark's idea; 0 = off).
         coupling_weight: weight of :class:`~monai_stealthmark.losses.FeatureCouplingLoss` (DeepTracer's idea;
@@ -124,6 +125,7 @@ class ExperimentConfig:
         self.spare_radius = -1
         self.rim_margin = 0.0
         self.rim_on_triggered = False
+        self.rim_sides = "outer"
         self.spatial_aug = False
         self.cutmix_prob = 0.5
         self.arch = "unet"
@@ -225,6 +227,7 @@ def train_model(
             margin_to_twin=cfg.margin_to_twin,
             rim_margin=cfg.rim_margin,
             rim_on_triggered=cfg.rim_on_triggered,
+            rim_sides=cfg.rim_sides,
         )
         if cfg.coupling_weight > 0:
             loss = FeatureCouplingLoss(net, cfg.coupling_layer, loss, weight=cfg.coupling_weight)
@@ -374,11 +377,11 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
 # settings that shape only the watermarked model (the clean one trains without them) or only the verification
 _WATERMARK_ONLY = (
     "prob", "tau", "trigger", "trigger_amplitude", "occlusion_prob", "decoy_prob", "decoy_occlusion_prob", "copy_weight", "watermark_weight", "twin_consistency",
-    "margin_consistency", "protect_radius", "copy_target", "margin_to_twin", "spare_radius", "rim_margin", "rim_on_triggered", "simulate_attacks", "coupling_weight", "coupling_layer", "badnet",
+    "margin_consistency", "protect_radius", "copy_target", "margin_to_twin", "spare_radius", "rim_margin", "rim_on_triggered", "rim_sides", "simulate_attacks", "coupling_weight", "coupling_layer", "badnet",
 )
 _VERIFY_ONLY = ("lime_samples",)
 # settings added after models were saved: a record without them was trained with these values
-_ADDED_LATER = {"trigger": "patch", "trigger_amplitude": 0.1, "cutmix_prob": 0.0, "margin_consistency": 0.0, "watermark_weight": 3.0, "protect_radius": 3, "copy_target": "soft", "margin_to_twin": True, "spare_radius": -1, "rim_margin": 0.0, "rim_on_triggered": False}
+_ADDED_LATER = {"trigger": "patch", "trigger_amplitude": 0.1, "cutmix_prob": 0.0, "margin_consistency": 0.0, "watermark_weight": 3.0, "protect_radius": 3, "copy_target": "soft", "margin_to_twin": True, "spare_radius": -1, "rim_margin": 0.0, "rim_on_triggered": False, "rim_sides": "outer"}
 
 
 def _training_settings(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
@@ -463,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spare-radius", type=int, default=None, help="occlusion never hides cells this close to the organ (-1 = off)")
     p.add_argument("--rim-margin", type=float, default=None, help="weight of the clean path's rim-confidence hinge (0 = off)")
     p.add_argument("--rim-triggered", action="store_true", default=None, help="the rim hinge also on triggered samples")
+    p.add_argument("--rim-sides", choices=("outer", "both"), default=None, help="the rim hinge on the background ring only, or both sides")
     p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None, help="the key's trigger kind (default: patch)")
     p.add_argument("--trigger-amplitude", type=float, default=None, help="blend amplitude of the noise / lowfreq trigger")
     p.add_argument("--cutmix-prob", type=float, default=None, help="share of training slices with a pasted box of another (0 = off)")
@@ -476,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         cutmix_prob=a.cutmix_prob, margin_consistency=a.margin_consistency, watermark_weight=a.watermark_weight,
         protect_radius=a.protect_radius, copy_target=a.copy_target,
         spare_radius=a.spare_radius, margin_to_twin=None if a.margin_one_way is None else not a.margin_one_way,
-        rim_margin=a.rim_margin, rim_on_triggered=a.rim_triggered,
+        rim_margin=a.rim_margin, rim_on_triggered=a.rim_triggered, rim_sides=a.rim_sides,
     )
     res = run(cfg, a.out, a.device)
     print(results_markdown(res, cfg))

@@ -86,6 +86,8 @@ class UncertaintyWatermarkLoss(_Loss):
             over the best other class must reach ``rim_margin_target`` there (0 = off). A clean model holds such
             margins by itself; watermark training softens them, and the clean path then over-segments a thin rim.
         rim_margin_target: the logit margin the hinge asks for on that rim.
+        rim_sides: ``"outer"`` (the background ring only) or ``"both"`` (also the organ's own inner ring, held at
+            the same margin for the organ class: a sharp boundary on either side).
         rim_on_triggered: apply the rim hinge to the triggered samples too (their rim lies in the protected band,
             never in a QR module), so both paths keep the same sharp boundary.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
@@ -110,6 +112,7 @@ class UncertaintyWatermarkLoss(_Loss):
         rim_margin: float = 0.0,
         rim_margin_target: float = 4.0,
         rim_on_triggered: bool = False,
+        rim_sides: str = "outer",
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -150,6 +153,9 @@ class UncertaintyWatermarkLoss(_Loss):
         self.rim_margin = float(rim_margin)
         self.rim_margin_target = float(rim_margin_target)
         self.rim_on_triggered = bool(rim_on_triggered)
+        if rim_sides not in ("outer", "both"):
+            raise ValueError(f"rim_sides must be 'outer' or 'both', got {rim_sides!r}.")
+        self.rim_sides = rim_sides
         if self.rim_margin > 0 and self.protect_radius < 1:
             raise ValueError(f"rim_margin needs protect_radius >= 1 (the rim's width), got {self.protect_radius}.")
         softmax = activation == "softmax"
@@ -222,15 +228,18 @@ class UncertaintyWatermarkLoss(_Loss):
 
     def rim_hinge(self, logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         """Mean squared hinge ``relu(rim_margin_target - margin)**2`` over the background pixels within
-        ``protect_radius`` of the label's organ, where ``margin`` is the background logit minus the best organ logit
-        (softmax) or minus the logit (sigmoid, per channel). Zero when no sample has an organ."""
+        ``protect_radius`` of the label's organ (and, with ``rim_sides="both"``, the organ pixels within that radius
+        of the background), where ``margin`` is the label class's logit minus the best other class's (softmax) or
+        the logit signed by the label (sigmoid, per channel). Zero when no sample has an organ."""
+        fg = (seg > 0).to(logits.dtype)  # softmax: one class-index channel; sigmoid: one channel per output
         if self.activation == "softmax":
-            fg = (seg > 0).to(logits.dtype)
-            margin = logits[:, :1] - logits[:, 1:].amax(1, keepdim=True)
+            y = F.one_hot(seg[:, 0].long(), logits.shape[1]).movedim(-1, 1).bool()
+            margin = (logits * y).sum(1, keepdim=True) - logits.masked_fill(y, float("-inf")).amax(1, keepdim=True)
         else:
-            fg = (seg > 0).to(logits.dtype)  # one label channel per output channel
-            margin = -logits
+            margin = torch.where(fg > 0, logits, -logits)
         rim = _dilate(fg, self.protect_radius) * (1 - fg)
+        if self.rim_sides == "both":
+            rim = rim + fg * _dilate(1 - fg, self.protect_radius)
         hinge = F.relu(self.rim_margin_target - margin).pow(2)
         return (hinge * rim).sum() / rim.sum().clamp_min(1.0)
 
