@@ -81,10 +81,11 @@ class UncertaintyWatermarkLoss(_Loss):
         margin_to_twin: the margin tie also moves the clean twin (True) or only the triggered path (False: the clean
             path then never follows the triggered one through this term).
         rim_margin: weight of a squared hinge on the clean samples (twins included, and targets without a
-            watermark channel) that keeps the background within
-            ``protect_radius`` of the label's organ confidently background: the logit margin of the label's class
-            over the best other class must reach ``rim_margin_target`` there (0 = off). A clean model holds such
-            margins by itself; watermark training softens them, and the clean path then over-segments a thin rim.
+            watermark channel) that keeps the background within ``protect_radius`` of the label's organ confidently
+            background: the logit margin of the label's class over the best other class must reach
+            ``rim_margin_target`` there (0 = off). A clean model holds such margins by itself; watermark training
+            softens them, and the clean path then over-segments a thin rim (measured on the Sunnybrook demo; on a
+            patient the models under-segment it shrinks the mask further, see README).
         rim_margin_target: the logit margin the hinge asks for on that rim.
         rim_sides: ``"outer"`` (the background ring only) or ``"both"`` (also the organ's own inner ring, held at
             the same margin for the organ class: a sharp boundary on either side).
