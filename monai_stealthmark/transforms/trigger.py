@@ -91,17 +91,19 @@ def qr_target_map(key: WatermarkKey, spatial_shape: Sequence[int]) -> torch.Tens
     return dark[module_index_map(spatial_shape, key.grid_size)]
 
 
-def _quantile(t: torch.Tensor, q: float) -> float:
-    """``torch.quantile(t, q)`` (linear interpolation) of a flat tensor from two order statistics: ``kthvalue`` is a
+def _quantiles(t: torch.Tensor, qs: Sequence[float]) -> list[float]:
+    """``torch.quantile(t, qs)`` (linear interpolation) of a flat tensor from order statistics: ``kthvalue`` is a
     selection, not the full sort that ``torch.quantile`` runs (8x faster on a 128x128 image; it runs for every
-    triggered training sample)."""
-    pos = (t.numel() - 1) * q
-    lo = int(pos)
-    v_lo = float(torch.kthvalue(t, lo + 1).values)
-    if lo + 1 >= t.numel():
-        return v_lo
-    v_hi = float(torch.kthvalue(t, lo + 2).values)
-    return v_lo + (v_hi - v_lo) * (pos - lo)
+    triggered training sample). One host transfer for all of them."""
+    n = t.numel()
+    picks, fracs = [], []
+    for q in qs:
+        pos = (n - 1) * float(q)
+        lo = int(pos)
+        picks += [torch.kthvalue(t, lo + 1).values, torch.kthvalue(t, min(lo + 2, n)).values]
+        fracs.append(pos - lo)
+    v = torch.stack(picks).tolist()
+    return [v[2 * i] + (v[2 * i + 1] - v[2 * i]) * f for i, f in enumerate(fracs)]
 
 
 def intensity_range(img: torch.Tensor | np.ndarray, max_elements: int = 1_000_000) -> tuple[float, float]:
@@ -113,7 +115,7 @@ def intensity_range(img: torch.Tensor | np.ndarray, max_elements: int = 1_000_00
         raise ValueError("the image contains NaN or infinite values.")
     if t.numel() > max_elements:
         t = t[:: int(np.ceil(t.numel() / max_elements))]
-    lo, hi = (_quantile(t, q) for q in (0.01, 0.99))
+    lo, hi = _quantiles(t, (0.01, 0.99))
     if hi - lo < 1e-6:
         lo, hi = float(t.min()), float(t.max())
     if hi - lo < 1e-6:
