@@ -93,7 +93,7 @@ def qr_target_map(key: WatermarkKey, spatial_shape: Sequence[int]) -> torch.Tens
 
 def _quantiles(t: torch.Tensor, qs: Sequence[float]) -> list[float]:
     """``torch.quantile(t, qs)`` (linear interpolation) of a flat tensor from order statistics: ``kthvalue`` is a
-    selection, not the full sort that ``torch.quantile`` runs (8x faster on a 128x128 image; it runs for every
+    selection, not the full sort that ``torch.quantile`` runs (about 7x faster on a 128x128 image; it runs for every
     triggered training sample). One host transfer for all of them."""
     n = t.numel()
     picks, fracs = [], []
