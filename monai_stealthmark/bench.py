@@ -225,32 +225,31 @@ def run(
         }
 
     if "throughput" in todo:
+
+        def throughput(fn: Callable[[], Any], n_images: int, repeats: int, **fields: Any) -> dict[str, Any]:
+            """Images per second of ``fn`` (which verifies ``n_images``), with its timings and peak GPU memory."""
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            t = timeit(fn, dev, repeats=repeats)
+            row = {**fields, "images_per_s": n_images / t["median_s"], **t}
+            if dev.type == "cuda":
+                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+            return row
+
         # 4. direct-mode throughput by batch size
         thr = []
         for b in (1, 8, 32):
             x = images[:b] if images.shape[0] >= b else images.repeat((b + images.shape[0] - 1) // images.shape[0], 1, 1, 1)[:b]
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
-            t = timeit(lambda x=x: verify_ownership(ModelQuery(net, device=dev, batch_size=b), x, key), dev, repeats=reps)
-            row = {"batch": b, "images_per_s": b / t["median_s"], **t}
-            if dev.type == "cuda":
-                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-            thr.append(row)
+            thr.append(throughput(lambda x=x, b=b: verify_ownership(ModelQuery(net, device=dev, batch_size=b), x, key), b, reps, batch=b))
         res["direct_throughput"] = thr
         # LIME-mode throughput by query batch size (the perturbed images of one explained image go out in chunks)
         lime_thr = []
         n_img = 1 if smoke else 4
         ns = n if smoke else 1000
         for b in ((16, 64) if smoke else (64, 256, 1000)):
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(dev)
             q = ModelQuery(net, device=dev, batch_size=b)
-            t = timeit(lambda q=q, b=b: verify_ownership(q, images[:n_img], key, mode="lime", lime_samples=ns, lime_batch_size=b),
-                       dev, repeats=max(1, reps // 2))
-            row = {"batch": b, "samples": ns, "images": n_img, "images_per_s": n_img / t["median_s"], **t}
-            if dev.type == "cuda":
-                row["peak_mem_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
-            lime_thr.append(row)
+            fn = lambda q=q, b=b: verify_ownership(q, images[:n_img], key, mode="lime", lime_samples=ns, lime_batch_size=b)  # noqa: E731
+            lime_thr.append(throughput(fn, n_img, max(1, reps // 2), batch=b, samples=ns, images=n_img))
         res["lime_throughput"] = lime_thr
 
     return res

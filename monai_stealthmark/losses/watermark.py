@@ -205,18 +205,14 @@ class UncertaintyWatermarkLoss(_Loss):
         """
         seg, wm = self._split(input, target)
         if wm is None:  # all clean
-            base = self.base_loss(input, seg)
-            return base + self.rim_margin * self.rim_hinge(input, seg) if self.rim_margin > 0 else base
+            return self._clean(input, seg)
         flag = wm.flatten(1).amax(1)
         clean = (flag == WM_CLEAN) | (flag == WM_TWIN)
         trig = ~clean
         n = input.shape[0]
         total = input.new_zeros(())
         if clean.any():
-            base = self.base_loss(input[clean], seg[clean])
-            if self.rim_margin > 0:
-                base = base + self.rim_margin * self.rim_hinge(input[clean], seg[clean])
-            total = total + base * (clean.sum() / n)
+            total = total + self._clean(input[clean], seg[clean]) * (clean.sum() / n)
         if trig.any():
             idx = torch.nonzero(trig).flatten()
             prev = (idx - 1).clamp_min(0)
@@ -227,17 +223,26 @@ class UncertaintyWatermarkLoss(_Loss):
                 total = total + self.rim_margin * self.rim_hinge(input[idx], seg[idx]) * (trig.sum() / n)
         return total
 
+    def _clean(self, logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
+        """The clean samples' loss: the base loss, plus the rim hinge when it is on."""
+        base = self.base_loss(logits, seg)
+        return base + self.rim_margin * self.rim_hinge(logits, seg) if self.rim_margin > 0 else base
+
+    def _label_onehot(self, seg: torch.Tensor, c: int) -> torch.Tensor:
+        """The label as a boolean one-hot ``(B, C, ...)`` map (softmax: from class indices; sigmoid: ``seg > 0``)."""
+        return F.one_hot(seg[:, 0].long(), c).movedim(-1, 1).bool() if self.activation == "softmax" else seg > 0
+
     def rim_hinge(self, logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
         """Mean squared hinge ``relu(rim_margin_target - margin)**2`` over the background pixels within
         ``protect_radius`` of the label's organ (and, with ``rim_sides="both"``, the organ pixels within that radius
         of the background), where ``margin`` is the label class's logit minus the best other class's (softmax) or
         the logit signed by the label (sigmoid, per channel). Zero when no sample has an organ."""
         fg = (seg > 0).to(logits.dtype)  # softmax: one class-index channel; sigmoid: one channel per output
+        y = self._label_onehot(seg, logits.shape[1])
         if self.activation == "softmax":
-            y = F.one_hot(seg[:, 0].long(), logits.shape[1]).movedim(-1, 1).bool()
             margin = (logits * y).sum(1, keepdim=True) - logits.masked_fill(y, float("-inf")).amax(1, keepdim=True)
         else:
-            margin = torch.where(fg > 0, logits, -logits)
+            margin = torch.where(y, logits, -logits)
         rim = _dilate(fg, self.protect_radius) * (1 - fg)
         if self.rim_sides == "both":
             rim = rim + fg * _dilate(1 - fg, self.protect_radius)
@@ -247,8 +252,7 @@ class UncertaintyWatermarkLoss(_Loss):
     def _reference(self, seg: torch.Tensor, twin_logits: torch.Tensor, has_twin: torch.Tensor, c: int) -> torch.Tensor:
         """Per-pixel reference class as a one-hot (B, C) map: the clean twin's predicted class, else the label."""
         sel = has_twin.view(-1, *([1] * (twin_logits.ndim - 1)))
-        label_oh = F.one_hot(seg[:, 0].long(), c).movedim(-1, 1) if self.activation == "softmax" else seg > 0
-        return torch.where(sel, self._predicted(twin_logits) > 0, label_oh).to(twin_logits.dtype)
+        return torch.where(sel, self._predicted(twin_logits) > 0, self._label_onehot(seg, c)).to(twin_logits.dtype)
 
     def _predicted(self, logits: torch.Tensor) -> torch.Tensor:
         """The predicted class(es) of ``logits`` as a one-hot map of the same dtype (argmax, or logit > 0 for sigmoid)."""
