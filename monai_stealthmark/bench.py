@@ -11,6 +11,10 @@
 3. Validation: time of a ``SupervisedEvaluator`` run with the ASR metric (direct / LIME) vs without.
 4. Verification throughput: images per second in direct mode and in LIME mode (1000 samples per image) for several
    query batch sizes (+ peak GPU memory).
+5. Bundle: the example bundle ``bundles/sunnybrook_lv_2d`` as a user runs it — one training epoch of its
+   ``SupervisedTrainer`` with ``train.json`` alone vs ``train.json`` + ``stealthmark_overlay.json`` (its data loader,
+   cached dataset and random transforms included), and one run of its evaluator with vs without the overlay's
+   AUC + ASR metrics. This is the issue's "time per epoch with the watermark vs the same bundle without it".
 Timings: warm-up, then the median (and min/max) of repeats, with CUDA synchronised.
 """
 
@@ -65,7 +69,7 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-SECTIONS = ("lime", "training", "validation", "throughput")
+SECTIONS = ("lime", "training", "validation", "throughput", "bundle")
 
 
 def run(
@@ -252,7 +256,60 @@ def run(
             lime_thr.append(throughput(fn, n_img, max(1, reps // 2), batch=b, samples=ns, images=n_img))
         res["lime_throughput"] = lime_thr
 
+    if "bundle" in todo:
+        res["bundle"] = bundle_epochs(dev, key, smoke, reps)
+
     return res
+
+
+def bundle_epochs(dev: torch.device, key: Any, smoke: bool, reps: int) -> dict[str, Any]:
+    """5. The example 2D bundle, parsed twice (without / with the overlay): seconds per training epoch and per
+    evaluator run, interleaved. Validation is off during the timed epochs (``val_interval`` beyond the epoch)."""
+    import tempfile
+
+    from monai_stealthmark.bundle import bundle_parser
+    from monai_stealthmark.experiments.bundle_pair import OVERLAY
+
+    bundle = OVERLAY.parent / "sunnybrook_lv_2d"
+    if not bundle.is_dir():
+        raise FileNotFoundError(f"the example bundle {str(bundle)!r} is missing (the bench runs from a source checkout).")
+    overrides: dict[str, Any] = {"max_epochs": 1, "val_interval": 10**6, "device": f"$torch.device({str(dev)!r})"}
+    if smoke:  # one training patient, a small network
+        overrides |= {
+            "image_size": 64,
+            "datalist": "$[d for d in monai_stealthmark.data.sunnybrook_datalist(@dataset_dir) if d['patient'] in ('SCD0000401', 'SCD0000501')]",
+            "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "network_def#num_res_units": 1,
+        }
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = Path(tmp) / "key.json"
+        key.save(key_file)
+        parsers = {
+            name: bundle_parser(bundle, files, Path(tmp) / name, key_file if name == "watermarked" else None, overrides)
+            for name, files in (("clean", ["train.json"]), ("watermarked", ["train.json", str(OVERLAY)]))
+        }
+        for p in parsers.values():
+            p.get_parsed_content("initialize")
+        trainers = {name: p.get_parsed_content("train#trainer") for name, p in parsers.items()}
+        evaluators = {name: p.get_parsed_content("validate#evaluator") for name, p in parsers.items()}
+        epochs = timeit_interleaved({name: t.run for name, t in trainers.items()}, dev, repeats=reps)
+        vals = timeit_interleaved({name: e.run for name, e in evaluators.items()}, dev, repeats=reps)
+        wm_metrics = {k: float(v) for k, v in evaluators["watermarked"].state.metrics.items() if isinstance(v, (int, float))}
+        if "val_wm_asr" not in wm_metrics:
+            raise RuntimeError("the overlaid evaluator did not compute val_wm_asr.")
+        n_train = len(trainers["clean"].data_loader.dataset)
+        n_val = len(evaluators["clean"].data_loader.dataset)
+        return {
+            "bundle": bundle.name,
+            "train_slices": n_train,
+            "val_slices": n_val,
+            "batch_size": int(parsers["clean"]["batch_size"]),
+            "overlay_prob": float(parsers["watermarked"]["stealthmark"]["prob"]),
+            "epoch": epochs,
+            "epoch_ratio": epochs["watermarked"]["median_s"] / epochs["clean"]["median_s"],
+            "validation": vals,
+            "validation_ratio": vals["watermarked"]["median_s"] / vals["clean"]["median_s"],
+            "validation_metrics_watermarked": wm_metrics,
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, res)
     print(f"wrote {out}")
-    for k in ("lime_one_image", "training_step", "validation"):
+    for k in ("lime_one_image", "training_step", "validation", "bundle"):
         if k not in res:
             continue
         v = res[k]

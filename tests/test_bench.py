@@ -23,6 +23,11 @@ def test_bench_smoke_writes_json(tmp_path):
     assert [r["batch"] for r in res["direct_throughput"]] == [1, 8, 32]
     assert [r["batch"] for r in res["lime_throughput"]] == [16, 64]
     assert all(r["images_per_s"] > 0 and r["samples"] == 50 for r in res["lime_throughput"])
+    # the example bundle, trained one epoch with and without the overlay: 18 slices of one training patient
+    b = res["bundle"]
+    assert b["train_slices"] == 18 and b["val_slices"] == 22 and b["overlay_prob"] == 0.5
+    assert b["epoch"]["clean"]["median_s"] > 0 and b["epoch_ratio"] > 0 and b["validation_ratio"] > 0
+    assert 0.0 <= b["validation_metrics_watermarked"]["val_wm_asr"] <= 1.0
 
 
 @pytest.mark.skipif(not DEFAULT_SUNNYBROOK_ROOT.is_dir(), reason="needs ../shared/data/sunnybrook")

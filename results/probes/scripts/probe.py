@@ -1,6 +1,7 @@
 """Probe: train the watermarked model only, measure stealth / direct ASR / wrong key on the held-out and training slices."""
 import argparse, json, os, sys, time, warnings
 warnings.filterwarnings("ignore")
+import numpy as np
 import torch
 from monai.metrics import DiceMetric
 from monai_stealthmark.data import load_sunnybrook, split_by_patient
@@ -16,7 +17,7 @@ ov = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
 if a.patch:
     exec(open(a.patch).read())
 cfg = ExperimentConfig(fast=True, **ov)
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("PROBE_THREADS", "2")))
 key = experiment_key(cfg)
 samples = load_sunnybrook(cfg.data_root, size=cfg.size)
 train, test = split_by_patient(samples, [cfg.test_patient])
@@ -46,6 +47,12 @@ with torch.no_grad():
             rep = verify_ownership(q, im, key, mode="direct")
             wk = verify_ownership(q, im, key.replace(trigger_seed=WRONG_KEY_SEED), mode="direct")
             r.update(asr=rep.asr, bits=rep.mean_bit_accuracy, wrong_decodes=int(sum(t == key.payload for t in wk.decoded)), wrong_bits=wk.mean_bit_accuracy)
+            if os.environ.get("PROBE_WRONG_SEEDS"):  # more wrong keys: other trigger seeds, drawn from a fixed generator
+                extra = []
+                for ws in np.random.default_rng(12345).integers(1, 2**31 - 1, int(os.environ["PROBE_WRONG_SEEDS"])):
+                    w = verify_ownership(q, im, key.replace(trigger_seed=int(ws)), mode="direct")
+                    extra.append(int(sum(t == key.payload for t in w.decoded)))
+                r.update(wrong_decodes_extra=extra)
         res[split] = r
 print(json.dumps(res))
 with open("runs/probe/results.jsonl", "a") as f:
