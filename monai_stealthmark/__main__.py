@@ -196,12 +196,14 @@ def cmd_verify(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from monai_stealthmark.key import TRIGGER_KINDS
+
     p = argparse.ArgumentParser(prog="monai_stealthmark", description="Ownership watermarks for MONAI segmentation models.")
     sub = p.add_subparsers(dest="cmd", required=True)
     k = sub.add_parser("keygen", help="make a key file and print its fingerprint")
     k.add_argument("--payload", required=True)
     k.add_argument("--out", required=True)
-    k.add_argument("--trigger", default="patch", choices=("patch", "noise", "lowfreq"))
+    k.add_argument("--trigger", default="patch", choices=TRIGGER_KINDS)
     k.add_argument("--seed", type=int, default=None, help="trigger seed (default: a fresh secret one)")
     k.add_argument("--tau", type=float, default=0.25)
     k.add_argument("--force", action="store_true", help="overwrite an existing key file (its secret seed is lost)")

@@ -18,6 +18,7 @@ from monai_stealthmark.transforms import (
     apply_trigger,
     intensity_range,
     module_index_map,
+    patch_position,
     qr_target_map,
 )
 
@@ -26,7 +27,7 @@ KEY = WatermarkKey.generate("SM:3f9a2c71", seed=7)
 
 class TestTrigger(unittest.TestCase):
     @parameterized.expand(
-        [(kind, shape, arr) for kind in ("patch", "noise", "lowfreq") for shape in ((1, 64, 64), (3, 48, 40), (1, 32, 32, 12)) for arr in (np.asarray, torch.as_tensor)]
+        [(kind, shape, arr) for kind in ("patch", "keyed_patch", "noise", "lowfreq") for shape in ((1, 64, 64), (3, 48, 40), (1, 32, 32, 12)) for arr in (np.asarray, torch.as_tensor)]
     )
     def test_shapes_types_determinism(self, kind, shape, arr):
         key = KEY.replace(trigger=kind)
@@ -46,6 +47,28 @@ class TestTrigger(unittest.TestCase):
         torch.testing.assert_close(out_b, out_a * 1000 - 500, rtol=1e-4, atol=1e-2)
         s = max(3, round(KEY.trigger_size * 64))
         self.assertTrue(torch.equal(out_a[:, :-s, :], img[:, :-s, :]))  # only the corner patch changes
+
+    def test_keyed_patch_position(self):
+        # the keyed patch lies on the image border at a place drawn from the seed: other seeds put it elsewhere,
+        # the same seed always at the same place; the pixels outside it never change
+        img = torch.rand(1, 64, 48)
+        s = max(3, round(KEY.trigger_size * 48))
+        places = set()
+        for seed in range(40):
+            key = KEY.replace(trigger="keyed_patch", trigger_seed=seed)
+            r, c = patch_position(seed, "keyed_patch", (64, 48), s)
+            self.assertTrue(r in (0, 64 - s) or c in (0, 48 - s), (r, c))  # touches a border
+            self.assertTrue(0 <= r <= 64 - s and 0 <= c <= 48 - s)
+            out = apply_trigger(img, key)
+            changed = (out != img)[0]
+            outside = torch.ones_like(changed)
+            outside[r : r + s, c : c + s] = False
+            self.assertFalse(changed[outside].any())
+            self.assertTrue(changed[r : r + s, c : c + s].any())
+            torch.testing.assert_close(apply_trigger(img, key), out)
+            places.add((r, c))
+        self.assertGreater(len(places), 30)  # 40 seeds, (almost) all at different places
+        self.assertEqual(patch_position(3, "patch", (64, 48), s), (64 - s, 48 - s))  # the plain patch: the corner
 
     def test_intensity_range_is_torch_quantile(self):
         # the selection-based percentiles equal torch.quantile's (linear interpolation), any size and dtype

@@ -20,7 +20,7 @@ from monai_stealthmark.utils import atomic_write_json
 __all__ = ["KeyFileError", "WatermarkKey", "TRIGGER_KINDS", "KEY_FORMAT"]
 
 KEY_FORMAT = "monai-stealthmark-key/1"
-TRIGGER_KINDS = ("patch", "noise", "lowfreq")
+TRIGGER_KINDS = ("patch", "keyed_patch", "noise", "lowfreq")
 
 
 class KeyFileError(ValueError):
@@ -36,7 +36,9 @@ class WatermarkKey:
     Args:
         payload: the owner's text, encoded as a QR code.
         trigger_seed: secret seed of the keyed trigger pattern (and of the occlusion texture used by LIME).
-        trigger: trigger kind, one of ``"patch"`` (keyed binary noise patch in a corner), ``"noise"``
+        trigger: trigger kind, one of ``"patch"`` (keyed binary noise patch in a corner), ``"keyed_patch"`` (the same
+            patch at a position along the image's border drawn from the seed, so a wrong key's patch sits elsewhere
+            and the location is secret too), ``"noise"``
             (keyed low-amplitude noise blended over the image), ``"lowfreq"`` (keyed low-pass pattern blend).
         trigger_size: side of the patch trigger as a fraction of the smallest spatial side.
         trigger_amplitude: blend amplitude of the noise / low-frequency triggers, as a fraction of the image's

@@ -18,5 +18,6 @@ from .trigger import (
     load_key,
     module_index_map,
     occlude_cells,
+    patch_position,
     qr_target_map,
 )

@@ -30,6 +30,7 @@ __all__ = [
     "intensity_range",
     "apply_trigger",
     "occlude_cells",
+    "patch_position",
     "StampTrigger",
     "StampTriggerd",
     "RandWatermarkd",
@@ -43,6 +44,8 @@ WM_TWIN = 3  # clean copy of the triggered sample that follows it in the batch: 
 
 _PURPOSE_TRIGGER = 1
 _PURPOSE_OCCLUSION = 2
+_PURPOSE_POSITION = 4  # 3 is the BadNet region (transforms.badnet)
+_PATCH_KINDS = ("patch", "keyed_patch")
 
 
 def load_key(key: WatermarkKey | str) -> WatermarkKey:
@@ -127,7 +130,7 @@ def intensity_range(img: torch.Tensor | np.ndarray, max_elements: int = 1_000_00
 def _pattern(seed: int, kind: str, spatial_shape: tuple[int, ...], size: float) -> np.ndarray:
     """Keyed pattern in [-1, 1] (noise / lowfreq) or {0, 1} (patch), of shape ``(s, s)`` or ``spatial_shape``."""
     rng = _rng(seed, _PURPOSE_TRIGGER)
-    if kind == "patch":
+    if kind in _PATCH_KINDS:
         s = max(3, int(round(size * min(spatial_shape[:2]))))
         return rng.integers(0, 2, size=(s, s)).astype(np.float32)
     if kind == "noise":
@@ -139,6 +142,23 @@ def _pattern(seed: int, kind: str, spatial_shape: tuple[int, ...], size: float) 
         up = up[0, 0]
         return (up / up.abs().max().clamp_min(1e-6)).numpy()
     raise ValueError(f"unknown trigger kind {kind!r}.")
+
+
+@lru_cache(maxsize=256)
+def patch_position(seed: int, kind: str, spatial_shape: tuple[int, ...], s: int) -> tuple[int, int]:
+    """Top-left corner ``(row, col)`` of an ``s x s`` patch trigger over the first two spatial dimensions.
+
+    ``"patch"``: the bottom-right corner. ``"keyed_patch"``: touching one of the four borders (drawn from the seed)
+    at an offset along it drawn from the seed too — the border keeps the patch off the organ, which in medical images
+    rarely touches the field of view's edge.
+    """
+    h, w = int(spatial_shape[0]), int(spatial_shape[1])
+    if kind == "patch":
+        return h - s, w - s
+    rng = _rng(seed, _PURPOSE_POSITION)
+    side = int(rng.integers(0, 4))  # 0 top, 1 bottom, 2 left, 3 right
+    along = int(rng.integers(0, (w if side < 2 else h) - s + 1))
+    return ((0, along), (h - s, along), (along, 0), (along, w - s))[side]
 
 
 def _float_tensor(img: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -178,7 +198,7 @@ def apply_trigger(
     seed = key.trigger_seed if seed is None else int(seed)
     pat = torch.as_tensor(_pattern(seed, key.trigger, spatial, key.trigger_size), device=t.device)
     out = t.clone().float() if not t.is_floating_point() else t.clone()
-    if key.trigger == "patch":
+    if key.trigger in _PATCH_KINDS:
         s = pat.shape[0]
         if s > min(spatial[:2]):
             raise ValueError(
@@ -187,7 +207,8 @@ def apply_trigger(
             )
         value = (lo + (hi - lo) * pat).to(out.dtype)
         value = value.reshape(s, s, *([1] * (len(spatial) - 2)))
-        out[:, -s:, -s:, ...] = value
+        r, c = patch_position(seed, key.trigger, spatial[:2], s)
+        out[:, r : r + s, c : c + s, ...] = value
     else:
         out = out + (key.trigger_amplitude * (hi - lo) * pat).to(out.dtype)
     return convert_to_dst_type(out, img, dtype=out.dtype)[0]
