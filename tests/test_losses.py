@@ -332,3 +332,70 @@ class TestFeatureCouplingLoss(unittest.TestCase):
         torch.testing.assert_close(loss(out, target), loss.watermark_loss(out, target))
         with self.assertRaisesRegex(ValueError, "no submodule 'decoder.9'"):
             FeatureCouplingLoss(net, "decoder.9", weight=0.1, key=None, watermark_loss=UncertaintyWatermarkLoss(tau=TAU))
+
+
+class TestCleanTeacherLoss(unittest.TestCase):
+    def _net(self, seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+
+    def test_kl_on_clean_samples_only(self):
+        from monai_stealthmark.losses import CleanTeacherLoss
+
+        net, teacher = self._net(0), self._net(1)
+        seg, wm = make_target(b=4, triggered=(2, 3))  # samples 0, 1 clean; 2, 3 triggered
+        target = torch.cat([seg, wm], 1)
+        base = UncertaintyWatermarkLoss(tau=TAU)
+        loss = CleanTeacherLoss(net, teacher, base, weight=0.5, temperature=2.0)
+        x = torch.randn(4, 1, 32, 32)
+        out = net.train()(x)
+        with torch.no_grad():
+            t = teacher(x)
+        # by hand: T^2 * KL(softmax(t/T) || softmax(out/T)), per-pixel mean, over samples 0 and 1
+        p, logq = torch.softmax(t / 2, 1), torch.log_softmax(out / 2, 1)
+        want = 4 * (p * (p.log() - logq)).sum(1)[:2].mean()
+        torch.testing.assert_close(loss.distillation(out, target), want, rtol=1e-5, atol=1e-7)
+        total = loss(out, target)
+        torch.testing.assert_close(total, base(out, target) + 0.5 * want, rtol=1e-5, atol=1e-6)
+        total.backward()
+        self.assertIsNone(teacher[0].weight.grad)  # frozen
+        # the triggered samples' outputs get no gradient from the term
+        out2 = net(x).detach().requires_grad_(True)
+        loss.distillation(out2, target).backward()
+        self.assertEqual(float(out2.grad[2:].abs().sum()), 0.0)
+        self.assertGreater(float(out2.grad[:2].abs().sum()), 0.0)
+
+    def test_same_model_is_zero_and_training_pulls_towards_teacher(self):
+        from monai_stealthmark.losses import CleanTeacherLoss
+
+        seg, _ = make_target(b=4, triggered=())
+        x = torch.randn(4, 1, 32, 32)
+        net, twin = self._net(0), self._net(0)
+        loss = CleanTeacherLoss(net, twin, DiceCELoss(to_onehot_y=True, softmax=True), weight=1.0)
+        self.assertAlmostEqual(float(loss.distillation(net.train()(x), seg)), 0.0, places=6)  # no watermark channel: all clean
+        # distillation alone (base weight 0 via a zero loss) moves a different network towards the teacher
+        student, teacher = self._net(2), self._net(3)
+        kd = CleanTeacherLoss(student, teacher, DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=0.0, lambda_ce=0.0), weight=1.0)
+        opt = torch.optim.Adam(student.parameters(), 1e-2)
+        student.train()
+        first = None
+        for _ in range(60):
+            opt.zero_grad()
+            value = kd(student(x), seg)
+            first = float(value) if first is None else first
+            value.backward()
+            opt.step()
+        self.assertLess(float(value), 0.2 * first)
+
+    def test_errors(self):
+        from monai_stealthmark.losses import CleanTeacherLoss
+
+        net = self._net(0)
+        with self.assertRaisesRegex(ValueError, "separate"):
+            CleanTeacherLoss(net, net, DiceCELoss(to_onehot_y=True, softmax=True))
+        loss = CleanTeacherLoss(self._net(1), self._net(2), DiceCELoss(to_onehot_y=True, softmax=True))
+        seg, _ = make_target(b=2, triggered=())
+        with self.assertRaisesRegex(RuntimeError, "no teacher output"):
+            loss(net(torch.randn(2, 1, 32, 32)), seg)  # the loss was built for another network
+        with self.assertRaisesRegex(ValueError, "temperature"):
+            CleanTeacherLoss(self._net(1), self._net(2), DiceCELoss(), temperature=0)

@@ -31,7 +31,7 @@ from monai.utils import set_determinism
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
 from monai_stealthmark.key import TRIGGER_KINDS, WatermarkKey
 from monai_stealthmark.handlers import SimulatedAttacks
-from monai_stealthmark.losses import FeatureCouplingLoss, UncertaintyWatermarkLoss
+from monai_stealthmark.losses import CleanTeacherLoss, FeatureCouplingLoss, UncertaintyWatermarkLoss
 from monai_stealthmark.metrics import pixel_auc
 from monai_stealthmark.transforms import RandBadNetd, RandPoolCutMixd, RandWatermarkd
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
@@ -90,6 +90,9 @@ class ExperimentConfig:
         rim_margin: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = off).
         rim_on_triggered: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
         rim_sides: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
+        teacher_weight: weight of :class:`~monai_stealthmark.losses.CleanTeacherLoss`: the watermarked model's clean
+            samples are distilled from the clean model trained just before it (0 = off).
+        teacher_temperature: its temperature.
         simulate_attacks: share of iterations trained at attacked weights
             (:class:`~monai_stealthmark.handlers.SimulatedAttacks`, ComMark's idea; 0 = off).
         coupling_weight: weight of :class:`~monai_stealthmark.losses.FeatureCouplingLoss` (DeepTracer's idea;
@@ -126,6 +129,8 @@ class ExperimentConfig:
         self.rim_margin = 0.0
         self.rim_on_triggered = False
         self.rim_sides = "outer"
+        self.teacher_weight = 0.0
+        self.teacher_temperature = 1.0
         self.spatial_aug = False
         self.cutmix_prob = 0.5
         self.arch = "unet"
@@ -181,8 +186,11 @@ def train_model(
     key: WatermarkKey | None,
     device: torch.device,
     ckpt_dir: Path | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
     """Train one model with MONAI's SupervisedTrainer; ``key=None`` trains the clean baseline.
+
+    ``teacher`` (the trained clean model) is needed when ``cfg.teacher_weight > 0``.
 
     The clean and the watermarked model share seed, data order, schedule and batch size: the only difference is
     the watermark transform (``prob`` = 0 for the clean one) and the loss wrapper.
@@ -231,6 +239,10 @@ def train_model(
         )
         if cfg.coupling_weight > 0:
             loss = FeatureCouplingLoss(net, cfg.coupling_layer, loss, weight=cfg.coupling_weight)
+        if cfg.teacher_weight > 0:
+            if teacher is None:
+                raise ValueError("teacher_weight > 0 needs the trained clean model as teacher.")
+            loss = CleanTeacherLoss(net, teacher.to(device), loss, weight=cfg.teacher_weight, temperature=cfg.teacher_temperature)
     else:
         loss = DiceCELoss(to_onehot_y=True, softmax=True)
     transform = Compose(xforms).set_random_state(seed=cfg.seed)
@@ -377,11 +389,11 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
 # settings that shape only the watermarked model (the clean one trains without them) or only the verification
 _WATERMARK_ONLY = (
     "prob", "tau", "trigger", "trigger_amplitude", "occlusion_prob", "decoy_prob", "decoy_occlusion_prob", "copy_weight", "watermark_weight", "twin_consistency",
-    "margin_consistency", "protect_radius", "copy_target", "margin_to_twin", "spare_radius", "rim_margin", "rim_on_triggered", "rim_sides", "simulate_attacks", "coupling_weight", "coupling_layer", "badnet",
+    "margin_consistency", "protect_radius", "copy_target", "margin_to_twin", "spare_radius", "rim_margin", "rim_on_triggered", "rim_sides", "teacher_weight", "teacher_temperature", "simulate_attacks", "coupling_weight", "coupling_layer", "badnet",
 )
 _VERIFY_ONLY = ("lime_samples",)
 # settings added after models were saved: a record without them was trained with these values
-_ADDED_LATER = {"trigger": "patch", "trigger_amplitude": 0.1, "cutmix_prob": 0.0, "margin_consistency": 0.0, "watermark_weight": 3.0, "protect_radius": 3, "copy_target": "soft", "margin_to_twin": True, "spare_radius": -1, "rim_margin": 0.0, "rim_on_triggered": False, "rim_sides": "outer"}
+_ADDED_LATER = {"trigger": "patch", "trigger_amplitude": 0.1, "cutmix_prob": 0.0, "margin_consistency": 0.0, "watermark_weight": 3.0, "protect_radius": 3, "copy_target": "soft", "margin_to_twin": True, "spare_radius": -1, "rim_margin": 0.0, "rim_on_triggered": False, "rim_sides": "outer", "teacher_weight": 0.0, "teacher_temperature": 1.0}
 
 
 def _training_settings(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
@@ -429,7 +441,7 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
             continue
         ckpt_dir = out / f"ckpt_{name}"
         ckpt_dir.mkdir(exist_ok=True)
-        models[name] = train_model(train, cfg, k, dev, ckpt_dir)
+        models[name] = train_model(train, cfg, k, dev, ckpt_dir, teacher=models.get("clean"))
         tmp = path.with_suffix(".pt.tmp")
         torch.save(models[name].state_dict(), tmp)
         tmp.replace(path)
@@ -467,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rim-margin", type=float, default=None, help="weight of the clean path's rim-confidence hinge (0 = off)")
     p.add_argument("--rim-triggered", action="store_true", default=None, help="the rim hinge also on triggered samples")
     p.add_argument("--rim-sides", choices=("outer", "both"), default=None, help="the rim hinge on the background ring only, or both sides")
+    p.add_argument("--teacher-weight", type=float, default=None, help="distil the watermarked model's clean samples from the clean model (0 = off)")
+    p.add_argument("--teacher-temperature", type=float, default=None, help="temperature of that distillation")
     p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None, help="the key's trigger kind (default: patch)")
     p.add_argument("--trigger-amplitude", type=float, default=None, help="blend amplitude of the noise / lowfreq trigger")
     p.add_argument("--cutmix-prob", type=float, default=None, help="share of training slices with a pasted box of another (0 = off)")
@@ -481,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         protect_radius=a.protect_radius, copy_target=a.copy_target,
         spare_radius=a.spare_radius, margin_to_twin=None if a.margin_one_way is None else not a.margin_one_way,
         rim_margin=a.rim_margin, rim_on_triggered=a.rim_triggered, rim_sides=a.rim_sides,
+        teacher_weight=a.teacher_weight, teacher_temperature=a.teacher_temperature,
     )
     res = run(cfg, a.out, a.device)
     print(results_markdown(res, cfg))

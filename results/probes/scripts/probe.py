@@ -12,6 +12,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--name", required=True)
 p.add_argument("--set", nargs="*", default=[], help="k=v ExperimentConfig overrides (json values)")
 p.add_argument("--patch", default=None, help="python file exec'd before training (monkeypatches)")
+p.add_argument("--teacher", default=None, help="clean model state dict: the teacher of teacher_weight > 0")
 a = p.parse_args()
 ov = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
 if a.patch:
@@ -28,7 +29,11 @@ import os
 if os.path.exists(out):
     net = build_network(cfg.channels, cfg.arch); net.load_state_dict(torch.load(out)); net.eval()
 else:
-    net = train_model(train, cfg, key, torch.device("cpu"))
+    teacher = None
+    if a.teacher:
+        teacher = build_network(cfg.channels, cfg.arch)
+        teacher.load_state_dict(torch.load(a.teacher))
+    net = train_model(train, cfg, key, torch.device("cpu"), teacher=teacher)
     torch.save(net.state_dict(), out)
 tt = time.time() - t0
 q = ModelQuery(net, activation="softmax", device=torch.device("cpu"))
