@@ -386,6 +386,9 @@ class TestCleanTeacherLoss(unittest.TestCase):
             value.backward()
             opt.step()
         self.assertLess(float(value), 0.2 * first)
+        kd.remove()  # after training the network no longer runs the teacher
+        student(x)
+        self.assertIsNone(kd._teacher_logits)
 
     def test_errors(self):
         from monai_stealthmark.losses import CleanTeacherLoss

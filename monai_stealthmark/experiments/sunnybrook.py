@@ -264,6 +264,8 @@ def train_model(
             CheckpointLoader(str(ckpts[-1]), objs, map_location=device).attach(trainer)
         CheckpointSaver(str(ckpt_dir), objs, save_interval=max(1, epochs // 10), n_saved=1, file_prefix="", save_final=False).attach(trainer)
     trainer.run()
+    if isinstance(loss, CleanTeacherLoss):
+        loss.remove()  # the returned network no longer runs the teacher (e.g. when an attack fine-tunes it)
     return net.eval()
 
 

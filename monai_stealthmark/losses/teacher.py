@@ -68,6 +68,11 @@ class CleanTeacherLoss(_Loss):
         with torch.no_grad():
             self._teacher_logits = self.teacher(*args).detach()
 
+    def remove(self) -> None:
+        """Detach the teacher's hook from the network (after training)."""
+        self._hook.remove()
+        self._teacher_logits = None
+
     def distillation(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The mean per-pixel ``T^2 * KL(teacher || network)`` over the clean samples of the last forward pass."""
         t = self._teacher_logits
