@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.loss import _Loss
 
-from monai_stealthmark.transforms.trigger import WM_CLEAN, WM_TWIN
+from monai_stealthmark.transforms.trigger import WM_TWIN
 
-from .watermark import UncertaintyWatermarkLoss
+from .watermark import UncertaintyWatermarkLoss, sample_flags
 
 __all__ = ["FeatureCouplingLoss"]
 
@@ -59,8 +59,8 @@ class FeatureCouplingLoss(_Loss):
         f = self._features
         if f is None or target.shape[1] <= n_label or f.shape[0] != target.shape[0]:
             return target.new_zeros((), dtype=torch.float32)
-        flag = target[:, n_label:].flatten(1).amax(1)
-        trig = torch.nonzero((flag != WM_CLEAN) & (flag != WM_TWIN)).flatten()
+        flag, clean = sample_flags(target[:, n_label:])
+        trig = torch.nonzero(~clean).flatten()
         trig = trig[trig > 0]
         trig = trig[flag[trig - 1] == WM_TWIN]
         if trig.numel() == 0:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.loss import _Loss
 
-from monai_stealthmark.transforms.trigger import WM_CLEAN, WM_TWIN
+from .watermark import sample_flags
 
 __all__ = ["CleanTeacherLoss"]
 
@@ -85,8 +85,7 @@ class CleanTeacherLoss(_Loss):
             raise ValueError(f"teacher output {tuple(t.shape)} does not match the network's {tuple(input.shape)}.")
         n_label = 1 if self.activation == "softmax" else input.shape[1]
         if target.shape[1] > n_label:  # watermark channel present: clean samples and twins only
-            flag = target[:, n_label:].flatten(1).amax(1)
-            w = ((flag == WM_CLEAN) | (flag == WM_TWIN)).to(input.dtype)
+            w = sample_flags(target[:, n_label:])[1].to(input.dtype)
         else:
             w = input.new_ones(input.shape[0])
         tt = self.temperature

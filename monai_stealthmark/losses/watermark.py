@@ -11,7 +11,14 @@ from torch.nn.modules.loss import _Loss
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.transforms.trigger import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN, load_key
 
-__all__ = ["UncertaintyWatermarkLoss"]
+__all__ = ["UncertaintyWatermarkLoss", "sample_flags"]
+
+
+def sample_flags(wm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample code of a ``(B, 1, spatial...)`` watermark channel (its largest value) and the boolean mask of the
+    samples that train as clean: clean ones (decoys included) and clean twins."""
+    flag = wm.flatten(1).amax(1)
+    return flag, (flag == WM_CLEAN) | (flag == WM_TWIN)
 
 
 def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
@@ -206,8 +213,7 @@ class UncertaintyWatermarkLoss(_Loss):
         seg, wm = self._split(input, target)
         if wm is None:  # all clean
             return self._clean(input, seg)
-        flag = wm.flatten(1).amax(1)
-        clean = (flag == WM_CLEAN) | (flag == WM_TWIN)
+        flag, clean = sample_flags(wm)
         trig = ~clean
         n = input.shape[0]
         total = input.new_zeros(())

@@ -32,11 +32,7 @@ out = Path(a.out)
 out.mkdir(parents=True, exist_ok=True)
 torch.set_num_threads(1)
 cfg = sb.ExperimentConfig(fast=True, seed=a.seed, test_patient=a.test_patient)
-saved = json.loads((Path(a.src) / "clean.settings.json").read_text())
-mine = sb._training_settings(cfg, "clean")
-diff = {k: (saved.get(k), v) for k, v in mine.items() if k not in ("data_root",) and saved.get(k, v) != v}
-if diff:
-    raise SystemExit(f"{a.src}/clean.pt was trained with other settings: {diff}")
+sb._check_reuse(Path(a.src) / "clean.pt", cfg, "clean")  # the saved clean model must be today's default recipe
 samples = load_sunnybrook(cfg.data_root, size=cfg.size)
 train, test = split_by_patient(samples, [cfg.test_patient])
 dev = torch.device("cpu")
