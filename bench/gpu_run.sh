@@ -2,7 +2,7 @@
 # How bench/results/<gpu>.json and the GPU architectures table were made: one call on a lent GPU machine that has
 # torch with CUDA but none of monai / pydicom / lime / qrcode / pyzbar and no internet. Everything else travels in
 # .gpu/ (git-ignored), prepared on a machine with pip:
-#   .gpu/whl/    wheels: monai, pydicom, nibabel, pytorch-ignite, qrcode, pyzbar (pip download --python-version 3.12)
+#   .gpu/whl/    wheels: monai, pydicom, nibabel, pytorch-ignite, qrcode, pyzbar, reedsolo (pip download --python-version 3.12)
 #                and lime (pip wheel --no-deps lime==0.2.0.1: lime ships an sdist only)
 #   .gpu/zbar/   libzbar.so.0 and the libraries it links (ldd); only those the GPU machine lacks are installed
 #   .gpu/data/sunnybrook/   the shipped Sunnybrook slices (../shared does not travel)

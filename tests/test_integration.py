@@ -13,7 +13,7 @@ import torch
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
 from monai_stealthmark.experiments.sunnybrook import ExperimentConfig, stealth, train_model
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.verify import ModelQuery, cell_means, read_scores, trigger_batch, uncertainty_map, verify_ownership
+from monai_stealthmark.verify import ModelQuery, cell_means, organ_modules, read_scores, trigger_batch, uncertainty_map, verify_ownership
 
 HAVE_DATA = Path(DEFAULT_SUNNYBROOK_ROOT, "link.csv").is_file()
 STEPS = int(os.environ.get("STEALTHMARK_IT_STEPS", "800"))  # half the demo's schedule: a few minutes on 2 CPU cores
@@ -53,8 +53,10 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         self.assertFalse(wrong.verdict)
         self.assertIsNone(wrong.vote_decoded)
         with torch.no_grad():
-            clean_scores = cell_means(uncertainty_map(self.query(self.images)), self.key)
-        self.assertNotIn(self.key.payload, read_scores(clean_scores, self.key, "direct")[1])  # both binarisations
+            p_clean = self.query(self.images)
+        clean_scores = cell_means(uncertainty_map(p_clean), self.key)
+        decoded = read_scores(clean_scores, self.key, "direct", organ_modules(p_clean, self.key))[1]  # every read
+        self.assertNotIn(self.key.payload, decoded)
 
     def test_cli_verifies_dicom_folder_with_torchscript(self):
         """The CLI on the held-out patient's raw DICOM files and a TorchScript export: exit 0 / 1 / 2."""

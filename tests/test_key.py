@@ -13,12 +13,22 @@ from monai_stealthmark.key import (
     KeyFileError,
     PayloadTooLongError,
     WatermarkKey,
+    correct_codewords,
+    data_module_order,
     decode_qr,
     function_pattern_mask,
+    read_format,
     make_qr_matrix,
     restore_function_patterns,
 )
-from monai_stealthmark.key.qr import ERROR_CORRECTION
+from monai_stealthmark.key.qr import ERROR_CORRECTION, _block_layout
+
+
+def _qr(payload: str, ec: str, version: int | None = None) -> qrcode.QRCode:
+    qr = qrcode.QRCode(version=version, error_correction=ERROR_CORRECTION[ec], box_size=1, border=0)
+    qr.add_data(payload)
+    qr.make(fit=version is None)
+    return qr
 
 
 class TestQR(unittest.TestCase):
@@ -63,6 +73,65 @@ class TestQR(unittest.TestCase):
         for _ in range(50):
             m = restore_function_patterns(rng.random((25, 25)) < 0.5)
             self.assertEqual(decode_qr(m), [])
+
+
+class TestErasureCorrection(unittest.TestCase):
+    CASES = [("SM:3f9a2c71", "H"), ("hospital-xyz/2026", "M"), ("A" * 60, "Q"), ("x" * 90, "L"), ("y" * 40, "H")]
+
+    @parameterized.expand(CASES)
+    def test_placement_and_format_match_qrcode(self, payload, ec):
+        """Reading the modules along data_module_order and unmasking gives exactly qrcode's interleaved codewords."""
+        qr = _qr(payload, ec)
+        m = np.asarray(qr.get_matrix(), dtype=bool)
+        level, mask, dist = read_format(m)
+        self.assertEqual((level, dist), (ec, 0))
+        stream = qrcode.util.create_data(qr.version, ERROR_CORRECTION[ec], qr.data_list)
+        order = data_module_order(qr.version)
+        self.assertEqual(len(order), len(set(map(tuple, order))))  # no module twice
+        flip = np.array([qrcode.util.mask_func(mask)(int(r), int(c)) for r, c in order])
+        bits = m[order[:, 0], order[:, 1]] ^ flip
+        got = np.packbits(bits[: 8 * len(stream)].reshape(-1, 8), axis=1)[:, 0]
+        np.testing.assert_array_equal(got, stream)
+        self.assertFalse(bits[8 * len(stream) :].any())  # remainder bits are light before masking
+        self.assertEqual(sum(len(p) for p, _ in _block_layout(qr.version, ec)), len(stream))
+
+    @parameterized.expand(CASES)
+    def test_undamaged_round_trip(self, payload, ec):
+        m = np.asarray(_qr(payload, ec).get_matrix(), dtype=bool)
+        fixed = correct_codewords(m, np.zeros_like(m), ec)
+        np.testing.assert_array_equal(fixed, m)
+
+    def test_erasures_rescue_what_zbar_cannot(self):
+        """A blob of scrambled modules (the organ) plus scattered errors: past zbar's error correction, within
+        erasures + errors; the corrected matrix is the original one."""
+        m = make_qr_matrix("SM:3f9a2c71")
+        order = data_module_order(2)
+        rng = np.random.default_rng(0)
+        blob = np.zeros_like(m)
+        blob[8:17, 8:17] = True
+        damaged = m.copy()
+        damaged[blob] = rng.random(int(blob.sum())) < 0.5
+        for i in rng.choice(len(order), 6, replace=False):
+            damaged[tuple(order[i])] ^= True
+        self.assertEqual(decode_qr(restore_function_patterns(damaged)), [])
+        fixed = correct_codewords(damaged, blob, "H")
+        np.testing.assert_array_equal(fixed, m)
+        self.assertEqual(decode_qr(fixed), ["SM:3f9a2c71"])
+        self.assertIsNone(correct_codewords(damaged, np.zeros_like(m), "H"))  # without the erasures: too many errors
+
+    def test_random_modules_never_decode_with_erasures(self):
+        rng = np.random.default_rng(1)
+        blob = np.zeros((25, 25), dtype=bool)
+        blob[8:17, 8:17] = True
+        for _ in range(50):
+            fixed = correct_codewords(rng.random((25, 25)) < 0.5, blob, "H")
+            self.assertTrue(fixed is None or "SM:3f9a2c71" not in decode_qr(fixed))
+
+    def test_shape_errors(self):
+        with self.assertRaisesRegex(ValueError, "same square"):
+            correct_codewords(np.zeros((25, 25), bool), np.zeros((21, 21), bool), "H")
+        with self.assertRaisesRegex(ValueError, "not the side of a QR"):
+            correct_codewords(np.zeros((24, 24), bool), np.zeros((24, 24), bool), "H")
 
 
 class TestWatermarkKey(unittest.TestCase):

@@ -19,10 +19,12 @@ from monai_stealthmark.verify import (
     lime_attributions,
     lime_masks,
     lime_reference_attributions,
+    organ_modules,
     otsu_threshold,
     read_qr,
     read_scores,
     scores_to_modules,
+    trigger_batch,
     uncertainty_map,
     verify_ownership,
     vote_modules,
@@ -56,6 +58,22 @@ class TriggerOracle(torch.nn.Module):
             out.append(torch.cat([1 - p_fg, p_fg], 0))
         p = torch.stack(out)
         return torch.log(p)  # logits whose softmax is p
+
+
+class OrganBlindOracle(TriggerOracle):
+    """Like :class:`TriggerOracle`, but, as the trained watermark, certain over the organ and the ``band`` pixels
+    around it: those modules carry no QR."""
+
+    def __init__(self, key: WatermarkKey, band: int = 3):
+        super().__init__(key)
+        self.band = band
+
+    def forward(self, x):
+        logits = super().forward(x)
+        fg = (x[:, :1] > 0.7).float()
+        near = torch.nn.functional.max_pool2d(fg, 2 * self.band + 1, 1, self.band) > 0
+        certain = torch.log(torch.cat([1 - (fg * 0.98 + 0.01), fg * 0.98 + 0.01], 1))
+        return torch.where(near, certain, logits)
 
 
 def images(n=3, size=96):
@@ -125,6 +143,36 @@ class TestDirectReadout(unittest.TestCase):
         self.assertFalse(wrong.verdict)
         self.assertLess(abs(wrong.mean_bit_accuracy - 0.5), 0.15)
 
+    def test_organ_codewords_as_erasures(self):
+        """The organ's modules carry no QR: zbar's reads fail, the erasure read decodes; the organ found from the
+        model's own output; controls stay silent; turning the read off loses the decodes."""
+        x = images(3)
+        x[:, :, 22:60, 26:62] = 0.9  # a large organ: about a fifth of the QR's modules
+        q = ModelQuery(OrganBlindOracle(KEY), activation="softmax", device="cpu")
+        with torch.no_grad():
+            probs = q(trigger_batch(x, KEY))
+        organ = organ_modules(probs, KEY, margin_px=4)
+        self.assertEqual(organ.shape, (3, *KEY.qr_matrix.shape))
+        self.assertTrue(0.1 < organ.mean() < 0.4)
+        off = verify_ownership(q, x, KEY, erasure_margin=None)
+        self.assertEqual(off.asr, 0.0)
+        self.assertIsNone(off.reads[0])
+        rep = verify_ownership(q, x, KEY)
+        self.assertEqual(rep.asr, 1.0)
+        self.assertEqual(rep.reads, ["erasure"] * 3)
+        self.assertEqual(rep.decodes_by_read(), {"raw": 0, "log": 0, "erasure": 3})
+        self.assertIn("organ as erasures", rep.to_markdown())
+        self.assertEqual(rep.vote_decoded, KEY.payload)
+        np.testing.assert_array_equal(rep.modules, off.modules)  # same first read: bit accuracy and p-value unchanged
+        self.assertEqual(verify_ownership(q, x, KEY.replace(trigger_seed=8)).asr, 0.0)
+        self.assertEqual(verify_ownership(ModelQuery(OrganBlindOracle(KEY.replace(trigger_seed=8)), device="cpu"), x, KEY).asr, 0.0)
+        lime = verify_ownership(q, x[:1], KEY, mode="lime", lime_samples=64)
+        self.assertEqual(lime.n_queries, 65)  # one more query for the organ
+        with self.assertRaisesRegex(ValueError, "unreliable"):
+            read_scores(torch.rand(1, KEY.grid_size**2), KEY, "direct", np.zeros((1, 3, 3), bool))
+        with self.assertRaisesRegex(ValueError, "probs"):
+            organ_modules(torch.rand(2, 8, 8), KEY)
+
     def test_report_files(self):
         rep = verify_ownership(ModelQuery(TriggerOracle(KEY), device="cpu"), images(2), KEY)
         with tempfile.TemporaryDirectory() as d:
@@ -190,12 +238,13 @@ class TestLime(unittest.TestCase):
         clean = np.where(dark, 0.25, 0.01)
         noise = rng.random((g, g))
         scores = torch.as_tensor(np.stack([skewed, clean, noise]).reshape(3, -1), dtype=torch.float32)
-        modules, decoded, vote = read_scores(scores, KEY, "direct")
+        modules, decoded, vote, reads = read_scores(scores, KEY, "direct")
         self.assertEqual(decoded, [KEY.payload, KEY.payload, None])
+        self.assertEqual(reads, ["log", "raw", None])
         np.testing.assert_array_equal(modules, scores_to_modules(scores, KEY))  # the raw read's modules
         self.assertIsNone(read_qr(modules[:1])[0])  # the first image decodes only through the second read
         self.assertEqual(vote, KEY.payload)
-        lime_modules, lime_decoded, _ = read_scores(scores, KEY, "lime")  # LIME: the log scale alone
+        lime_modules, lime_decoded, _, _ = read_scores(scores, KEY, "lime")  # LIME: the log scale alone
         np.testing.assert_array_equal(lime_modules, scores_to_modules(scores, KEY, log_floor=0.03))
         self.assertEqual(lime_decoded[2], None)
         with self.assertRaisesRegex(ValueError, "mode"):

@@ -35,7 +35,7 @@ from monai_stealthmark.losses import CleanTeacherLoss, FeatureCouplingLoss, Unce
 from monai_stealthmark.metrics import pixel_auc
 from monai_stealthmark.transforms import RandBadNetd, RandPoolCutMixd, RandWatermarkd
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
-from monai_stealthmark.verify import ModelQuery, cell_means, read_scores, trigger_batch, uncertainty_map, verify_ownership
+from monai_stealthmark.verify import ModelQuery, cell_means, organ_modules, read_scores, trigger_batch, uncertainty_map, verify_ownership
 
 __all__ = ["ExperimentConfig", "experiment_key", "build_network", "train_model", "stealth", "evaluate", "run", "main"]
 
@@ -319,6 +319,7 @@ def evaluate(
         if report_dir is not None:
             reports[mode].save(report_dir)
     res["asr"] = {m: r.asr for m, r in reports.items()}
+    res["decodes_by_read"] = {m: r.decodes_by_read() for m, r in reports.items()}  # raw / log scale / erasures
     res["bit_accuracy"] = {m: r.mean_bit_accuracy for m, r in reports.items()}
     res["p_value"] = {m: r.p_value for m, r in reports.items()}
     res["verdict"] = {m: r.verdict for m, r in reports.items()}
@@ -329,7 +330,7 @@ def evaluate(
     def n_decodes(decoded) -> int:
         return int(sum(t == key.payload for t in decoded))
 
-    _, clean_input_decoded, _ = read_scores(cell_means(uncertainty_map(p_wm), key), key, "direct")  # both reads
+    clean_input_decoded = read_scores(cell_means(uncertainty_map(p_wm), key), key, "direct", organ_modules(p_wm, key))[1]  # every read
     wrong_key = key.replace(trigger_seed=WRONG_KEY_SEED)
     controls = {
         "clean_inputs": {"direct": n_decodes(clean_input_decoded)},
@@ -369,6 +370,12 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
         ("stealth: pixel agreement", f"{100 * res['stealth_agreement']:.3f} %"),
         ("ASR direct / LIME", f"{100 * res['asr']['direct']:.1f} % / {100 * res['asr']['lime']:.1f} %"),
         ("bit accuracy direct / LIME", f"{res['bit_accuracy']['direct']:.4f} / {res['bit_accuracy']['lime']:.4f}"),
+    ]
+    if res.get("decodes_by_read", {}).get("direct"):  # results written before the erasure read lack it
+        by = res["decodes_by_read"]
+        rows.append(("exact decodes by read (raw / log scale / organ as erasures) direct; LIME",
+                     "; ".join(" / ".join(str(by[m][k]) for k in ("raw", "log", "erasure")) for m in ("direct", "lime"))))
+    rows += [
         ("p-value direct / LIME", f"{res['p_value']['direct']:.3g} / {res['p_value']['lime']:.3g}"),
         ("false decodes: clean inputs / clean model / wrong key",
          f"{fd['clean_inputs']} / {fd['clean_model']} / {fd['wrong_key']} (of {res['n_images']} images each)"),

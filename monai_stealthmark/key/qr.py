@@ -21,6 +21,9 @@ __all__ = [
     "restore_function_patterns",
     "render_qr",
     "decode_qr",
+    "data_module_order",
+    "read_format",
+    "correct_codewords",
 ]
 
 ERROR_CORRECTION = {
@@ -179,3 +182,155 @@ def decode_qr(modules_or_image: np.ndarray) -> list[str]:
         except UnicodeDecodeError:
             out.append(r.data.decode("latin-1"))
     return out
+
+
+# --- Reed-Solomon correction with erasures -------------------------------------------------------------------
+# zbar corrects up to (n - k) / 2 wrong codewords per block. A reader that knows which codewords are unreliable
+# (erasures) can correct up to n - k of them: e erasures + 2 t errors <= n - k. The watermark's QR has such
+# codewords: the modules over the organ and its band carry no QR by design (the hard mask must not move there),
+# and the model's own output shows where the organ is. The functions below read the codewords out of a recovered
+# module matrix along the standard placement, correct them with ``reedsolo`` (erasures + errors) and write the
+# corrected codewords back, so that pyzbar decodes the result. Nothing comes from the key's QR: only the QR
+# version and error correction level (the key's geometry) and the model's own bits and organ.
+
+
+def _format_positions(n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """``(row, col)`` of format bit ``i`` (0 = least significant) in its two copies, as ``qrcode`` places them."""
+    vert = [(i, 8) if i < 6 else (i + 1, 8) if i < 8 else (n - 15 + i, 8) for i in range(15)]
+    horiz = [(8, n - i - 1) if i < 8 else (8, 15 - i) if i < 9 else (8, 14 - i) for i in range(15)]
+    return vert, horiz
+
+
+@lru_cache(maxsize=None)
+def data_module_order(version: int) -> np.ndarray:
+    """The data modules of a QR code of ``version`` in placement order (the zigzag of ISO/IEC 18004 8.7.3).
+
+    Returns:
+        ``(N, 2)`` int array of ``(row, col)``; bit ``j`` of the interleaved codeword stream (most significant bit
+        of each codeword first) sits at row ``j``; positions past the last codeword hold remainder bits.
+    """
+    n = qr_size_for_version(version)
+    taken, _ = _function_pattern(version)
+    taken = taken.copy()
+    vert, horiz = _format_positions(n)
+    for r, c in vert + horiz:
+        taken[r, c] = True
+    taken[n - 8, 8] = True
+    order = []
+    row, inc = n - 1, -1
+    for col in range(n - 1, 0, -2):
+        if col <= 6:
+            col -= 1
+        while True:
+            for c in (col, col - 1):
+                if not taken[row, c]:
+                    order.append((row, c))
+            row += inc
+            if row < 0 or row >= n:
+                row -= inc
+                inc = -inc
+                break
+    return np.asarray(order, dtype=np.int64)
+
+
+def read_format(modules: np.ndarray, error_correction: str | None = None) -> tuple[str, int, int]:
+    """The format information of a recovered module matrix: the valid format word nearest to both copies.
+
+    Args:
+        modules: ``(n, n)`` boolean module matrix (True = dark).
+        error_correction: restrict the search to this level (e.g. the key's); None searches all four.
+
+    Returns:
+        ``(error_correction, mask_pattern, hamming_distance)`` over the 30 format bits.
+    """
+    m = np.asarray(modules, dtype=bool)
+    vert, horiz = _format_positions(m.shape[0])
+    seen = np.array([m[p] for p in vert] + [m[p] for p in horiz])
+    best = None
+    for name, code in ERROR_CORRECTION.items():
+        if error_correction is not None and name != error_correction:
+            continue
+        for mask in range(8):
+            word = qrcode.util.BCH_type_info((code << 3) | mask)
+            bits = np.array([(word >> i) & 1 for i in range(15)] * 2, dtype=bool)
+            d = int((bits != seen).sum())
+            if best is None or d < best[2]:
+                best = (name, mask, d)
+    return best
+
+
+def _block_layout(version: int, error_correction: str) -> list[tuple[list[int], int]]:
+    """For each RS block, the indices of its codewords in the interleaved stream (data then EC) and its data count."""
+    import qrcode.base
+
+    blocks = qrcode.base.rs_blocks(version, ERROR_CORRECTION[error_correction])
+    pos: list[list[int]] = [[] for _ in blocks]
+    j = 0
+    for i in range(max(b.data_count for b in blocks)):
+        for bi, b in enumerate(blocks):
+            if i < b.data_count:
+                pos[bi].append(j)
+                j += 1
+    for i in range(max(b.total_count - b.data_count for b in blocks)):
+        for bi, b in enumerate(blocks):
+            if i < b.total_count - b.data_count:
+                pos[bi].append(j)
+                j += 1
+    return [(p, b.data_count) for p, b in zip(pos, blocks)]
+
+
+def correct_codewords(
+    modules: np.ndarray, unreliable: np.ndarray, error_correction: str, min_unreliable: int = 2, spare: int = 4
+) -> np.ndarray | None:
+    """Reed-Solomon-correct a recovered QR with its unreliable codewords as erasures and write the result back.
+
+    Args:
+        modules: ``(n, n)`` boolean module matrix (True = dark), function patterns restored or not.
+        unreliable: ``(n, n)`` boolean, the modules whose value the reader cannot trust (e.g. over the organ).
+        error_correction: the QR's error correction level (the key's).
+        min_unreliable: a codeword is erased when at least this many of its 8 modules are unreliable.
+        spare: check symbols kept free of erasures in each block (the most unreliable codewords are erased first,
+            at most ``n - k - spare`` per block), so every corrected block is still checked by ``spare`` symbols
+            and can fix ``spare // 2`` further errors.
+
+    Returns:
+        the corrected ``(n, n)`` module matrix (format information and function patterns rewritten), or None when a
+        block cannot be corrected.
+    """
+    from reedsolo import ReedSolomonError, RSCodec
+
+    m = np.asarray(modules, dtype=bool)
+    bad = np.asarray(unreliable, dtype=bool)
+    if m.shape != bad.shape or m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"modules and unreliable must be the same square (n, n) matrix, got {m.shape} and {bad.shape}.")
+    version = qr_version_for_size(m.shape[0])
+    _, mask, _ = read_format(m, error_correction)
+    order = data_module_order(version)
+    layout = _block_layout(version, error_correction)
+    n_cw = sum(len(p) for p, _ in layout)
+    rows, cols = order[: 8 * n_cw, 0], order[: 8 * n_cw, 1]
+    flip = np.array([qrcode.util.mask_func(mask)(int(r), int(c)) for r, c in zip(rows, cols)], dtype=bool)
+    bits = (m[rows, cols] ^ flip).reshape(n_cw, 8)
+    stream = np.packbits(bits, axis=1)[:, 0].astype(np.int64)
+    n_bad = bad[rows, cols].reshape(n_cw, 8).sum(1)
+    out = stream.copy()
+    for pos, k in layout:
+        nsym = len(pos) - k
+        cand = [i for i in np.argsort(-n_bad[pos], kind="stable") if n_bad[pos][i] >= min_unreliable]
+        erase = sorted(int(i) for i in cand[: max(0, nsym - spare)])
+        try:
+            _, full, _ = RSCodec(nsym, fcr=0, prim=0x11D, generator=2).decode(bytearray(int(v) for v in stream[pos]), erase_pos=erase)
+        except ReedSolomonError:
+            return None
+        out[pos] = list(full)
+    new_bits = np.unpackbits(out.astype(np.uint8)[:, None], axis=1).reshape(-1).astype(bool) ^ flip
+    fixed = m.copy()
+    fixed[rows, cols] = new_bits
+    rest = order[8 * n_cw :]  # remainder bits: light before masking, as the encoder writes them
+    for r, c in rest:
+        fixed[r, c] = bool(qrcode.util.mask_func(mask)(int(r), int(c)))
+    word = qrcode.util.BCH_type_info((ERROR_CORRECTION[error_correction] << 3) | mask)
+    vert, horiz = _format_positions(m.shape[0])
+    for i in range(15):
+        fixed[vert[i]] = fixed[horiz[i]] = bool((word >> i) & 1)
+    return restore_function_patterns(fixed)

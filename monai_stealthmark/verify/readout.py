@@ -6,11 +6,15 @@ import numpy as np
 import torch
 from scipy.stats import binom
 
-from monai_stealthmark.key import WatermarkKey, decode_qr, function_pattern_mask, restore_function_patterns
+import torch.nn.functional as F
+
+from monai_stealthmark.key import WatermarkKey, correct_codewords, decode_qr, function_pattern_mask, restore_function_patterns
 from monai_stealthmark.transforms.trigger import module_index_map
 
 __all__ = [
     "LIME_LOG_FLOOR",
+    "ERASURE_MARGIN_PX",
+    "organ_modules",
     "cell_means",
     "otsu_threshold",
     "scores_to_modules",
@@ -22,6 +26,7 @@ __all__ = [
 ]
 
 LIME_LOG_FLOOR = 0.03  # LIME maps are thresholded on the log scale with this floor (see scores_to_modules)
+ERASURE_MARGIN_PX = 4  # modules within this many pixels of the predicted organ are erasures (see read_scores)
 
 
 def cell_means(values: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
@@ -98,38 +103,98 @@ def read_qr(modules: np.ndarray) -> list[str | None]:
     return out
 
 
-def read_scores(scores: torch.Tensor, key: WatermarkKey, mode: str = "direct") -> tuple[np.ndarray, list[str | None], str | None]:
+def organ_modules(probs: torch.Tensor, key: WatermarkKey, margin_px: int = ERASURE_MARGIN_PX) -> np.ndarray:
+    """The QR modules that the model's own predicted organ reaches, widened by ``margin_px`` pixels.
+
+    The watermark carries no QR over the organ and the band around it (the hard mask must not move there), so a
+    reader should not trust those modules. The organ is what the queried model predicts (foreground = any class
+    but the first for softmax outputs, any channel above 0.5 for sigmoid ones): no ground truth is needed.
+
+    Args:
+        probs: the model's probability maps ``(B, C, spatial...)`` for the triggered query.
+        key: the watermark key (grid geometry).
+        margin_px: dilation of the predicted organ in pixels (in-plane and through slices for 3D).
+
+    Returns:
+        ``(B, n, n)`` boolean, the QR area's modules (quiet zone dropped) that the widened organ touches.
+    """
+    if probs.ndim not in (4, 5):
+        raise ValueError(f"probs must be (B, C, H, W[, D]), got shape {tuple(probs.shape)}.")
+    softmax = probs.shape[1] > 1 and bool(((probs.sum(1) - 1).abs() <= 1e-3).all())
+    fg = (probs.argmax(1) > 0) if softmax else (probs > 0.5).any(1)
+    fg = fg[:, None].float()
+    if margin_px > 0:
+        pool = F.max_pool2d if fg.ndim == 4 else F.max_pool3d
+        fg = pool(fg, 2 * margin_px + 1, 1, margin_px)
+    g, q = key.grid_size, key.quiet_zone
+    touched = cell_means(fg[:, 0], key).reshape(-1, g, g)[:, q : g - q, q : g - q] > 0
+    return touched.cpu().numpy()
+
+
+def _erasure_read(modules: np.ndarray, unreliable: np.ndarray, key: WatermarkKey) -> str | None:
+    fixed = correct_codewords(restore_function_patterns(modules), unreliable, key.error_correction)
+    if fixed is None:
+        return None
+    texts = decode_qr(fixed)
+    return texts[0] if texts else None
+
+
+def read_scores(
+    scores: torch.Tensor, key: WatermarkKey, mode: str = "direct", unreliable: np.ndarray | None = None
+) -> tuple[np.ndarray, list[str | None], str | None, list[str | None]]:
     """Binarise and decode per-cell scores as :func:`~monai_stealthmark.verify.verify_ownership` does.
 
-    LIME mode thresholds on the log scale (:data:`LIME_LOG_FLOOR`). Direct mode thresholds the raw uncertainty
-    means first and, for the images (and the vote) where that finds no QR, reads again on the log scale: a
-    second binarisation of the same model output, as barcode readers try several. Dark cells that the organ's
-    band partly covers carry a diluted mean that raw Otsu can put on the light side; the log scale keeps them
-    (measured on the demo's seed-2 model: 16 -> 22 of 22 decodes; clean model and wrong key 0 either way).
+    Reads, each only for the images (and the vote) that the previous ones did not decode, as barcode readers try
+    several binarisations of one picture:
+
+    1. ``"raw"``: Otsu on the raw scores (direct mode) or on the log scale (LIME mode, :data:`LIME_LOG_FLOOR`);
+    2. ``"log"`` (direct mode): Otsu on the log scale. Dark cells that the organ's band partly covers carry a
+       diluted mean that raw Otsu can put on the light side; the log scale keeps them (measured on the demo's
+       seed-2 model: 16 -> 22 of 22 decodes; clean model and wrong key 0 either way);
+    3. ``"erasure"`` (when ``unreliable`` is given, e.g. :func:`organ_modules`): the first read's modules with the
+       codewords that the organ covers marked as erasures, corrected by Reed-Solomon
+       (:func:`~monai_stealthmark.key.correct_codewords`: erasures cost half of what unknown errors do) and
+       decoded by pyzbar. The watermark leaves those modules empty by design, so zbar, which has to treat them as
+       unknown errors, wastes half its correction on them.
+
     The returned modules are the first read, so bit accuracy and p-value do not depend on which read decoded.
 
     Args:
         scores: ``(B, grid_size**2)`` per-cell scores (high = dark).
-        key: the watermark key (grid geometry).
+        key: the watermark key (grid geometry, error correction level).
         mode: ``"direct"`` or ``"lime"``.
+        unreliable: ``(B, n, n)`` boolean, modules the reader cannot trust; None skips the erasure read.
 
     Returns:
-        ``(modules, decoded, vote_decoded)``: the first read's ``(B, n, n)`` modules, each image's decoded text
-        (None where neither read decodes) and the text of the per-module majority vote over all images.
+        ``(modules, decoded, vote_decoded, reads)``: the first read's ``(B, n, n)`` modules, each image's decoded
+        text (None where no read decodes), the text of the per-module majority vote over all images, and which
+        read decoded each image (``"raw"``, ``"log"``, ``"erasure"`` or None).
     """
     if mode not in ("direct", "lime"):
         raise ValueError(f"mode must be 'direct' or 'lime', got {mode!r}.")
     modules = scores_to_modules(scores, key, log_floor=LIME_LOG_FLOOR if mode == "lime" else None)
+    if unreliable is not None:
+        unreliable = np.asarray(unreliable, dtype=bool)
+        if unreliable.shape != modules.shape:
+            raise ValueError(f"unreliable must have the modules' shape {modules.shape}, got {unreliable.shape}.")
     decoded = read_qr(modules)
+    reads: list[str | None] = ["raw" if t is not None else None for t in decoded]
     vote_decoded = read_qr(vote_modules(modules)[None])[0]
     missing = [i for i, t in enumerate(decoded) if t is None]
     if mode == "direct" and (missing or vote_decoded is None):
         second = scores_to_modules(scores, key, log_floor=LIME_LOG_FLOOR)
         for i, t in zip(missing, read_qr(second[missing])):
             decoded[i] = t
+            reads[i] = "log" if t is not None else None
         if vote_decoded is None:
             vote_decoded = read_qr(vote_modules(second)[None])[0]
-    return modules, decoded, vote_decoded
+    if unreliable is not None:
+        for i in [i for i, t in enumerate(decoded) if t is None]:
+            decoded[i] = _erasure_read(modules[i], unreliable[i], key)
+            reads[i] = "erasure" if decoded[i] is not None else None
+        if vote_decoded is None:
+            vote_decoded = _erasure_read(vote_modules(modules), vote_modules(unreliable), key)
+    return modules, decoded, vote_decoded, reads
 
 
 def vote_modules(modules: np.ndarray) -> np.ndarray:

@@ -51,6 +51,8 @@ class VerificationReport:
         seconds: wall time of the check.
         vote_decoded: what the per-module majority vote of all images' recovered QRs decodes to (None if
             nothing). Extra evidence from the same queries; the ASR and the verdict do not use it.
+        reads: which read decoded each image (``"raw"``, ``"log"``, ``"erasure"``; None where none did), see
+            :func:`~monai_stealthmark.verify.read_scores`.
         calibration: where the suspect falls in an empirical null of clean models (``z``, ``p_empirical``,
             ``p_gaussian``, the null's size/mean/std), when one was given.
         commitment: the commitment check (``admissible``, ``flags``...), when a commitment was given.
@@ -70,6 +72,7 @@ class VerificationReport:
     n_queries: int = 0
     seconds: float = 0.0
     vote_decoded: str | None = None
+    reads: list[str | None] | None = None
     calibration: dict[str, Any] | None = None
     commitment: dict[str, Any] | None = None
     modules: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (B, n, n) recovered
@@ -90,6 +93,8 @@ class VerificationReport:
             "bit_accuracy": self.mean_bit_accuracy,
             "bit_accuracy_per_image": [float(b) for b in self.bit_accuracy],
             "decoded": self.decoded,
+            "reads": self.reads,
+            "decodes_by_read": self.decodes_by_read(),
             "vote_decoded": self.vote_decoded,
             "p_value": self.p_value,
             "alpha": self.alpha,
@@ -101,6 +106,16 @@ class VerificationReport:
             "commitment": self.commitment,
         }
 
+    def decodes_by_read(self) -> dict[str, int] | None:
+        """Exact decodes per read (``raw`` / ``log`` / ``erasure``), None when the reads were not recorded."""
+        if self.reads is None:
+            return None
+        out = {"raw": 0, "log": 0, "erasure": 0}
+        for t, r in zip(self.decoded, self.reads):
+            if r is not None and t == self.payload:
+                out[r] = out.get(r, 0) + 1
+        return out
+
     def to_markdown(self) -> str:
         d = self.to_dict()
         lines = [
@@ -110,6 +125,7 @@ class VerificationReport:
             "|---|---|",
             f"| verdict | **{d['verdict']}** |",
             f"| ASR (exact decodes) | {self.asr:.3f} ({sum(t == self.payload for t in self.decoded)}/{self.n_images}) |",
+            *self._reads_line(),
             f"| mean bit accuracy | {self.mean_bit_accuracy:.4f} |",
             f"| majority-vote QR of all images decodes to | {self._vote_text()} |",
             f"| p-value (binomial, majority vote) | {self.p_value:.3g} (threshold {self.alpha:g}) |",
@@ -118,6 +134,12 @@ class VerificationReport:
             f"| queries | {self.n_queries} in {self.seconds:.1f} s |",
         ]
         return "\n".join(lines) + "\n"
+
+    def _reads_line(self) -> list[str]:
+        by = self.decodes_by_read()
+        if by is None:
+            return []
+        return ["| exact decodes by read (raw / log scale / organ as erasures) | " + " / ".join(str(by[k]) for k in ("raw", "log", "erasure")) + " |"]
 
     def _vote_text(self) -> str:
         if self.vote_decoded is None:

@@ -13,7 +13,7 @@ from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.transforms.trigger import apply_trigger, load_key
 from monai_stealthmark.verify.lime import lime_attributions
 from monai_stealthmark.verify.query import check_probabilities, uncertainty_map
-from monai_stealthmark.verify.readout import binomial_p_value, bit_accuracy, cell_means, read_scores
+from monai_stealthmark.verify.readout import ERASURE_MARGIN_PX, binomial_p_value, bit_accuracy, cell_means, organ_modules, read_scores
 from monai_stealthmark.verify.report import VerificationReport
 
 __all__ = ["trigger_batch", "direct_scores", "verify_ownership"]
@@ -45,9 +45,12 @@ def trigger_batch(images: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
 
 def direct_scores(query: Callable, images: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
     """Per-cell mean uncertainty ``(B, grid_size**2)`` of the triggered images."""
+    return cell_means(uncertainty_map(_triggered_probs(query, images, key)), key)
+
+
+def _triggered_probs(query: Callable, images: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
     x = trigger_batch(images, key)
-    p = check_probabilities(query(x), x)
-    return cell_means(uncertainty_map(p), key)
+    return check_probabilities(query(x), x)
 
 
 def verify_ownership(
@@ -63,6 +66,7 @@ def verify_ownership(
     null: Any | None = None,
     commitment: Any | None = None,
     suspect_date: str | None = None,
+    erasure_margin: int | None = ERASURE_MARGIN_PX,
 ) -> VerificationReport:
     """Check whether a black-box model carries ``key``'s watermark.
 
@@ -82,24 +86,30 @@ def verify_ownership(
         commitment: the owner's published :class:`~monai_stealthmark.verify.calibrate.Commitment`; with it the
             verdict also needs the key to match it and to predate ``suspect_date``.
         suspect_date: when the suspect model appeared (ISO 8601), checked against the commitment.
+        erasure_margin: images that no binarisation decodes are read once more with the modules within this many
+            pixels of the model's own predicted organ (on the triggered query) as Reed-Solomon erasures
+            (:func:`~monai_stealthmark.verify.read_scores`); None turns that read off. LIME mode spends one more
+            query per image on it.
     """
     key = load_key(key)
     batch = _as_batch(images)  # validates shape and NaNs before any query is sent
     t0 = time.perf_counter()
     n0 = getattr(query, "n_queries", None)
+    if mode not in ("direct", "lime"):
+        raise ValueError(f"mode must be 'direct' or 'lime', got {mode!r}.")
+    probs = _triggered_probs(query, batch, key) if mode == "direct" or erasure_margin is not None else None
     if mode == "direct":
-        scores = direct_scores(query, batch, key)
+        scores = cell_means(uncertainty_map(probs), key)
         n_queries = batch.shape[0]
-    elif mode == "lime":
+    else:
         scores = torch.stack(
             [lime_attributions(query, img, key, lime_samples, lime_seed, batch_size=lime_batch_size).to(batch.device) for img in batch]
         )
-        n_queries = batch.shape[0] * lime_samples
-    else:
-        raise ValueError(f"mode must be 'direct' or 'lime', got {mode!r}.")
-    # direct mode reads the raw means, then the log scale where they find no QR (see read_scores); the vote is one
-    # QR from all images: evidence, not part of the ASR
-    modules, decoded, vote_decoded = read_scores(scores, key, mode)
+        n_queries = batch.shape[0] * (lime_samples + (probs is not None))
+    unreliable = organ_modules(probs, key, erasure_margin) if erasure_margin is not None else None
+    # the raw read, then (direct mode) the log scale, then the organ's codewords as erasures, each only where the
+    # previous found no QR (see read_scores); the vote is one QR from all images: evidence, not part of the ASR
+    modules, decoded, vote_decoded, reads = read_scores(scores, key, mode, unreliable)
     acc = bit_accuracy(modules, key)
     p, _, _ = binomial_p_value(modules, key)
     asr = float(np.mean([t == key.payload for t in decoded]))
@@ -127,6 +137,7 @@ def verify_ownership(
         payload=key.payload,
         n_images=int(batch.shape[0]),
         decoded=decoded,
+        reads=reads,
         vote_decoded=vote_decoded,
         asr=asr,
         bit_accuracy=[float(a) for a in acc],
