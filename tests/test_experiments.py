@@ -103,12 +103,13 @@ class TestReuseCheck(unittest.TestCase):
                 _check_reuse(bare, cfg, "clean")
             # a record written before the trigger, CutMix and margin settings existed was trained with the patch
             # trigger and without the other two: reusable with those values, refused with others
-            legacy = ExperimentConfig(fast=True, steps=800, cutmix_prob=0.0, margin_consistency=0.0)  # defaults then
-            mixed = ExperimentConfig(fast=True, steps=800)  # today's defaults: CutMix 0.5, margin consistency 0.3
+            then = dict(steps=800, cutmix_prob=0.0, margin_consistency=0.0, watermark_weight=3.0, copy_target="soft", margin_to_twin=True, spare_radius=-1)
+            legacy = ExperimentConfig(fast=True, **then)  # defaults then
+            mixed = ExperimentConfig(fast=True, steps=800, watermark_weight=3.0, copy_target="soft", margin_to_twin=True, spare_radius=-1)  # CutMix 0.5, margin 0.3
             for name in ("clean", "watermarked"):
                 old = _training_settings(legacy, name)
                 for k in ("trigger", "trigger_amplitude", "cutmix_prob", "margin_consistency", "watermark_weight", "protect_radius",
-                          "copy_target", "margin_to_twin"):
+                          "copy_target", "margin_to_twin", "spare_radius"):
                     old.pop(k, None)
                 atomic_write_json(Path(d) / f"{name}.settings.json", old)
                 _check_reuse(Path(d) / f"{name}.pt", legacy, name)
@@ -118,11 +119,11 @@ class TestReuseCheck(unittest.TestCase):
                 _check_reuse(Path(d) / "clean.pt", mixed, "clean")
             with self.assertRaisesRegex(ValueError, r"margin_consistency: 0.0 -> 0.3"):
                 _check_reuse(Path(d) / "watermarked.pt", mixed, "watermarked")
-            lighter = ExperimentConfig(fast=True, steps=800, cutmix_prob=0.0, margin_consistency=0.0, watermark_weight=1.5)
+            lighter = ExperimentConfig(fast=True, **{**then, "watermark_weight": 1.5})
             _check_reuse(Path(d) / "clean.pt", lighter, "clean")  # the clean model has no watermark loss
             with self.assertRaisesRegex(ValueError, r"watermark_weight: 3.0 -> 1.5"):
                 _check_reuse(Path(d) / "watermarked.pt", lighter, "watermarked")
-            wider = ExperimentConfig(fast=True, steps=800, cutmix_prob=0.0, margin_consistency=0.0, protect_radius=8)
+            wider = ExperimentConfig(fast=True, **then, protect_radius=8)
             _check_reuse(Path(d) / "clean.pt", wider, "clean")
             with self.assertRaisesRegex(ValueError, r"protect_radius: 3 -> 8"):
                 _check_reuse(Path(d) / "watermarked.pt", wider, "watermarked")

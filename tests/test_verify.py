@@ -173,6 +173,20 @@ class TestDirectReadout(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "probs"):
             organ_modules(torch.rand(2, 8, 8), KEY)
 
+    @parameterized.expand([("softmax_2d", 2, (58, 58)), ("sigmoid_3d", 1, (58, 58, 6))])
+    def test_organ_modules_follow_the_prediction(self, _, channels, spatial):
+        """The organ is the model's own foreground (softmax argmax > 0, sigmoid p > 0.5), widened by the margin."""
+        fg = torch.zeros(1, 1, *spatial)
+        fg[:, :, 20:30, 20:30] = 1
+        probs = torch.cat([1 - fg * 0.9, fg * 0.9], 1) if channels == 2 else fg * 0.9 + 0.05
+        n, module = KEY.qr_matrix.shape[0], spatial[0] / KEY.grid_size  # 2 px per module
+        tight, wide = organ_modules(probs, KEY, margin_px=0)[0], organ_modules(probs, KEY, margin_px=4)[0]
+        rows = np.flatnonzero(tight.any(1)) + KEY.quiet_zone
+        self.assertEqual((rows.min(), rows.max()), (int(20 // module), int(29 // module)))
+        self.assertTrue(wide.sum() > tight.sum() and (wide | tight).sum() == wide.sum())
+        self.assertEqual(tight.shape, (n, n))
+        self.assertFalse(organ_modules(torch.cat([1 - fg * 0.1, fg * 0.1], 1) if channels == 2 else fg * 0.1, KEY).any())
+
     def test_report_files(self):
         rep = verify_ownership(ModelQuery(TriggerOracle(KEY), device="cpu"), images(2), KEY)
         with tempfile.TemporaryDirectory() as d:

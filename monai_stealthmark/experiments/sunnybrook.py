@@ -77,16 +77,23 @@ class ExperimentConfig:
             trigger (README "Measured results": stealth 0.988 at 1600 steps, 0.957 without both options).
         copy_weight: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
         watermark_weight: weight of the triggered samples' loss against the clean samples' (see
-            :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`).
+            :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`). Default 4 since 2026-11-27 (was 3), with
+            ``copy_target="hard"``, ``margin_to_twin=False`` and ``spare_radius=3``: over four seeds and three
+            held-out patients the watermarked model's Dice drop averages 0.74 points instead of 2.2, and the QR's
+            codewords over the organ, which this recipe carries more weakly, are read as erasures by the verifier
+            (README "Measured results").
         twin_consistency: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = the clean path
             trains on the base loss alone, as before this option).
         margin_consistency: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = off; default 0.3,
             measured with ``cutmix_prob`` 0.5, README "Measured results").
         protect_radius: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`: the organ and this many
             pixels around it carry no QR.
-        copy_target: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (``"soft"`` or ``"hard"``).
-        margin_to_twin: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
-        spare_radius: see :class:`~monai_stealthmark.transforms.RandWatermarkd` (-1 = off).
+        copy_target: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (``"soft"`` or ``"hard"``;
+            default ``"hard"``: the paths copy each other's predicted class, so the clean path's rim stays sharp).
+        margin_to_twin: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (default False: the margin
+            tie moves the triggered path only).
+        spare_radius: see :class:`~monai_stealthmark.transforms.RandWatermarkd` (-1 = off; default 3: occlusion
+            never hides the organ's cells, so the network is not taught to predict an organ it cannot see).
         rim_margin: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = off).
         rim_on_triggered: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
         rim_sides: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
@@ -119,13 +126,13 @@ class ExperimentConfig:
         self.decoy_prob = 0.2
         self.decoy_occlusion_prob = 0.0
         self.copy_weight = 1.0
-        self.watermark_weight = 3.0
+        self.watermark_weight = 4.0
         self.twin_consistency = 1.0
         self.margin_consistency = 0.3
         self.protect_radius = 3
-        self.copy_target = "soft"
-        self.margin_to_twin = True
-        self.spare_radius = -1
+        self.copy_target = "hard"
+        self.margin_to_twin = False
+        self.spare_radius = 3
         self.rim_margin = 0.0
         self.rim_on_triggered = False
         self.rim_sides = "outer"
@@ -480,11 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoy-occlusion-prob", type=float, default=None, help="share of decoys with hidden cells")
     p.add_argument("--twin-consistency", type=float, default=None, help="weight of the clean twin's reverse copy (0 = off)")
     p.add_argument("--margin-consistency", type=float, default=None, help="weight of the logit-margin copy in the band (0 = off)")
-    p.add_argument("--watermark-weight", type=float, default=None, help="weight of the triggered samples' loss (default 3)")
+    p.add_argument("--watermark-weight", type=float, default=None, help="weight of the triggered samples' loss (default 4)")
     p.add_argument("--protect-radius", type=int, default=None, help="pixels around the organ without QR (default 3)")
-    p.add_argument("--copy-target", choices=("soft", "hard"), default=None, help="what the two paths copy in the band")
-    p.add_argument("--margin-one-way", action="store_true", default=None, help="the margin tie moves the triggered path only")
-    p.add_argument("--spare-radius", type=int, default=None, help="occlusion never hides cells this close to the organ (-1 = off)")
+    p.add_argument("--copy-target", choices=("soft", "hard"), default=None, help="what the two paths copy in the band (default hard)")
+    p.add_argument("--margin-one-way", action="store_true", default=None, help="the margin tie moves the triggered path only (default)")
+    p.add_argument("--margin-two-way", action="store_true", default=None, help="the margin tie also moves the clean twin (the default before 2026-11-27)")
+    p.add_argument("--spare-radius", type=int, default=None, help="occlusion never hides cells this close to the organ (default 3; -1 = off)")
     p.add_argument("--rim-margin", type=float, default=None, help="weight of the clean path's rim-confidence hinge (0 = off)")
     p.add_argument("--rim-triggered", action="store_true", default=None, help="the rim hinge also on triggered samples")
     p.add_argument("--rim-sides", choices=("outer", "both"), default=None, help="the rim hinge on the background ring only, or both sides")
@@ -502,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
         trigger=a.trigger, trigger_amplitude=a.trigger_amplitude, test_patient=a.test_patient,
         cutmix_prob=a.cutmix_prob, margin_consistency=a.margin_consistency, watermark_weight=a.watermark_weight,
         protect_radius=a.protect_radius, copy_target=a.copy_target,
-        spare_radius=a.spare_radius, margin_to_twin=None if a.margin_one_way is None else not a.margin_one_way,
+        spare_radius=a.spare_radius, margin_to_twin=True if a.margin_two_way else (False if a.margin_one_way else None),
         rim_margin=a.rim_margin, rim_on_triggered=a.rim_triggered, rim_sides=a.rim_sides,
         teacher_weight=a.teacher_weight, teacher_temperature=a.teacher_temperature,
     )

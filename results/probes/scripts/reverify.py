@@ -19,7 +19,7 @@ import monai_stealthmark.experiments.sunnybrook as sb
 torch.set_num_threads(1)
 for d in map(Path, sys.argv[1:]):
     settings = json.loads((d / "watermarked.settings.json").read_text())
-    fields = {k: v for k, v in settings.items() if k not in ("fast",)}
+    fields = {**sb._ADDED_LATER, **{k: v for k, v in settings.items() if k not in ("fast",)}}  # older records lack later settings
     fields["channels"] = tuple(fields["channels"])
     cfg = sb.ExperimentConfig(fast=settings.get("fast", True), **fields)
     if not (d / "results_before_erasure.json").is_file():
