@@ -4,14 +4,14 @@ with the organ's codewords as erasures at organ margins 2 / 4 / 6 px and 1 / 2 m
     python results/probes/scripts/erasure_margin.py hmsp_s3 hmspw4_s3 def_s3   # folder names under runs/
 """
 import json, sys, warnings; warnings.filterwarnings("ignore")
-import numpy as np, torch, torch.nn.functional as F
+import torch, torch.nn.functional as F
 torch.set_num_threads(2)
 from monai_stealthmark.data import load_sunnybrook, split_by_patient
 from monai_stealthmark.experiments.sunnybrook import build_network, WRONG_KEY_SEED
 from monai_stealthmark.transforms.trigger import load_key
 from monai_stealthmark.verify import ModelQuery, trigger_batch
 from monai_stealthmark.verify.query import uncertainty_map
-from monai_stealthmark.verify.readout import cell_means, read_scores, scores_to_modules
+from monai_stealthmark.verify.readout import cell_means, read_scores
 from monai_stealthmark.key.qr import correct_codewords, decode_qr
 cache = {}
 def load(run, which):
