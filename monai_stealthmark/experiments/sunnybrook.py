@@ -49,7 +49,7 @@ class ExperimentConfig:
 
     Args:
         fast: CPU setting.
-        steps: optimiser steps per model (1600 in the CPU setting: about 12.5 minutes for both models and the
+        steps: optimiser steps per model (1600 in the CPU setting: about 11.5 minutes for both models and the
             verification on a 2-core CPU; before 2026-11-27 the default was 800, without CutMix and margin copy).
         batch_size: samples per step (about half of them triggered for the watermarked model).
         lr: Adam learning rate (cosine decay to 0).
