@@ -132,6 +132,10 @@ class TestErasureCorrection(unittest.TestCase):
             correct_codewords(np.zeros((25, 25), bool), np.zeros((21, 21), bool), "H")
         with self.assertRaisesRegex(ValueError, "not the side of a QR"):
             correct_codewords(np.zeros((24, 24), bool), np.zeros((24, 24), bool), "H")
+        with self.assertRaisesRegex(ValueError, "error_correction must be one of"):
+            correct_codewords(np.zeros((25, 25), bool), np.zeros((25, 25), bool), "X")
+        with self.assertRaisesRegex(ValueError, "error_correction must be one of"):
+            read_format(np.zeros((25, 25), bool), "h")
 
 
 class TestWatermarkKey(unittest.TestCase):

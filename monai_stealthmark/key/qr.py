@@ -243,6 +243,8 @@ def read_format(modules: np.ndarray, error_correction: str | None = None) -> tup
     Returns:
         ``(error_correction, mask_pattern, hamming_distance)`` over the 30 format bits.
     """
+    if error_correction is not None and error_correction not in ERROR_CORRECTION:
+        raise ValueError(f"error_correction must be one of {sorted(ERROR_CORRECTION)} or None, got {error_correction!r}.")
     m = np.asarray(modules, dtype=bool)
     vert, horiz = _format_positions(m.shape[0])
     seen = np.array([m[p] for p in vert] + [m[p] for p in horiz])
@@ -303,6 +305,8 @@ def correct_codewords(
     bad = np.asarray(unreliable, dtype=bool)
     if m.shape != bad.shape or m.ndim != 2 or m.shape[0] != m.shape[1]:
         raise ValueError(f"modules and unreliable must be the same square (n, n) matrix, got {m.shape} and {bad.shape}.")
+    if error_correction not in ERROR_CORRECTION:
+        raise ValueError(f"error_correction must be one of {sorted(ERROR_CORRECTION)}, got {error_correction!r}.")
     version = qr_version_for_size(m.shape[0])
     _, mask, _ = read_format(m, error_correction)
     order = data_module_order(version)
