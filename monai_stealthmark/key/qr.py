@@ -6,6 +6,7 @@ from functools import lru_cache
 
 import numpy as np
 import qrcode
+import qrcode.base
 import qrcode.exceptions
 import qrcode.util
 
@@ -194,6 +195,12 @@ def decode_qr(modules_or_image: np.ndarray) -> list[str]:
 # version and error correction level (the key's geometry) and the model's own bits and organ.
 
 
+def _format_bits(error_correction: str, mask: int) -> np.ndarray:
+    """The 15 format bits (least significant first) of an error correction level and mask pattern."""
+    word = qrcode.util.BCH_type_info((ERROR_CORRECTION[error_correction] << 3) | mask)
+    return np.array([(word >> i) & 1 for i in range(15)], dtype=bool)
+
+
 def _format_positions(n: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """``(row, col)`` of format bit ``i`` (0 = least significant) in its two copies, as ``qrcode`` places them."""
     vert = [(i, 8) if i < 6 else (i + 1, 8) if i < 8 else (n - 15 + i, 8) for i in range(15)]
@@ -215,7 +222,6 @@ def data_module_order(version: int) -> np.ndarray:
     vert, horiz = _format_positions(n)
     for r, c in vert + horiz:
         taken[r, c] = True
-    taken[n - 8, 8] = True
     order = []
     row, inc = n - 1, -1
     for col in range(n - 1, 0, -2):
@@ -249,13 +255,11 @@ def read_format(modules: np.ndarray, error_correction: str | None = None) -> tup
     vert, horiz = _format_positions(m.shape[0])
     seen = np.array([m[p] for p in vert] + [m[p] for p in horiz])
     best = None
-    for name, code in ERROR_CORRECTION.items():
+    for name in ERROR_CORRECTION:
         if error_correction is not None and name != error_correction:
             continue
         for mask in range(8):
-            word = qrcode.util.BCH_type_info((code << 3) | mask)
-            bits = np.array([(word >> i) & 1 for i in range(15)] * 2, dtype=bool)
-            d = int((bits != seen).sum())
+            d = int((np.tile(_format_bits(name, mask), 2) != seen).sum())
             if best is None or d < best[2]:
                 best = (name, mask, d)
     return best
@@ -263,21 +267,15 @@ def read_format(modules: np.ndarray, error_correction: str | None = None) -> tup
 
 def _block_layout(version: int, error_correction: str) -> list[tuple[list[int], int]]:
     """For each RS block, the indices of its codewords in the interleaved stream (data then EC) and its data count."""
-    import qrcode.base
-
     blocks = qrcode.base.rs_blocks(version, ERROR_CORRECTION[error_correction])
     pos: list[list[int]] = [[] for _ in blocks]
     j = 0
-    for i in range(max(b.data_count for b in blocks)):
-        for bi, b in enumerate(blocks):
-            if i < b.data_count:
-                pos[bi].append(j)
-                j += 1
-    for i in range(max(b.total_count - b.data_count for b in blocks)):
-        for bi, b in enumerate(blocks):
-            if i < b.total_count - b.data_count:
-                pos[bi].append(j)
-                j += 1
+    for counts in ([b.data_count for b in blocks], [b.total_count - b.data_count for b in blocks]):  # data, then EC
+        for i in range(max(counts)):
+            for bi, c in enumerate(counts):
+                if i < c:
+                    pos[bi].append(j)
+                    j += 1
     return [(p, b.data_count) for p, b in zip(pos, blocks)]
 
 
@@ -312,8 +310,8 @@ def correct_codewords(
     order = data_module_order(version)
     layout = _block_layout(version, error_correction)
     n_cw = sum(len(p) for p, _ in layout)
-    rows, cols = order[: 8 * n_cw, 0], order[: 8 * n_cw, 1]
-    flip = np.array([qrcode.util.mask_func(mask)(int(r), int(c)) for r, c in zip(rows, cols)], dtype=bool)
+    masked = np.array([qrcode.util.mask_func(mask)(int(r), int(c)) for r, c in order], dtype=bool)
+    rows, cols, flip = order[: 8 * n_cw, 0], order[: 8 * n_cw, 1], masked[: 8 * n_cw]
     bits = (m[rows, cols] ^ flip).reshape(n_cw, 8)
     stream = np.packbits(bits, axis=1)[:, 0].astype(np.int64)
     n_bad = bad[rows, cols].reshape(n_cw, 8).sum(1)
@@ -331,10 +329,7 @@ def correct_codewords(
     fixed = m.copy()
     fixed[rows, cols] = new_bits
     rest = order[8 * n_cw :]  # remainder bits: light before masking, as the encoder writes them
-    for r, c in rest:
-        fixed[r, c] = bool(qrcode.util.mask_func(mask)(int(r), int(c)))
-    word = qrcode.util.BCH_type_info((ERROR_CORRECTION[error_correction] << 3) | mask)
-    vert, horiz = _format_positions(m.shape[0])
-    for i in range(15):
-        fixed[vert[i]] = fixed[horiz[i]] = bool((word >> i) & 1)
+    fixed[rest[:, 0], rest[:, 1]] = masked[8 * n_cw :]
+    for positions in _format_positions(m.shape[0]):
+        fixed[tuple(np.array(positions).T)] = _format_bits(error_correction, mask)
     return restore_function_patterns(fixed)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["NotProbabilitiesError", "ModelQuery", "check_probabilities", "uncertainty_map"]
+__all__ = ["NotProbabilitiesError", "ModelQuery", "check_probabilities", "is_softmax_output", "uncertainty_map"]
 
 
 class NotProbabilitiesError(ValueError):
@@ -59,11 +59,17 @@ def check_probabilities(p: torch.Tensor, images: torch.Tensor, softmax: bool | N
     return p.clamp(0, 1)
 
 
+def is_softmax_output(p: torch.Tensor) -> bool:
+    """Whether probability maps ``(B, C, spatial...)`` are one softmax over several channels (they sum to one), rather
+    than one or more independent sigmoid channels."""
+    return p.shape[1] > 1 and bool((p.sum(1) - 1).abs().max() <= 1e-3)
+
+
 def uncertainty_map(p: torch.Tensor) -> torch.Tensor:
     """Per-pixel uncertainty ``(B, spatial...)``: ``1 - max_c p`` for several channels, ``min(p, 1 - p)`` for one."""
     if p.shape[1] == 1:
         return torch.minimum(p[:, 0], 1 - p[:, 0])
-    if (p.sum(1) - 1).abs().max() > 1e-3:  # independent sigmoid channels: the least certain one
+    if not is_softmax_output(p):  # independent sigmoid channels: the least certain one
         return torch.minimum(p, 1 - p).amax(1)
     return 1 - p.amax(1)
 

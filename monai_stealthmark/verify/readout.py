@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.stats import binom
-
 import torch.nn.functional as F
+from scipy.stats import binom
 
 from monai_stealthmark.key import WatermarkKey, correct_codewords, decode_qr, function_pattern_mask, restore_function_patterns
 from monai_stealthmark.transforms.trigger import module_index_map
+from monai_stealthmark.verify.query import is_softmax_output
 
 __all__ = [
     "LIME_LOG_FLOOR",
@@ -120,8 +120,7 @@ def organ_modules(probs: torch.Tensor, key: WatermarkKey, margin_px: int = ERASU
     """
     if probs.ndim not in (4, 5):
         raise ValueError(f"probs must be (B, C, H, W[, D]), got shape {tuple(probs.shape)}.")
-    softmax = probs.shape[1] > 1 and bool(((probs.sum(1) - 1).abs() <= 1e-3).all())
-    fg = (probs.argmax(1) > 0) if softmax else (probs > 0.5).any(1)
+    fg = (probs.argmax(1) > 0) if is_softmax_output(probs) else (probs > 0.5).any(1)
     fg = fg[:, None].float()
     if margin_px > 0:
         pool = F.max_pool2d if fg.ndim == 4 else F.max_pool3d

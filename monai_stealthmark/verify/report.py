@@ -113,7 +113,7 @@ class VerificationReport:
         out = {"raw": 0, "log": 0, "erasure": 0}
         for t, r in zip(self.decoded, self.reads):
             if r is not None and t == self.payload:
-                out[r] = out.get(r, 0) + 1
+                out[r] += 1
         return out
 
     def to_markdown(self) -> str:
