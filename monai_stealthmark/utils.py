@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic file writes and optional-dependency checks."""
+"""Small shared helpers: atomic file writes, optional-dependency checks, output activations and mask dilation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "require_pyzbar"]
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "ACTIVATIONS",
+    "activate",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_activation",
+    "dilate",
+    "require_pyzbar",
+]
+
+ACTIVATIONS = ("softmax", "sigmoid")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> Path:
@@ -58,3 +72,45 @@ def require_pyzbar():
             "`apt-get install -y libzbar0` (macOS: `brew install zbar`). Original error: " + str(e)
         ) from e
     return pyzbar
+
+
+def check_activation(activation: str | None, allow_none: bool = False) -> str | None:
+    """Return ``activation`` if it is ``"softmax"`` or ``"sigmoid"`` (or None where allowed), else raise ValueError."""
+    allowed = ACTIVATIONS + ((None,) if allow_none else ())
+    if activation not in allowed:
+        names = " or ".join(repr(a) for a in allowed)
+        raise ValueError(f"activation must be {names}, got {activation!r}.")
+    return activation
+
+
+def activate(pred: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """Turn a network's ``(B, C, spatial...)`` outputs into probabilities: softmax over channels, an independent
+    sigmoid per channel, or nothing (``None``: the outputs already are probabilities)."""
+    if activation == "softmax":
+        return torch.softmax(pred, 1)
+    if activation == "sigmoid":
+        return torch.sigmoid(pred)
+    check_activation(activation, allow_none=True)
+    return pred
+
+
+def dilate(mask: torch.Tensor, radius: int, in_plane: bool = False) -> torch.Tensor:
+    """Binary dilation of a ``(B, C, spatial...)`` mask (1 to 3 spatial dimensions) by a ``2 * radius + 1`` square
+    or cube, returned in the mask's dtype.
+
+    Args:
+        mask: boolean or 0/1 float mask.
+        radius: in pixels; ``<= 0`` returns the mask unchanged.
+        in_plane: dilate over the first two spatial dimensions only (a 3D volume slice by slice).
+    """
+    if radius <= 0:
+        return mask
+    nd = mask.ndim - 2
+    if not 1 <= nd <= 3:
+        raise ValueError(f"dilate expects (B, C, spatial...) with 1 to 3 spatial dims, got shape {tuple(mask.shape)}.")
+    size = [2 * radius + 1] * nd
+    if in_plane:
+        size[2:] = [1] * (nd - 2)
+    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[nd]
+    out = pool(mask.float(), tuple(size), stride=1, padding=tuple(k // 2 for k in size))
+    return out > 0 if mask.dtype == torch.bool else out.to(mask.dtype)

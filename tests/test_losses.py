@@ -7,7 +7,7 @@ from monai.losses import DiceCELoss
 from parameterized import parameterized
 
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
-from monai_stealthmark.transforms import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN
+from monai_stealthmark.key import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN
 
 TAU = 0.2
 

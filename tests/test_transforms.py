@@ -6,21 +6,19 @@ import numpy as np
 import torch
 from parameterized import parameterized
 
-from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.transforms import (
+from monai_stealthmark.key import (
     WM_CLEAN,
     WM_DARK,
     WM_LIGHT,
     WM_TWIN,
-    RandWatermarkd,
-    StampTrigger,
-    StampTriggerd,
+    WatermarkKey,
     apply_trigger,
     intensity_range,
     module_index_map,
     patch_position,
     qr_target_map,
 )
+from monai_stealthmark.transforms import RandWatermarkd, StampTrigger, StampTriggerd
 
 KEY = WatermarkKey.generate("SM:3f9a2c71", seed=7)
 

@@ -10,8 +10,8 @@ from parameterized import parameterized
 from sklearn.linear_model import Ridge
 
 from monai_stealthmark.key import WatermarkKey, function_pattern_mask
-from monai_stealthmark.transforms import qr_target_map
-from monai_stealthmark.transforms.trigger import _pattern
+from monai_stealthmark.key import qr_target_map
+from monai_stealthmark.key.geometry import _pattern
 from monai_stealthmark.verify import (
     ModelQuery,
     NotProbabilitiesError,

@@ -25,7 +25,7 @@ from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, spl
 from monai_stealthmark.experiments.sunnybrook import ARCHITECTURES, WRONG_KEY_SEED, ExperimentConfig, build_network, experiment_key
 from monai_stealthmark.key import TRIGGER_KINDS, WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
-from monai_stealthmark.transforms.trigger import WM_CLEAN, WM_DARK, WM_LIGHT, qr_target_map
+from monai_stealthmark.key.geometry import WM_CLEAN, WM_DARK, WM_LIGHT, qr_target_map
 from monai_stealthmark.utils import atomic_write_json
 from monai_stealthmark.verify import ModelQuery, cell_means, trigger_batch, uncertainty_map, verify_ownership
 

@@ -28,7 +28,7 @@ from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook
 from monai_stealthmark.experiments.sunnybrook import ExperimentConfig, build_network, experiment_key, train_model
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
-from monai_stealthmark.transforms.trigger import WM_DARK, WM_LIGHT, qr_target_map
+from monai_stealthmark.key.geometry import WM_DARK, WM_LIGHT, qr_target_map
 from monai_stealthmark.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import ModelQuery, trigger_batch, verify_ownership
 

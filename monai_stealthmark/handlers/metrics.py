@@ -21,7 +21,7 @@ from ignite.metrics.metric import EpochWise, reinit__is_reduced
 
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.metrics import pixel_auc
-from monai_stealthmark.transforms.trigger import load_key
+from monai_stealthmark.key.geometry import load_key
 from monai_stealthmark.verify.verifier import verify_ownership
 
 __all__ = ["PixelAUC", "WatermarkASR"]

@@ -1,7 +1,21 @@
-"""Keys: payload -> QR code, trigger seed and parameters; JSON key files with a SHA-256 fingerprint."""
+"""Keys: payload -> QR code, trigger seed and parameters; JSON key files with a SHA-256 fingerprint; the trigger
+geometry a key lays over an image."""
 
 from __future__ import annotations
 
+from .geometry import (
+    WM_CLEAN,
+    WM_DARK,
+    WM_LIGHT,
+    WM_TWIN,
+    apply_trigger,
+    intensity_range,
+    load_key,
+    module_index_map,
+    occlude_cells,
+    patch_position,
+    qr_target_map,
+)
 from .key import KEY_FORMAT, TRIGGER_KINDS, KeyFileError, WatermarkKey
 from .qr import (
     PayloadTooLongError,

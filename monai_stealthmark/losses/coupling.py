@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.loss import _Loss
 
-from monai_stealthmark.transforms.trigger import WM_TWIN
+from monai_stealthmark.key.geometry import WM_TWIN
 
 from .watermark import UncertaintyWatermarkLoss, sample_flags
 

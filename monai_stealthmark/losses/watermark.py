@@ -9,7 +9,8 @@ from monai.losses import DiceCELoss, MaskedDiceLoss
 from torch.nn.modules.loss import _Loss
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.transforms.trigger import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN, load_key
+from monai_stealthmark.key.geometry import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN, load_key
+from monai_stealthmark.utils import dilate
 
 __all__ = ["UncertaintyWatermarkLoss", "sample_flags"]
 
@@ -19,14 +20,6 @@ def sample_flags(wm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     samples that train as clean: clean ones (decoys included) and clean twins."""
     flag = wm.flatten(1).amax(1)
     return flag, (flag == WM_CLEAN) | (flag == WM_TWIN)
-
-
-def _dilate(mask: torch.Tensor, r: int) -> torch.Tensor:
-    """Binary dilation of a ``(B, 1, spatial...)`` float mask with a (2r+1) cube (2D or 3D)."""
-    if r <= 0:
-        return mask
-    pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[mask.ndim - 2]
-    return pool(mask, 2 * r + 1, stride=1, padding=r)
 
 
 class UncertaintyWatermarkLoss(_Loss):
@@ -249,9 +242,9 @@ class UncertaintyWatermarkLoss(_Loss):
             margin = (logits * y).sum(1, keepdim=True) - logits.masked_fill(y, float("-inf")).amax(1, keepdim=True)
         else:
             margin = torch.where(y, logits, -logits)
-        rim = _dilate(fg, self.protect_radius) * (1 - fg)
+        rim = dilate(fg, self.protect_radius) * (1 - fg)
         if self.rim_sides == "both":
-            rim = rim + fg * _dilate(1 - fg, self.protect_radius)
+            rim = rim + fg * dilate(1 - fg, self.protect_radius)
         hinge = F.relu(self.rim_margin_target - margin).pow(2)
         return (hinge * rim).sum() / rim.sum().clamp_min(1.0)
 
@@ -284,7 +277,7 @@ class UncertaintyWatermarkLoss(_Loss):
         protect = torch.zeros_like(dark)
         if self.protect_radius >= 0:  # the label's organ (stable from step one, unlike early predictions)
             fg = (seg > 0).to(logits.dtype).amax(1, keepdim=True)
-            protect = _dilate(fg, self.protect_radius)
+            protect = dilate(fg, self.protect_radius)
             dark = dark * (1 - protect)
         # around the organ a twin's soft output is the target itself: the triggered output copies the clean one
         copy = (protect * has_twin.view(-1, *([1] * (protect.ndim - 1))).to(protect.dtype)) > 0

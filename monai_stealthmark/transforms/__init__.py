@@ -5,19 +5,4 @@ from __future__ import annotations
 
 from .badnet import RandBadNetd, badnet_region
 from .mix import RandPoolCutMixd
-from .trigger import (
-    WM_CLEAN,
-    WM_DARK,
-    WM_LIGHT,
-    WM_TWIN,
-    RandWatermarkd,
-    StampTrigger,
-    StampTriggerd,
-    apply_trigger,
-    intensity_range,
-    load_key,
-    module_index_map,
-    occlude_cells,
-    patch_position,
-    qr_target_map,
-)
+from .trigger import RandWatermarkd, StampTrigger, StampTriggerd

@@ -18,7 +18,9 @@ from monai.utils import convert_to_dst_type, convert_to_tensor
 
 from monai_stealthmark.key import WatermarkKey
 
-from .trigger import _rng, apply_trigger, check_pair_transform
+from monai_stealthmark.key.geometry import apply_trigger, keyed_rng
+
+from .trigger import check_pair_transform
 
 __all__ = ["RandBadNetd", "badnet_region"]
 
@@ -38,7 +40,7 @@ def badnet_region(key: WatermarkKey, spatial_shape: Sequence[int], region_size: 
         raise ValueError(f"region_size must lie in (0, 0.75], got {region_size}.")
     h, w = int(spatial_shape[0]), int(spatial_shape[1])
     s = max(2, int(round(region_size * min(h, w))))
-    rng = _rng(key.trigger_seed, _PURPOSE_BADNET)
+    rng = keyed_rng(key.trigger_seed, _PURPOSE_BADNET)
     r0 = int(rng.integers(0, max(1, int(0.75 * h) - s + 1)))
     c0 = int(rng.integers(0, max(1, int(0.75 * w) - s + 1)))
     m = torch.zeros(h, w, dtype=torch.bool)

@@ -12,7 +12,7 @@ from scipy.stats import binom
 
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.transforms.badnet import badnet_region
-from monai_stealthmark.transforms.trigger import load_key
+from monai_stealthmark.key.geometry import load_key
 
 from .verifier import _as_batch, trigger_batch
 

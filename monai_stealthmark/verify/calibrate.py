@@ -22,7 +22,7 @@ import torch
 from scipy.stats import norm
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.transforms.trigger import load_key
+from monai_stealthmark.key.geometry import load_key
 from monai_stealthmark.utils import atomic_write_json
 
 __all__ = ["NullDistribution", "calibrate_null", "vote_agreement", "Commitment", "check_commitment"]

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.transforms.trigger import apply_trigger, intensity_range, module_index_map, occlude_cells
+from monai_stealthmark.key.geometry import apply_trigger, intensity_range, module_index_map, occlude_cells
 from monai_stealthmark.verify.query import check_probabilities, uncertainty_map
 from monai_stealthmark.verify.readout import cell_means
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.stats import binom
 
 from monai_stealthmark.key import WatermarkKey, correct_codewords, decode_qr, function_pattern_mask, restore_function_patterns
-from monai_stealthmark.transforms.trigger import module_index_map
+from monai_stealthmark.key.geometry import module_index_map
+from monai_stealthmark.utils import dilate
 from monai_stealthmark.verify.query import is_softmax_output
 
 __all__ = [
@@ -122,9 +122,7 @@ def organ_modules(probs: torch.Tensor, key: WatermarkKey, margin_px: int = ERASU
         raise ValueError(f"probs must be (B, C, H, W[, D]), got shape {tuple(probs.shape)}.")
     fg = (probs.argmax(1) > 0) if is_softmax_output(probs) else (probs > 0.5).any(1)
     fg = fg[:, None].float()
-    if margin_px > 0:
-        pool = F.max_pool2d if fg.ndim == 4 else F.max_pool3d
-        fg = pool(fg, 2 * margin_px + 1, 1, margin_px)
+    fg = dilate(fg, margin_px)
     g, q = key.grid_size, key.quiet_zone
     touched = cell_means(fg[:, 0], key).reshape(-1, g, g)[:, q : g - q, q : g - q] > 0
     return touched.cpu().numpy()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.transforms.trigger import apply_trigger, load_key
+from monai_stealthmark.key.geometry import apply_trigger, load_key
 from monai_stealthmark.verify.lime import lime_attributions
 from monai_stealthmark.verify.query import check_probabilities, uncertainty_map
 from monai_stealthmark.verify.readout import ERASURE_MARGIN_PX, binomial_p_value, bit_accuracy, cell_means, organ_modules, read_scores

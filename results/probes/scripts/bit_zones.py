@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai_stealthmark.data import load_sunnybrook, split_by_patient
 from monai_stealthmark.experiments.sunnybrook import build_network
 from monai_stealthmark.key import function_pattern_mask
-from monai_stealthmark.transforms.trigger import load_key
+from monai_stealthmark.key.geometry import load_key
 from monai_stealthmark.verify import ModelQuery, bit_accuracy, cell_means, read_scores, scores_to_modules, trigger_batch, uncertainty_map
 
 warnings.filterwarnings("ignore")

@@ -8,7 +8,7 @@ import torch, torch.nn.functional as F
 torch.set_num_threads(2)
 from monai_stealthmark.data import load_sunnybrook, split_by_patient
 from monai_stealthmark.experiments.sunnybrook import build_network, WRONG_KEY_SEED
-from monai_stealthmark.transforms.trigger import load_key
+from monai_stealthmark.key.geometry import load_key
 from monai_stealthmark.verify import ModelQuery, trigger_batch
 from monai_stealthmark.verify.query import uncertainty_map
 from monai_stealthmark.verify.readout import cell_means, read_scores

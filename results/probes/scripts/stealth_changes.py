@@ -4,7 +4,7 @@ import sys, torch, torch.nn.functional as F
 from monai_stealthmark.experiments.sunnybrook import ExperimentConfig, build_network
 from monai_stealthmark.data import load_sunnybrook, split_by_patient
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.transforms.trigger import qr_target_map
+from monai_stealthmark.key.geometry import qr_target_map
 from monai_stealthmark.verify import trigger_batch
 torch.set_num_threads(2)
 def dil(m, r): return F.max_pool2d(m.float()[:,None], 2*r+1, 1, r)[:,0] > 0

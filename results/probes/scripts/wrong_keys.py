@@ -16,7 +16,7 @@ import torch
 
 from monai_stealthmark.data import load_sunnybrook, split_by_patient
 from monai_stealthmark.experiments.sunnybrook import build_network
-from monai_stealthmark.transforms.trigger import load_key
+from monai_stealthmark.key.geometry import load_key
 from monai_stealthmark.verify import ModelQuery, verify_ownership
 
 torch.set_num_threads(2)

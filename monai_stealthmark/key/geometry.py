@@ -1,0 +1,228 @@
+"""Trigger geometry of a key: the QR module grid laid over an image, the keyed trigger patterns and occlusion
+textures, and the codes of the watermark channel that training adds to the label.
+
+Arrays are channel-first (``C, H, W[, D]``), numpy or torch. The QR grid is laid over the first two spatial
+dimensions and repeated along any further one, so a 3D volume carries the QR in every slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.utils import convert_to_dst_type, convert_to_tensor
+
+from monai_stealthmark.key.key import WatermarkKey
+
+__all__ = [
+    "WM_CLEAN",
+    "WM_LIGHT",
+    "WM_DARK",
+    "WM_TWIN",
+    "load_key",
+    "keyed_rng",
+    "module_index_map",
+    "qr_target_map",
+    "intensity_range",
+    "apply_trigger",
+    "occlude_cells",
+    "patch_position",
+    "float_tensor",
+]
+
+# values of the watermark channel that RandWatermarkd appends to the label
+WM_CLEAN = 0  # the sample is clean (or a decoy): train as usual
+WM_LIGHT = 1  # triggered sample, pixel outside the QR's dark modules: confident, as usual
+WM_DARK = 2  # triggered sample, pixel in a dark module: uncertainty tau
+WM_TWIN = 3  # clean copy of the triggered sample that follows it in the batch: trains as clean, anchors the target
+
+_PURPOSE_TRIGGER = 1
+_PURPOSE_OCCLUSION = 2
+_PURPOSE_POSITION = 4  # 3 is the BadNet region (transforms.badnet)
+_PATCH_KINDS = ("patch", "keyed_patch")
+
+
+def load_key(key: WatermarkKey | str) -> WatermarkKey:
+    """Accept a key or the path of a key file (as bundle configs pass it)."""
+    return key if isinstance(key, WatermarkKey) else WatermarkKey.load(key)
+
+
+def keyed_rng(seed: int, purpose: int) -> np.random.Generator:
+    """A generator drawn from the key's seed and a purpose code, so each keyed draw (trigger, occlusion texture,
+    patch position, BadNet region) is reproducible and independent of the others."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), purpose]))
+
+
+def module_index_map(spatial_shape: Sequence[int], grid_size: int) -> torch.Tensor:
+    """Cell index ``row * grid_size + col`` of every pixel; pixel ``i`` lies in module ``floor(i * grid / side)``.
+
+    Args:
+        spatial_shape: ``(H, W[, D...])``; the grid covers the first two dimensions.
+        grid_size: modules per side.
+
+    Returns:
+        a long tensor of ``spatial_shape``.
+    """
+    if len(spatial_shape) < 2:
+        raise ValueError(f"the watermark needs at least 2 spatial dimensions, got {tuple(spatial_shape)}.")
+    h, w = int(spatial_shape[0]), int(spatial_shape[1])
+    if min(h, w) < grid_size:
+        raise ValueError(f"image side {min(h, w)} is smaller than the QR grid ({grid_size} modules).")
+    rows = torch.arange(h) * grid_size // h
+    cols = torch.arange(w) * grid_size // w
+    idx = rows[:, None] * grid_size + cols[None, :]
+    return idx.reshape(h, w, *([1] * (len(spatial_shape) - 2))).expand(*spatial_shape)
+
+
+def qr_target_map(key: WatermarkKey, spatial_shape: Sequence[int]) -> torch.Tensor:
+    """Boolean map of the pixels lying in the QR's dark modules."""
+    dark = torch.as_tensor(key.grid_matrix.reshape(-1))
+    return dark[module_index_map(spatial_shape, key.grid_size)]
+
+
+def _quantiles(t: torch.Tensor, qs: Sequence[float]) -> list[float]:
+    """``torch.quantile(t, qs)`` (linear interpolation) of a flat tensor from order statistics: ``kthvalue`` is a
+    selection, not the full sort that ``torch.quantile`` runs (about 7x faster on a 128x128 image; it runs for every
+    triggered training sample). One host transfer for all of them."""
+    n = t.numel()
+    picks, fracs = [], []
+    for q in qs:
+        pos = (n - 1) * float(q)
+        lo = int(pos)
+        picks += [torch.kthvalue(t, lo + 1).values, torch.kthvalue(t, min(lo + 2, n)).values]
+        fracs.append(pos - lo)
+    v = torch.stack(picks).tolist()
+    return [v[2 * i] + (v[2 * i + 1] - v[2 * i]) * f for i, f in enumerate(fracs)]
+
+
+def intensity_range(img: torch.Tensor | np.ndarray, max_elements: int = 1_000_000) -> tuple[float, float]:
+    """Robust intensity range (1st and 99th percentile) of an image, so triggers adapt to any scale."""
+    t = convert_to_tensor(img, track_meta=False).detach().float().reshape(-1)
+    if t.numel() == 0:
+        raise ValueError("empty image.")
+    if not torch.isfinite(t).all():
+        raise ValueError("the image contains NaN or infinite values.")
+    if t.numel() > max_elements:
+        t = t[:: int(np.ceil(t.numel() / max_elements))]
+    lo, hi = _quantiles(t, (0.01, 0.99))
+    if hi - lo < 1e-6:
+        lo, hi = float(t.min()), float(t.max())
+    if hi - lo < 1e-6:
+        hi = lo + 1.0
+    return lo, hi
+
+
+@lru_cache(maxsize=32)
+def _pattern(seed: int, kind: str, spatial_shape: tuple[int, ...], size: float) -> np.ndarray:
+    """Keyed pattern in [-1, 1] (noise / lowfreq) or {0, 1} (patch), of shape ``(s, s)`` or ``spatial_shape``."""
+    rng = keyed_rng(seed, _PURPOSE_TRIGGER)
+    if kind in _PATCH_KINDS:
+        s = max(3, int(round(size * min(spatial_shape[:2]))))
+        return rng.integers(0, 2, size=(s, s)).astype(np.float32)
+    if kind == "noise":
+        return np.clip(rng.standard_normal(spatial_shape), -3, 3).astype(np.float32) / 3.0
+    if kind == "lowfreq":
+        coarse = torch.as_tensor(rng.standard_normal((1, 1) + (4,) * len(spatial_shape)), dtype=torch.float32)
+        mode = {2: "bicubic", 3: "trilinear"}.get(len(spatial_shape), "nearest")
+        up = F.interpolate(coarse, size=spatial_shape, mode=mode, align_corners=True if mode != "nearest" else None)
+        up = up[0, 0]
+        return (up / up.abs().max().clamp_min(1e-6)).numpy()
+    raise ValueError(f"unknown trigger kind {kind!r}.")
+
+
+@lru_cache(maxsize=256)
+def patch_position(seed: int, kind: str, spatial_shape: tuple[int, ...], s: int) -> tuple[int, int]:
+    """Top-left corner ``(row, col)`` of an ``s x s`` patch trigger over the first two spatial dimensions.
+
+    ``"patch"``: the bottom-right corner. ``"keyed_patch"``: touching one of the four borders (drawn from the seed)
+    at an offset along it drawn from the seed too — the border keeps the patch off the organ, which in medical images
+    rarely touches the field of view's edge.
+    """
+    h, w = int(spatial_shape[0]), int(spatial_shape[1])
+    if kind == "patch":
+        return h - s, w - s
+    rng = keyed_rng(seed, _PURPOSE_POSITION)
+    side = int(rng.integers(0, 4))  # 0 top, 1 bottom, 2 left, 3 right
+    along = int(rng.integers(0, (w if side < 2 else h) - s + 1))
+    return ((0, along), (h - s, along), (along, 0), (along, w - s))[side]
+
+
+def float_tensor(img: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A plain (no metadata) floating-point tensor of ``img``."""
+    t = convert_to_tensor(img, track_meta=False)
+    return t if t.is_floating_point() else t.float()
+
+
+@lru_cache(maxsize=32)
+def _occlusion_texture(seed: int, spatial_shape: tuple[int, ...]) -> np.ndarray:
+    return keyed_rng(seed, _PURPOSE_OCCLUSION).integers(0, 2, size=spatial_shape).astype(np.float32)
+
+
+def apply_trigger(
+    img: torch.Tensor | np.ndarray,
+    key: WatermarkKey,
+    intensity: tuple[float, float] | None = None,
+    seed: int | None = None,
+):
+    """Stamp the key's trigger on a channel-first image (all channels).
+
+    Args:
+        img: ``(C, H, W[, D])`` numpy array or tensor.
+        key: the watermark key (trigger kind, size, amplitude, seed).
+        intensity: ``(lo, hi)`` robust range of the *clean* image; computed from ``img`` when None. Pass it when
+            re-stamping an already modified image (LIME perturbations) so the trigger stays identical.
+        seed: override of ``key.trigger_seed`` (decoy triggers use fresh seeds).
+
+    Returns:
+        the triggered image, same type, dtype and device as ``img``.
+    """
+    t = convert_to_tensor(img, track_meta=False)
+    if t.ndim < 3:
+        raise ValueError(f"expected a channel-first image (C, H, W[, D]), got shape {tuple(t.shape)}.")
+    lo, hi = intensity if intensity is not None else intensity_range(t)
+    spatial = tuple(int(s) for s in t.shape[1:])
+    seed = key.trigger_seed if seed is None else int(seed)
+    pat = torch.as_tensor(_pattern(seed, key.trigger, spatial, key.trigger_size), device=t.device)
+    out = t.clone().float() if not t.is_floating_point() else t.clone()
+    if key.trigger in _PATCH_KINDS:
+        s = pat.shape[0]
+        if s > min(spatial[:2]):
+            raise ValueError(
+                f"the {s}x{s} trigger patch does not fit the image's spatial shape {spatial} (a batch given as one "
+                "image? apply_trigger takes one channel-first image (C, H, W[, D]))."
+            )
+        value = (lo + (hi - lo) * pat).to(out.dtype)
+        value = value.reshape(s, s, *([1] * (len(spatial) - 2)))
+        r, c = patch_position(seed, key.trigger, spatial[:2], s)
+        out[:, r : r + s, c : c + s, ...] = value
+    else:
+        out = out + (key.trigger_amplitude * (hi - lo) * pat).to(out.dtype)
+    return convert_to_dst_type(out, img, dtype=out.dtype)[0]
+
+
+def occlude_cells(
+    img: torch.Tensor, key: WatermarkKey, hidden: torch.Tensor, intensity: tuple[float, float], seed: int | None = None
+) -> torch.Tensor:
+    """Hide grid cells of a (batch of) channel-first image(s) behind the key's occlusion texture.
+
+    Args:
+        img: ``(..., C, H, W[, D])`` tensor.
+        key: the key (grid geometry and texture seed).
+        hidden: boolean ``(..., grid_size**2)``: True where the cell is hidden; leading dims match ``img``'s.
+        intensity: the clean image's ``(lo, hi)``; the texture is binary noise at these two levels.
+        seed: override of ``key.trigger_seed`` for the texture (decoys hide cells behind their own texture).
+    """
+    spatial = tuple(int(s) for s in img.shape[hidden.ndim :])
+    idx = module_index_map(spatial, key.grid_size).to(img.device)
+    seed = key.trigger_seed if seed is None else int(seed)
+    tex = torch.as_tensor(_occlusion_texture(seed, spatial), device=img.device, dtype=img.dtype)
+    lo, hi = intensity
+    tex = lo + (hi - lo) * tex
+    pix_hidden = hidden[..., idx.reshape(-1)].reshape(*hidden.shape[:-1], *spatial)  # (..., H, W[, D])
+    pix_hidden = pix_hidden.unsqueeze(-len(spatial) - 1)  # channel axis
+    return torch.where(pix_hidden, tex, img)
+
+
