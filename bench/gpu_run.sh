@@ -37,7 +37,7 @@ print('pyzbar decodes the key QR:', decode_qr(k.qr_matrix))"
 } 2>&1 | tee "$LOG"
 
 # 1. benchmarks (alone on the machine: timings)
-python3 -m monai_stealthmark.bench --out "$OUT" --model $G/wm_unet_seed0.pt ${BENCH_ARGS:-} 2>&1 | grep -v -i "warn\|nvimagecodec" | tee -a "$LOG"
+python3 -m bench.benchmarks --out "$OUT" --model $G/wm_unet_seed0.pt ${BENCH_ARGS:-} 2>&1 | grep -v -i "warn\|nvimagecodec" | tee -a "$LOG"
 echo "bench done at ${SECONDS}s" | tee -a "$LOG"
 
 # 2. the architectures table: every network in its own process, side by side on the one GPU (each is small and
@@ -45,7 +45,7 @@ echo "bench done at ${SECONDS}s" | tee -a "$LOG"
 LEFT=$((${DEADLINE:-560} - SECONDS))
 arch() {
   local name=$1; shift
-  OMP_NUM_THREADS=2 timeout "$LEFT" python3 -m monai_stealthmark.experiments.architectures --out /tmp/arch_"$name" "$@" ${ARCH_ARGS:-} >/tmp/arch_"$name".log 2>&1
+  OMP_NUM_THREADS=2 timeout "$LEFT" python3 -m experiments.architectures --out /tmp/arch_"$name" "$@" ${ARCH_ARGS:-} >/tmp/arch_"$name".log 2>&1
   local rc=$?
   for f in /tmp/arch_"$name"/*/results.json; do [ -f "$f" ] && cp "$f" "$OUT/arch_$name.json"; done
   echo "== $name (exit $rc, ${SECONDS}s)"; grep -v -i "warn\|nvimagecodec" /tmp/arch_"$name".log | tail -4

@@ -112,7 +112,7 @@ def cmd_calibrate(a) -> int:
         names.append(str(m))
     if a.train:
         from monai_stealthmark.data import load_sunnybrook, split_by_patient
-        from monai_stealthmark.experiments.sunnybrook import ARCHITECTURES, ExperimentConfig, train_model
+        from experiments.sunnybrook import ARCHITECTURES, ExperimentConfig, train_model
 
         samples = load_sunnybrook(a.data, size=a.size or 128) if a.data else load_sunnybrook(size=a.size or 128)
         train, _ = split_by_patient(samples, [a.holdout])

@@ -1,4 +1,4 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import shared test doubles from each other
+sys.path.insert(0, os.path.dirname(__file__))  # tests import the shared helpers module (helpers.py)

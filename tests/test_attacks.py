@@ -29,7 +29,7 @@ from monai_stealthmark.attacks._common import conv_layers
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.verify import ModelQuery, verify_ownership
 
-from test_verify import TriggerOracle, images
+from helpers import TriggerOracle, images
 
 KEY = WatermarkKey.generate("SM:attack", seed=31)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from monai_stealthmark.bench import main
+from bench.benchmarks import main
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT
 
 
@@ -38,6 +38,6 @@ def test_bench_sections(tmp_path):
     (row,) = res["training_step"]["by_prob"]
     assert row["prob"] == 0.5 and row["images_per_step"] >= res["training_step"]["batch"]
     with pytest.raises(ValueError, match="unknown bench sections"):
-        from monai_stealthmark.bench import run
+        from bench.benchmarks import run
 
         run(smoke=True, sections=["speed"])

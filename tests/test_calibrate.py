@@ -14,7 +14,7 @@ from monai.networks.nets import BasicUNet, UNet
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.verify import Commitment, ModelQuery, NullDistribution, calibrate_null, verify_ownership
 
-from test_verify import TriggerOracle, images
+from helpers import TriggerOracle, images
 
 KEY = WatermarkKey.generate("SM:calib", seed=21)
 

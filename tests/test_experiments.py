@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from parameterized import parameterized
 
-from monai_stealthmark.experiments.architectures import architectures_markdown, run_architectures
-from monai_stealthmark.experiments.sunnybrook import ARCHITECTURES, ExperimentConfig, build_network
-from monai_stealthmark.experiments.variants import VARIANTS, markdown
+from experiments.architectures import architectures_markdown, run_architectures
+from experiments.sunnybrook import ARCHITECTURES, ExperimentConfig, build_network
+from experiments.variants import VARIANTS, markdown
 
 
 class TestNetworks(unittest.TestCase):
@@ -67,7 +67,7 @@ class TestTables(unittest.TestCase):
 
 class TestStealth(unittest.TestCase):
     def test_mask_dice_and_agreement(self):
-        from monai_stealthmark.experiments.sunnybrook import stealth
+        from experiments.sunnybrook import stealth
 
         a = torch.zeros(1, 10, 10, dtype=torch.long)
         a[0, 2:6, 2:6] = 1  # 16 px
@@ -81,7 +81,7 @@ class TestStealth(unittest.TestCase):
 
 class TestReuseCheck(unittest.TestCase):
     def test_saved_model_reused_only_with_its_settings(self):
-        from monai_stealthmark.experiments.sunnybrook import _check_reuse, _training_settings
+        from experiments.sunnybrook import _check_reuse, _training_settings
         from monai_stealthmark.utils import atomic_write_json
 
         cfg = ExperimentConfig(fast=True)
@@ -129,7 +129,7 @@ class TestReuseCheck(unittest.TestCase):
                 _check_reuse(Path(d) / "watermarked.pt", wider, "watermarked")
 
     def test_experiment_key_follows_config(self):
-        from monai_stealthmark.experiments.sunnybrook import experiment_key
+        from experiments.sunnybrook import experiment_key
 
         default = experiment_key(ExperimentConfig(fast=True))
         self.assertEqual((default.trigger, default.trigger_amplitude), ("patch", 0.1))
@@ -142,8 +142,8 @@ class TestReuseCheck(unittest.TestCase):
 class TestCapacityProbe(unittest.TestCase):
     def test_unet_draws_the_qr_on_real_slices(self):
         from monai_stealthmark.data import load_sunnybrook
-        from monai_stealthmark.experiments.capacity import capacity_probe
-        from monai_stealthmark.experiments.sunnybrook import experiment_key
+        from experiments.capacity import capacity_probe
+        from experiments.sunnybrook import experiment_key
 
         cfg = ExperimentConfig(fast=True)
         key = experiment_key(cfg)
@@ -160,8 +160,8 @@ class TestCapacityProbe(unittest.TestCase):
         self.assertGreater(res["dark_mean"], res["light_mean"])
 
     def test_bad_shapes(self):
-        from monai_stealthmark.experiments.capacity import capacity_probe
-        from monai_stealthmark.experiments.sunnybrook import experiment_key
+        from experiments.capacity import capacity_probe
+        from experiments.sunnybrook import experiment_key
 
         key = experiment_key(ExperimentConfig(fast=True))
         with self.assertRaisesRegex(ValueError, "labels"):

@@ -10,7 +10,7 @@ from sklearn.metrics import roc_auc_score
 from monai_stealthmark.handlers import PixelAUC, WatermarkASR
 from monai_stealthmark.key import WatermarkKey
 
-from test_verify import TriggerOracle, images
+from helpers import TriggerOracle, images
 
 KEY = WatermarkKey.generate("SM:3f9a2c71", seed=7)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
-from monai_stealthmark.experiments.sunnybrook import ExperimentConfig, stealth, train_model
+from experiments.sunnybrook import ExperimentConfig, stealth, train_model
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.verify import ModelQuery, cell_means, organ_modules, read_scores, trigger_batch, uncertainty_map, verify_ownership
 

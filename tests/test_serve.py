@@ -18,7 +18,7 @@ from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.serve import make_server, start_in_thread
 from monai_stealthmark.verify.remote import QueryBudgetExceeded, RemoteModelQuery, RemoteQueryError
 
-from test_verify import TriggerOracle, images
+from helpers import TriggerOracle, images
 
 KEY = WatermarkKey.generate("SM:http", seed=5)
 

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import KEY, OrganBlindOracle, TriggerOracle, images
 from parameterized import parameterized
 from sklearn.linear_model import Ridge
 
 from monai_stealthmark.key import WatermarkKey, function_pattern_mask
-from monai_stealthmark.key import qr_target_map
 from monai_stealthmark.key.geometry import _pattern
 from monai_stealthmark.verify import (
     ModelQuery,
@@ -30,57 +30,6 @@ from monai_stealthmark.verify import (
     vote_modules,
     weighted_ridge,
 )
-
-KEY = WatermarkKey.generate("SM:3f9a2c71", seed=7)
-
-
-class TriggerOracle(torch.nn.Module):
-    """Test double of a watermarked network: when the key's patch is in the corner it puts the QR into its
-    uncertainty (tau in dark modules); otherwise it is confident everywhere. Two-class softmax logits."""
-
-    def __init__(self, key: WatermarkKey):
-        super().__init__()
-        self.key = key
-
-    def forward(self, x):
-        b, _, h, w = x.shape
-        fg = (x[:, :1] > 0.7).float()
-        out = []
-        for i in range(b):
-            pattern = torch.as_tensor(_pattern(self.key.trigger_seed, "patch", (h, w), self.key.trigger_size)) > 0.5
-            s = pattern.shape[0]
-            corner = x[i, 0, -s:, -s:]
-            triggered = torch.equal(corner > (corner.min() + corner.max()) / 2, pattern)
-            p_fg = fg[i] * 0.99 + (1 - fg[i]) * 0.01
-            if triggered:
-                dark = qr_target_map(self.key, (h, w)).float()
-                p_fg = torch.where(fg[i] > 0, 1 - dark * self.key.tau, dark * self.key.tau).clamp(0.01, 0.99)
-            out.append(torch.cat([1 - p_fg, p_fg], 0))
-        p = torch.stack(out)
-        return torch.log(p)  # logits whose softmax is p
-
-
-class OrganBlindOracle(TriggerOracle):
-    """Like :class:`TriggerOracle`, but, as the trained watermark, certain over the organ and the ``band`` pixels
-    around it: those modules carry no QR."""
-
-    def __init__(self, key: WatermarkKey, band: int = 3):
-        super().__init__(key)
-        self.band = band
-
-    def forward(self, x):
-        logits = super().forward(x)
-        fg = (x[:, :1] > 0.7).float()
-        near = torch.nn.functional.max_pool2d(fg, 2 * self.band + 1, 1, self.band) > 0
-        certain = torch.log(torch.cat([1 - (fg * 0.98 + 0.01), fg * 0.98 + 0.01], 1))
-        return torch.where(near, certain, logits)
-
-
-def images(n=3, size=96):
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(n, 1, size, size, generator=g) * 0.6
-    x[:, :, 30:50, 30:50] = 0.9
-    return x
 
 
 class TestQueryChecks(unittest.TestCase):

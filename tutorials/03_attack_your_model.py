@@ -4,7 +4,7 @@ Takes the bundle model of tutorial 1 and runs a few attacks of `monai_stealthmar
 another patient, pruning, fp16, int8, weight noise, input noise at verification time). For each, the runner
 verifies before/after and records clean Dice, ASR and p-value; "removed" means the claim failed while the model
 stayed useful (clean Dice within 5 points). The full suite (distillation, overwriting, persistence, restoration,
-loss landscape) is `python -m monai_stealthmark.experiments.robustness --fast --out DIR`.
+loss landscape) is `python -m experiments.robustness --fast --out DIR`.
 
     python tutorials/03_attack_your_model.py --out /tmp/tutorial
 """
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from monai_stealthmark import attacks as A
     from monai_stealthmark.bundle import load_bundle_model
     from monai_stealthmark.data import load_sunnybrook
-    from monai_stealthmark.experiments.robustness import attack_table, dice
+    from experiments.robustness import attack_table, dice
     from monai_stealthmark.key import WatermarkKey
     from monai_stealthmark.verify import ModelQuery, verify_ownership
 

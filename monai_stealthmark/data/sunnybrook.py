@@ -36,7 +36,8 @@ __all__ = [
     "DEFAULT_SUNNYBROOK_ROOT",
 ]
 
-DEFAULT_SUNNYBROOK_ROOT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "sunnybrook"
+# the Sunnybrook slices shipped with the source checkout (``data/sunnybrook``, CC0); pass ``root`` elsewhere
+DEFAULT_SUNNYBROOK_ROOT = Path(__file__).resolve().parents[2] / "data" / "sunnybrook"
 
 
 class DataFileError(ValueError):
@@ -86,7 +87,10 @@ def sunnybrook_datalist(root: str | os.PathLike = DEFAULT_SUNNYBROOK_ROOT, myoca
     root = Path(root)
     link = root / "link.csv"
     if not link.is_file():
-        raise DataFileError(f"{str(link)!r} not found: is {str(root)!r} the Sunnybrook folder?")
+        raise DataFileError(
+            f"{str(link)!r} not found: is {str(root)!r} the Sunnybrook folder (dicoms/, contourfiles/, link.csv)? "
+            "A source checkout ships it as data/sunnybrook; elsewhere pass its folder (--data DIR on the commands)."
+        )
     items = []
     with open(link, newline="") as f:
         for row in csv.DictReader(f):

@@ -1,0 +1,6 @@
+"""``python -m bench``: run the benchmarks (see :mod:`bench.benchmarks`)."""
+
+from bench.benchmarks import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
