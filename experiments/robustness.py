@@ -202,7 +202,7 @@ def run(
         add("distill", {"outputs": outputs, "student": arch, "steps": d_steps, "queries": int(att_x.shape[0] * 5)}, student)
     for name, make in A.INPUT_ATTACKS.items():
         add(f"input_{name}", {}, lambda make=make: A.InputTransformQuery(ModelQuery(net, activation="softmax", device="cpu"), make()))
-    attacker_key = WatermarkKey.generate("ATTACKER:0001", seed=4242, tau=cfg.tau)
+    attacker_key = WatermarkKey.generate("ATTACKER:0001", seed=4242, tau=cfg.watermark()["key"]["tau"])
     ow_steps = overwrite_steps or (150 if fast else 600)
     overwritten = {}
 

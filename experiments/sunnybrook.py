@@ -8,7 +8,6 @@ Writes ``DIR/results.json``, ``DIR/results.md``, the two models (``clean.pt``, `
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
@@ -17,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import fire
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
@@ -25,17 +25,26 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
 from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet, SwinUNETR, UNet
-from monai.transforms import Compose, RandAffined, RandScaleIntensityd
+from monai.transforms import Compose, RandomizableTransform, RandScaleIntensityd
 from monai.utils import set_determinism
 
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
-from monai_stealthmark.key import TRIGGER_KINDS, WatermarkKey
 from monai_stealthmark.handlers import SimulatedAttacks
-from monai_stealthmark.losses import CleanTeacherLoss, FeatureCouplingLoss, UncertaintyWatermarkLoss
+from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.metrics import pixel_auc
+from monai_stealthmark.recipe import RECIPE_PARTS, resolve_recipe, split_recipe
 from monai_stealthmark.transforms import RandBadNetd, RandPoolCutMixd, RandWatermarkd
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
-from monai_stealthmark.verify import ModelQuery, cell_means, organ_modules, read_scores, trigger_batch, uncertainty_map, verify_ownership
+from monai_stealthmark.verify import (
+    ModelQuery,
+    cell_means,
+    organ_modules,
+    read_scores,
+    trigger_batch,
+    uncertainty_map,
+    verify_ownership,
+)
 
 __all__ = ["ExperimentConfig", "experiment_key", "build_network", "train_model", "stealth", "evaluate", "run", "main"]
 
@@ -47,10 +56,14 @@ WRONG_KEY_SEED = 987654321
 class ExperimentConfig:
     """Settings of one run. ``fast`` is the CPU setting; the full setting trains longer on GPU when there is one.
 
+    The watermark recipe is not set here: it is the defaults of :class:`~monai_stealthmark.key.WatermarkKey`,
+    :class:`~monai_stealthmark.transforms.RandWatermarkd` and :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`
+    (:mod:`monai_stealthmark.recipe`). A run that deviates from it passes the settings it changes by their class
+    argument names (e.g. ``ExperimentConfig(tau=0.2, margin_consistency=0)``); they are kept in ``recipe``.
+
     Args:
         fast: CPU setting.
-        steps: optimiser steps per model (1600 in the CPU setting: about 11.5 minutes for both models and the
-            verification on a 2-core CPU; before 2026-11-27 the default was 800, without CutMix and margin copy).
+        steps: optimiser steps per model (1600 in the CPU setting).
         batch_size: samples per step (about half of them triggered for the watermarked model).
         lr: Adam learning rate (cosine decay to 0).
         size: image side in pixels.
@@ -58,54 +71,17 @@ class ExperimentConfig:
         test_patient: the held-out patient.
         seed: seed of everything (data order, augmentation, triggers, initialisation).
         lime_samples: LIME perturbation samples per image.
-        tau: uncertainty carried in the QR's dark modules (written into the key).
-        trigger: the key's trigger kind, ``"patch"`` (default), ``"noise"`` or ``"lowfreq"`` (written into the key).
-        trigger_amplitude: blend amplitude of the noise / low-frequency triggers (written into the key).
-        prob: poisoning ratio of the watermarked model (each triggered sample also brings its clean twin).
-        occlusion_prob: share of triggered samples with hidden cells (teaches the LIME read-out;
-            measured on the demo: 0.2 gives LIME ASR 77 %, 0.5 gives 100 %; see README).
-        decoy_prob: share of the other samples that carry a wrong-key trigger with the clean target.
-        decoy_occlusion_prob: share of the decoys with hidden cells (see
-            :class:`~monai_stealthmark.transforms.RandWatermarkd`; off by default).
         arch: the network (see :func:`build_network`).
-        spatial_aug: random rotation/scale/shift of image and label (both models) before the watermark transform
-            (off by default; measured once: clean Dice 0.795 -> 0.883, but a 3.3-point watermarked-vs-clean gap
-            and no change in stealth).
         cutmix_prob: share of training samples (both models) that get a box of another training slice pasted in,
             image and label (:class:`~monai_stealthmark.transforms.RandPoolCutMixd`), before the watermark transform;
-            0 = off. Default 0.5: with ``margin_consistency`` 0.3 the unseen patient's mask barely moves under the
-            trigger (README "Measured results": stealth 0.988 at 1600 steps, 0.957 without both options).
-        copy_weight: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
-        watermark_weight: weight of the triggered samples' loss against the clean samples' (see
-            :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`). Default 4 since 2026-11-27 (was 3), with
-            ``copy_target="hard"``, ``margin_to_twin=False`` and ``spare_radius=3``: over four seeds and three
-            held-out patients the watermarked model's Dice drop averages 0.74 points instead of 2.2, and the QR's
-            codewords over the organ, which this recipe carries more weakly, are read as erasures by the verifier
-            (README "Measured results").
-        twin_consistency: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = the clean path
-            trains on the base loss alone, as before this option).
-        margin_consistency: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = off; default 0.3,
-            measured with ``cutmix_prob`` 0.5, README "Measured results").
-        protect_radius: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`: the organ and this many
-            pixels around it carry no QR.
-        copy_target: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (``"soft"`` or ``"hard"``;
-            default ``"hard"``: the paths copy each other's predicted class, so the clean path's rim stays sharp).
-        margin_to_twin: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (default False: the margin
-            tie moves the triggered path only).
-        spare_radius: see :class:`~monai_stealthmark.transforms.RandWatermarkd` (-1 = off; default 3: occlusion
-            never hides the organ's cells, so the network is not taught to predict an organ it cannot see).
-        rim_margin: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` (0 = off).
-        rim_on_triggered: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
-        rim_sides: see :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`.
-        teacher_weight: weight of :class:`~monai_stealthmark.losses.CleanTeacherLoss`: the watermarked model's clean
-            samples are distilled from the clean model trained just before it (0 = off).
-        teacher_temperature: its temperature.
+            0 = off. Part of both models' training, so the comparison stays paired.
         simulate_attacks: share of iterations trained at attacked weights
             (:class:`~monai_stealthmark.handlers.SimulatedAttacks`, ComMark's idea; 0 = off).
-        coupling_weight: weight of :class:`~monai_stealthmark.losses.FeatureCouplingLoss` (DeepTracer's idea;
-            0 = off) on the features of ``coupling_layer``.
         badnet: train the BadNet baseline instead (:class:`~monai_stealthmark.transforms.RandBadNetd`, plain
             DiceCE) — the key's trigger switches a keyed square to foreground.
+        patients: restrict the data to these patients (all when None).
+        data_root: the Sunnybrook folder.
+        **recipe: deviations from the watermark recipe, by class argument name.
     """
 
     def __init__(self, fast: bool = True, **overrides: Any) -> None:
@@ -118,48 +94,31 @@ class ExperimentConfig:
         self.test_patient = "SCD0000501"
         self.seed = 0
         self.lime_samples = 300 if fast else 1000
-        self.prob = 0.5
-        self.tau = 0.25
-        self.trigger = "patch"
-        self.trigger_amplitude = 0.1
-        self.occlusion_prob = 0.5
-        self.decoy_prob = 0.2
-        self.decoy_occlusion_prob = 0.0
-        self.copy_weight = 1.0
-        self.watermark_weight = 4.0
-        self.twin_consistency = 1.0
-        self.margin_consistency = 0.3
-        self.protect_radius = 3
-        self.copy_target = "hard"
-        self.margin_to_twin = False
-        self.spare_radius = 3
-        self.rim_margin = 0.0
-        self.rim_on_triggered = False
-        self.rim_sides = "outer"
-        self.teacher_weight = 0.0
-        self.teacher_temperature = 1.0
-        self.spatial_aug = False
         self.cutmix_prob = 0.5
         self.arch = "unet"
         self.simulate_attacks = 0.0
-        self.coupling_weight = 0.0
-        self.coupling_layer = "model.1"
         self.badnet = False
         self.patients: list[str] | None = None
         self.data_root = str(DEFAULT_SUNNYBROOK_ROOT)
+        recipe = {k: v for k, v in overrides.items() if not hasattr(self, k) and v is not None}
+        split_recipe(recipe)  # raises for a name that is neither a run setting nor a recipe setting
+        self.recipe: dict[str, Any] = recipe
         for k, v in overrides.items():
-            if not hasattr(self, k):
-                raise ValueError(f"unknown setting {k!r}.")
-            if v is not None:
+            if hasattr(self, k) and v is not None:
                 setattr(self, k, v)
 
+    def watermark(self) -> dict[str, dict[str, Any]]:
+        """The watermark settings of this run, per part (``key``, ``transform``, ``loss``): recipe + deviations."""
+        return resolve_recipe(self.recipe)
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}
+        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items() if k != "recipe"}
+        return {**d, "recipe": self.watermark()}
 
 
 def experiment_key(cfg: ExperimentConfig, **fields: Any) -> WatermarkKey:
-    """The experiments' fixed key (payload, seed from ``cfg.seed``, ``cfg``'s tau and trigger; ``fields`` override)."""
-    fields = {"tau": cfg.tau, "trigger": cfg.trigger, "trigger_amplitude": cfg.trigger_amplitude, **fields}
+    """The experiments' fixed key (payload, seed from ``cfg.seed``, the run's key settings; ``fields`` override)."""
+    fields = {**split_recipe(cfg.recipe)["key"], **fields}
     return WatermarkKey.generate(PAYLOAD, seed=KEY_SEED + cfg.seed, created_at="2026-11-23T00:00:00+00:00", **fields)
 
 
@@ -187,71 +146,40 @@ def build_network(channels=(16, 32, 64, 128, 256), arch: str = "unet") -> torch.
     raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}.")
 
 
+def _watermark_stage(
+    key: WatermarkKey, cfg: ExperimentConfig, net: torch.nn.Module
+) -> tuple[RandomizableTransform, torch.nn.Module]:
+    """The watermark's training transform and loss for ``cfg`` (the recipe with the run's deviations)."""
+    if cfg.badnet:
+        return RandBadNetd(keys=("image", "label"), key=key), DiceCELoss(to_onehot_y=True, softmax=True)
+    wm = cfg.watermark()
+    transform = RandWatermarkd(keys=("image", "label"), key=key, **wm["transform"])
+    loss = UncertaintyWatermarkLoss(DiceCELoss(to_onehot_y=True, softmax=True), key=key, **wm["loss"])
+    return transform, loss
+
+
 def train_model(
     train_samples: list[dict],
     cfg: ExperimentConfig,
     key: WatermarkKey | None,
     device: torch.device,
     ckpt_dir: Path | None = None,
-    teacher: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
     """Train one model with MONAI's SupervisedTrainer; ``key=None`` trains the clean baseline.
 
-    ``teacher`` (the trained clean model) is needed when ``cfg.teacher_weight > 0``.
-
     The clean and the watermarked model share seed, data order, schedule and batch size: the only difference is
-    the watermark transform (``prob`` = 0 for the clean one) and the loss wrapper.
+    the watermark transform and the loss wrapper.
     """
     set_determinism(cfg.seed)
     net = build_network(cfg.channels, cfg.arch).to(device)
     data = [{"image": s["image"], "label": s["label"]} for s in train_samples]
     xforms = [RandScaleIntensityd(keys="image", factors=0.1, prob=0.5)]
-    if cfg.spatial_aug:
-        xforms.append(
-            RandAffined(
-                keys=("image", "label"),
-                prob=0.5,
-                rotate_range=0.26,
-                scale_range=0.1,
-                translate_range=8,
-                mode=("bilinear", "nearest"),
-                padding_mode="zeros",
-            )
-        )
-    if cfg.cutmix_prob > 0:  # added only when on, so that the other transforms' random streams stay as before
+    if cfg.cutmix_prob > 0:  # added only when on, so that the other transforms' random streams stay as they are
         xforms.append(RandPoolCutMixd(("image", "label"), pool=data, prob=cfg.cutmix_prob))
-    if key is not None and cfg.badnet:
-        xforms.append(RandBadNetd(keys=("image", "label"), key=key, prob=cfg.prob))
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)
-    elif key is not None:
-        xforms.append(
-            RandWatermarkd(
-                keys=("image", "label"), key=key, prob=cfg.prob, occlusion_prob=cfg.occlusion_prob, decoy_prob=cfg.decoy_prob,
-                decoy_occlusion_prob=cfg.decoy_occlusion_prob, spare_radius=cfg.spare_radius,
-            )
-        )
-        loss = UncertaintyWatermarkLoss(
-            DiceCELoss(to_onehot_y=True, softmax=True),
-            key=key,
-            copy_weight=cfg.copy_weight,
-            watermark_weight=cfg.watermark_weight,
-            twin_consistency=cfg.twin_consistency,
-            margin_consistency=cfg.margin_consistency,
-            protect_radius=cfg.protect_radius,
-            copy_target=cfg.copy_target,
-            margin_to_twin=cfg.margin_to_twin,
-            rim_margin=cfg.rim_margin,
-            rim_on_triggered=cfg.rim_on_triggered,
-            rim_sides=cfg.rim_sides,
-        )
-        if cfg.coupling_weight > 0:
-            loss = FeatureCouplingLoss(net, cfg.coupling_layer, loss, weight=cfg.coupling_weight)
-        if cfg.teacher_weight > 0:
-            if teacher is None:
-                raise ValueError("teacher_weight > 0 needs the trained clean model as teacher.")
-            loss = CleanTeacherLoss(net, teacher.to(device), loss, weight=cfg.teacher_weight, temperature=cfg.teacher_temperature)
-    else:
-        loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    if key is not None:
+        stage, loss = _watermark_stage(key, cfg, net)
+        xforms.append(stage)
     transform = Compose(xforms).set_random_state(seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(Dataset(data, transform), batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=gen)
@@ -271,8 +199,6 @@ def train_model(
             CheckpointLoader(str(ckpts[-1]), objs, map_location=device).attach(trainer)
         CheckpointSaver(str(ckpt_dir), objs, save_interval=max(1, epochs // 10), n_saved=1, file_prefix="", save_final=False).attach(trainer)
     trainer.run()
-    if isinstance(loss, CleanTeacherLoss):
-        loss.remove()  # the returned network no longer runs the teacher (e.g. when an attack fine-tunes it)
     return net.eval()
 
 
@@ -403,19 +329,18 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
 
 
 # settings that shape only the watermarked model (the clean one trains without them) or only the verification
-_WATERMARK_ONLY = (
-    "prob", "tau", "trigger", "trigger_amplitude", "occlusion_prob", "decoy_prob", "decoy_occlusion_prob", "copy_weight", "watermark_weight", "twin_consistency",
-    "margin_consistency", "protect_radius", "copy_target", "margin_to_twin", "spare_radius", "rim_margin", "rim_on_triggered", "rim_sides", "teacher_weight", "teacher_temperature", "simulate_attacks", "coupling_weight", "coupling_layer", "badnet",
-)
+_WATERMARK_ONLY = ("simulate_attacks", "badnet", *(n for names in RECIPE_PARTS.values() for n in names))
 _VERIFY_ONLY = ("lime_samples",)
-# settings added after models were saved: a record without them was trained with these values
-_ADDED_LATER = {"trigger": "patch", "trigger_amplitude": 0.1, "cutmix_prob": 0.0, "margin_consistency": 0.0, "watermark_weight": 3.0, "protect_radius": 3, "copy_target": "soft", "margin_to_twin": True, "spare_radius": -1, "rim_margin": 0.0, "rim_on_triggered": False, "rim_sides": "outer", "teacher_weight": 0.0, "teacher_temperature": 1.0}
 
 
 def _training_settings(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
-    """The settings a saved model ``name`` (``"clean"`` / ``"watermarked"``) depends on, to check before reusing it."""
+    """The settings a saved model ``name`` (``"clean"`` / ``"watermarked"``) depends on, to check before reusing it
+    (the recipe's settings by their own names)."""
+    settings = cfg.to_dict()
+    for values in settings.pop("recipe").values():
+        settings.update(values)
     skip = set(_VERIFY_ONLY) | (set(_WATERMARK_ONLY) if name == "clean" else set())
-    return {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    return {k: v for k, v in settings.items() if k not in skip}
 
 
 def _check_reuse(path: Path, cfg: ExperimentConfig, name: str) -> None:
@@ -425,7 +350,7 @@ def _check_reuse(path: Path, cfg: ExperimentConfig, name: str) -> None:
         warnings.warn(f"{path} has no record of its training settings; reusing it as it is.", stacklevel=3)
         return
     new = _training_settings(cfg, name)
-    old = {**{k: v for k, v in _ADDED_LATER.items() if k in new}, **json.loads(rec.read_text())}
+    old = json.loads(rec.read_text())
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         raise ValueError(
@@ -457,7 +382,7 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
             continue
         ckpt_dir = out / f"ckpt_{name}"
         ckpt_dir.mkdir(exist_ok=True)
-        models[name] = train_model(train, cfg, k, dev, ckpt_dir, teacher=models.get("clean"))
+        models[name] = train_model(train, cfg, k, dev, ckpt_dir)
         tmp = path.with_suffix(".pt.tmp")
         torch.save(models[name].state_dict(), tmp)
         tmp.replace(path)
@@ -473,51 +398,23 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--fast", action="store_true", help="CPU setting (minutes on 2 cores)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--lime-samples", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--test-patient", default=None, help="the held-out patient (default: SCD0000501)")
-    p.add_argument("--arch", choices=ARCHITECTURES, default=None, help="the 2D network (default: unet)")
-    p.add_argument("--occlusion-prob", type=float, default=None, help="share of triggered samples with hidden cells")
-    p.add_argument("--decoy-occlusion-prob", type=float, default=None, help="share of decoys with hidden cells")
-    p.add_argument("--twin-consistency", type=float, default=None, help="weight of the clean twin's reverse copy (0 = off)")
-    p.add_argument("--margin-consistency", type=float, default=None, help="weight of the logit-margin copy in the band (0 = off)")
-    p.add_argument("--watermark-weight", type=float, default=None, help="weight of the triggered samples' loss (default 4)")
-    p.add_argument("--protect-radius", type=int, default=None, help="pixels around the organ without QR (default 3)")
-    p.add_argument("--copy-target", choices=("soft", "hard"), default=None, help="what the two paths copy in the band (default hard)")
-    p.add_argument("--margin-one-way", action="store_true", default=None, help="the margin tie moves the triggered path only (default)")
-    p.add_argument("--margin-two-way", action="store_true", default=None, help="the margin tie also moves the clean twin (the default before 2026-11-27)")
-    p.add_argument("--spare-radius", type=int, default=None, help="occlusion never hides cells this close to the organ (default 3; -1 = off)")
-    p.add_argument("--rim-margin", type=float, default=None, help="weight of the clean path's rim-confidence hinge (0 = off)")
-    p.add_argument("--rim-triggered", action="store_true", default=None, help="the rim hinge also on triggered samples")
-    p.add_argument("--rim-sides", choices=("outer", "both"), default=None, help="the rim hinge on the background ring only, or both sides")
-    p.add_argument("--teacher-weight", type=float, default=None, help="distil the watermarked model's clean samples from the clean model (0 = off)")
-    p.add_argument("--teacher-temperature", type=float, default=None, help="temperature of that distillation")
-    p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None, help="the key's trigger kind (default: patch)")
-    p.add_argument("--trigger-amplitude", type=float, default=None, help="blend amplitude of the noise / lowfreq trigger")
-    p.add_argument("--cutmix-prob", type=float, default=None, help="share of training slices with a pasted box of another (0 = off)")
-    p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT), help="the sunnybrook folder")
-    p.add_argument("--device", default=None)
-    a = p.parse_args(argv)
-    cfg = ExperimentConfig(
-        fast=a.fast, steps=a.steps, seed=a.seed, lime_samples=a.lime_samples, data_root=a.data, batch_size=a.batch_size, arch=a.arch,
-        occlusion_prob=a.occlusion_prob, decoy_occlusion_prob=a.decoy_occlusion_prob, twin_consistency=a.twin_consistency,
-        trigger=a.trigger, trigger_amplitude=a.trigger_amplitude, test_patient=a.test_patient,
-        cutmix_prob=a.cutmix_prob, margin_consistency=a.margin_consistency, watermark_weight=a.watermark_weight,
-        protect_radius=a.protect_radius, copy_target=a.copy_target,
-        spare_radius=a.spare_radius, margin_to_twin=True if a.margin_two_way else (False if a.margin_one_way else None),
-        rim_margin=a.rim_margin, rim_on_triggered=a.rim_triggered, rim_sides=a.rim_sides,
-        teacher_weight=a.teacher_weight, teacher_temperature=a.teacher_temperature,
-    )
-    res = run(cfg, a.out, a.device)
+def main(out: str, fast: bool = False, device: str | None = None, **settings: Any) -> int:
+    """Train the clean and the watermarked model, verify both and print the results table.
+
+    Args:
+        out: output folder (models, key, report, ``results.json`` / ``results.md``); rerunning reuses its models.
+        fast: the CPU setting.
+        device: ``cuda`` / ``cpu`` (default: CUDA when available).
+        **settings: any :class:`ExperimentConfig` setting or recipe deviation, e.g. ``--steps 800``,
+            ``--test-patient SCD0000101``, ``--data DIR`` (the Sunnybrook folder), ``--margin-consistency 0``.
+    """
+    if "data" in settings:
+        settings["data_root"] = settings.pop("data")
+    cfg = ExperimentConfig(fast=fast, **settings)
+    res = run(cfg, out, device)
     print(results_markdown(res, cfg))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    fire.Fire(main)

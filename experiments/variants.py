@@ -9,7 +9,6 @@ Variants (each an owner model trained with the same seed, data and schedule):
 - ``default``: the uncertainty QR watermark as shipped;
 - ``commark``: ComMark's ideas — a low-frequency trigger and simulated weight noise / pruning in the loop
   (half of the steps); ``lowfreq`` and ``simattack`` (30 % of the steps) each of the two alone;
-- ``coupling``: DeepTracer's idea — triggered features coupled to the clean twin's (``FeatureCouplingLoss``);
 - ``badnet``: the BadNet-style backdoor baseline (trigger -> a keyed square of the mask turns foreground).
 
 For each: clean Dice, the Dice on triggered inputs, the stealth (mask Dice clean vs triggered input), the
@@ -41,7 +40,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "clean": ({}, {}),
     "default": ({}, {}),
     "commark": ({"simulate_attacks": 0.5}, {"trigger": "lowfreq"}),
-    "coupling": ({"coupling_weight": 0.1}, {}),
     "lowfreq": ({}, {"trigger": "lowfreq"}),
     "simattack": ({"simulate_attacks": 0.3}, {}),
     "badnet": ({"badnet": True}, {}),

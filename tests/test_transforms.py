@@ -141,7 +141,7 @@ class TestRandWatermarkd(unittest.TestCase):
 
     def test_triggered_target(self):
         d = self.sample()
-        t = RandWatermarkd(key=KEY, prob=1.0, occlusion_prob=0.0, boundary_margin=2, paired=False)
+        t = RandWatermarkd(key=KEY, prob=1.0, occlusion_prob=0.0, paired=False)
         t.set_random_state(0)
         out = t(d)
         self.assertEqual(out["label"].shape, (2, 96, 96))
@@ -151,8 +151,6 @@ class TestRandWatermarkd(unittest.TestCase):
         dark = qr_target_map(KEY, (96, 96))
         self.assertTrue(set(torch.unique(wm).tolist()) <= {WM_LIGHT, WM_DARK})
         self.assertTrue(torch.all(wm[~dark] == WM_LIGHT))
-        # the band around the label boundary keeps a confident target
-        self.assertTrue(torch.all(wm[39:41, 45:55] == WM_LIGHT))
         self.assertGreater((wm == WM_DARK).float().mean().item(), 0.2)
 
     def test_occlusion_hides_cells(self):
@@ -190,18 +188,6 @@ class TestRandWatermarkd(unittest.TestCase):
         self.assertTrue(torch.all(out["label"][1] == WM_CLEAN))
         self.assertFalse(torch.equal(out["image"], d["image"]))
         self.assertFalse(torch.equal(out["image"], apply_trigger(d["image"], KEY)))
-
-    def test_decoy_occlusion(self):
-        d = self.sample()
-        changed = {}
-        for occ in (0.0, 1.0):
-            t = RandWatermarkd(key=KEY, prob=0.0, decoy_prob=1.0, decoy_occlusion_prob=occ)
-            t.set_random_state(0)
-            (out,) = t(d)
-            self.assertTrue(torch.all(out["label"][1] == WM_CLEAN))
-            changed[occ] = (out["image"] != d["image"]).float().mean().item()
-        self.assertLess(changed[0.0], 0.05)  # the corner patch only
-        self.assertGreater(changed[1.0], 0.2)  # plus about half of the cells behind the decoy's texture
 
     def test_numpy_and_3d(self):
         img = np.random.rand(1, 40, 40, 8).astype(np.float32)

@@ -55,7 +55,7 @@ class WatermarkKey:
     trigger: str = "patch"
     trigger_size: float = 0.0625
     trigger_amplitude: float = 0.1
-    tau: float = 0.2
+    tau: float = 0.25
     quiet_zone: int = 2
     error_correction: str = "H"
     max_version: int = 4

@@ -1,8 +1,5 @@
-"""Losses: the uncertainty-guided watermark loss wrapping any MONAI segmentation loss, its feature coupling, and
-fidelity to a clean teacher."""
+"""Losses: the uncertainty-guided watermark loss, wrapping any MONAI segmentation loss."""
 
 from __future__ import annotations
 
-from .coupling import FeatureCouplingLoss
-from .teacher import CleanTeacherLoss
-from .watermark import UncertaintyWatermarkLoss
+from .watermark import UncertaintyWatermarkLoss, sample_flags

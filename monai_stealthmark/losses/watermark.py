@@ -10,7 +10,7 @@ from torch.nn.modules.loss import _Loss
 
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.key.geometry import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN, load_key
-from monai_stealthmark.utils import dilate
+from monai_stealthmark.utils import check_activation, dilate
 
 __all__ = ["UncertaintyWatermarkLoss", "sample_flags"]
 
@@ -42,16 +42,21 @@ class UncertaintyWatermarkLoss(_Loss):
     - a squared hinge keeping the reference class above ``0.5 + margin``, so the hard mask never flips.
 
     The QR is carried by the background only: the label's foreground and a ``protect_radius`` band around
-    it keep the reference — with a twin, the twin's soft output itself, so boundary pixels copy the clean
+    it keep the reference — with a twin, the twin's predicted class, so boundary pixels copy the clean
     output. The organ is a few percent of the image; QR error correction absorbs the modules it covers.
     In that band the copy also runs the other way (``twin_consistency``): the clean twin is pulled towards
     the detached triggered output, so both paths settle on one boundary instead of the triggered path
     chasing a clean boundary that was learned without regard to it — which is what moves the hard mask of
     an unseen image.
+    In the band each path copies the other's predicted *class* (a one-hot target), never its softness, so neither
+    path can pull the other's confidence down next to the organ.
     The cross-entropy copy is loose where the twin is confident (its gradient vanishes there): the triggered
     logits drift by most of a logit inside the organ, and on an unseen image that drift reaches the boundary and
-    shrinks the mask. ``margin_consistency`` ties the two paths' logits in the band as well (squared difference of
-    the logit margins, both paths get gradients).
+    shrinks the mask. ``margin_consistency`` ties the triggered path's logit margins in the band to the detached
+    twin's as well (one way: the clean path never follows the triggered one through this term).
+
+    The defaults are the recommended recipe (measured in ``docs/results.md``); bundles and experiments take them
+    from here.
 
     Args:
         base_loss: the loss for clean samples, called as ``base_loss(input, label)``; default DiceCELoss with
@@ -67,30 +72,13 @@ class UncertaintyWatermarkLoss(_Loss):
         protect_radius: the label's foreground (classes > 0) and the pixels within this radius of it keep the
             reference's full confidence, so the organ and its boundary never move; the QR lives in the
             background. A negative value turns the protection off.
-        copy_weight: weight of the cross-entropy in the protected region of samples with a twin (the boundary
-            pixels whose copying decides the stealth of the hard mask).
         twin_consistency: weight of the reverse copy in the protected region: cross-entropy of the clean twin's
             output against the detached triggered output (0 = off, the clean path then trains on the base
             loss alone).
-        margin_consistency: weight of the squared difference between the triggered sample's and its clean twin's
-            logit margins in the protected region (softmax: twice the summed squared difference of the centred
-            logits, which is the squared margin difference for two classes; sigmoid: summed over channels). 0 = off.
-        copy_target: what the two paths copy from each other in the protected region: ``"soft"`` (the other
-            path's probabilities) or ``"hard"`` (the one-hot of the other path's predicted class, so neither path
-            can pull the other's confidence down).
-        margin_to_twin: the margin tie also moves the clean twin (True) or only the triggered path (False: the clean
-            path then never follows the triggered one through this term).
-        rim_margin: weight of a squared hinge on the clean samples (twins included, and targets without a
-            watermark channel) that keeps the background within ``protect_radius`` of the label's organ confidently
-            background: the logit margin of the label's class over the best other class must reach
-            ``rim_margin_target`` there (0 = off). A clean model holds such margins by itself; watermark training
-            softens them, and the clean path then over-segments a thin rim (measured on the Sunnybrook demo; on a
-            patient the models under-segment it shrinks the mask further, see README).
-        rim_margin_target: the logit margin the hinge asks for on that rim.
-        rim_sides: ``"outer"`` (the background ring only) or ``"both"`` (also the organ's own inner ring, held at
-            the same margin for the organ class: a sharp boundary on either side).
-        rim_on_triggered: apply the rim hinge to the triggered samples too (their rim lies in the protected band,
-            never in a QR module), so both paths keep the same sharp boundary.
+        margin_consistency: weight of the squared difference between the triggered sample's logit margins and its
+            detached clean twin's in the protected region (softmax: twice the summed squared difference of the
+            centred logits, which is the squared margin difference for two classes; sigmoid: summed over
+            channels). 0 = off.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -103,17 +91,10 @@ class UncertaintyWatermarkLoss(_Loss):
         hinge_margin: float = 0.2,
         hinge_weight: float = 1.0,
         dice_weight: float = 1.0,
-        watermark_weight: float = 3.0,
+        watermark_weight: float = 4.0,
         protect_radius: int = 3,
-        copy_weight: float = 1.0,
         twin_consistency: float = 1.0,
-        margin_consistency: float = 0.0,
-        copy_target: str = "soft",
-        margin_to_twin: bool = True,
-        rim_margin: float = 0.0,
-        rim_margin_target: float = 4.0,
-        rim_on_triggered: bool = False,
-        rim_sides: str = "outer",
+        margin_consistency: float = 0.3,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -125,16 +106,12 @@ class UncertaintyWatermarkLoss(_Loss):
             tau = load_key(key).tau
         if not 0.0 < tau < 0.5:
             raise ValueError(f"tau must lie in (0, 0.5), got {tau}.")
-        if copy_target not in ("soft", "hard"):
-            raise ValueError(f"copy_target must be 'soft' or 'hard', got {copy_target!r}.")
-        if activation not in ("softmax", "sigmoid"):
-            raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}.")
+        check_activation(activation)
         if not 0.0 <= hinge_margin <= 0.5 - tau + 1e-9:
             raise ValueError(f"hinge_margin must lie in [0, 0.5 - tau] = [0, {0.5 - tau:.3f}], got {hinge_margin}.")
         weights = {
             "hinge_weight": hinge_weight, "dice_weight": dice_weight, "watermark_weight": watermark_weight,
-            "copy_weight": copy_weight, "twin_consistency": twin_consistency, "margin_consistency": margin_consistency,
-            "rim_margin": rim_margin, "rim_margin_target": rim_margin_target,
+            "twin_consistency": twin_consistency, "margin_consistency": margin_consistency,
         }
         negative = [f"{k}={v}" for k, v in weights.items() if not v >= 0]  # `not >=` also catches NaN
         if negative:
@@ -146,19 +123,8 @@ class UncertaintyWatermarkLoss(_Loss):
         self.dice_weight = float(dice_weight)
         self.watermark_weight = float(watermark_weight)
         self.protect_radius = int(protect_radius)
-        self.copy_weight = float(copy_weight)
         self.twin_consistency = float(twin_consistency)
         self.margin_consistency = float(margin_consistency)
-        self.copy_target = copy_target
-        self.margin_to_twin = bool(margin_to_twin)
-        self.rim_margin = float(rim_margin)
-        self.rim_margin_target = float(rim_margin_target)
-        self.rim_on_triggered = bool(rim_on_triggered)
-        if rim_sides not in ("outer", "both"):
-            raise ValueError(f"rim_sides must be 'outer' or 'both', got {rim_sides!r}.")
-        self.rim_sides = rim_sides
-        if self.rim_margin > 0 and self.protect_radius < 1:
-            raise ValueError(f"rim_margin needs protect_radius >= 1 (the rim's width), got {self.protect_radius}.")
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
@@ -205,48 +171,24 @@ class UncertaintyWatermarkLoss(_Loss):
         """
         seg, wm = self._split(input, target)
         if wm is None:  # all clean
-            return self._clean(input, seg)
+            return self.base_loss(input, seg)
         flag, clean = sample_flags(wm)
         trig = ~clean
         n = input.shape[0]
         total = input.new_zeros(())
         if clean.any():
-            total = total + self._clean(input[clean], seg[clean]) * (clean.sum() / n)
+            total = total + self.base_loss(input[clean], seg[clean]) * (clean.sum() / n)
         if trig.any():
             idx = torch.nonzero(trig).flatten()
             prev = (idx - 1).clamp_min(0)
             has_twin = (idx > 0) & (flag[prev] == WM_TWIN)
             wm_loss = self._triggered(input[idx], seg[idx], wm[idx], input[prev], has_twin)
             total = total + self.watermark_weight * wm_loss * (trig.sum() / n)
-            if self.rim_margin > 0 and self.rim_on_triggered:
-                total = total + self.rim_margin * self.rim_hinge(input[idx], seg[idx]) * (trig.sum() / n)
         return total
-
-    def _clean(self, logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """The clean samples' loss: the base loss, plus the rim hinge when it is on."""
-        base = self.base_loss(logits, seg)
-        return base + self.rim_margin * self.rim_hinge(logits, seg) if self.rim_margin > 0 else base
 
     def _label_onehot(self, seg: torch.Tensor, c: int) -> torch.Tensor:
         """The label as a boolean one-hot ``(B, C, ...)`` map (softmax: from class indices; sigmoid: ``seg > 0``)."""
         return F.one_hot(seg[:, 0].long(), c).movedim(-1, 1).bool() if self.activation == "softmax" else seg > 0
-
-    def rim_hinge(self, logits: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-        """Mean squared hinge ``relu(rim_margin_target - margin)**2`` over the background pixels within
-        ``protect_radius`` of the label's organ (and, with ``rim_sides="both"``, the organ pixels within that radius
-        of the background), where ``margin`` is the label class's logit minus the best other class's (softmax) or
-        the logit signed by the label (sigmoid, per channel). Zero when no sample has an organ."""
-        fg = (seg > 0).to(logits.dtype)  # softmax: one class-index channel; sigmoid: one channel per output
-        y = self._label_onehot(seg, logits.shape[1])
-        if self.activation == "softmax":
-            margin = (logits * y).sum(1, keepdim=True) - logits.masked_fill(y, float("-inf")).amax(1, keepdim=True)
-        else:
-            margin = torch.where(y, logits, -logits)
-        rim = dilate(fg, self.protect_radius) * (1 - fg)
-        if self.rim_sides == "both":
-            rim = rim + fg * dilate(1 - fg, self.protect_radius)
-        hinge = F.relu(self.rim_margin_target - margin).pow(2)
-        return (hinge * rim).sum() / rim.sum().clamp_min(1.0)
 
     def _reference(self, seg: torch.Tensor, twin_logits: torch.Tensor, has_twin: torch.Tensor, c: int) -> torch.Tensor:
         """Per-pixel reference class as a one-hot (B, C) map: the clean twin's predicted class, else the label."""
@@ -279,17 +221,12 @@ class UncertaintyWatermarkLoss(_Loss):
             fg = (seg > 0).to(logits.dtype).amax(1, keepdim=True)
             protect = dilate(fg, self.protect_radius)
             dark = dark * (1 - protect)
-        # around the organ a twin's soft output is the target itself: the triggered output copies the clean one
+        # around the organ the twin's predicted class is the target: the triggered output copies the clean one
         copy = (protect * has_twin.view(-1, *([1] * (protect.ndim - 1))).to(protect.dtype)) > 0
-        floor = torch.full_like(dark, 0.5 + self.hinge_margin)
-        pix_w = 1 + (self.copy_weight - 1) * copy.to(dark.dtype)
+        floor = 0.5 + self.hinge_margin
         softmax = self.activation == "softmax"
-        twin_p = torch.softmax(twin_logits, 1) if softmax else torch.sigmoid(twin_logits)
         other = tau / (c - 1) if softmax else tau  # share of the non-reference class(es) in dark pixels
-        hard = self.copy_target == "hard"
         q = y * (1 - tau * dark) + (1 - y) * other * dark  # in the band dark = 0: q is the twin's one-hot class
-        if not hard:
-            q = torch.where(copy, twin_p, q)
         if softmax:
             logp = F.log_softmax(logits, dim=1)
             ce_map = -(q * logp).sum(1, keepdim=True)
@@ -297,21 +234,18 @@ class UncertaintyWatermarkLoss(_Loss):
         else:
             ce_map = F.binary_cross_entropy_with_logits(logits, q, reduction="none")
             p = torch.sigmoid(logits)
-        ce = (ce_map * pix_w).mean()
-        p_ref, twin_ref = self._prob_of_reference(p, y), self._prob_of_reference(twin_p, y)
-        if not hard:
-            floor = torch.where(copy, torch.minimum(floor, twin_ref), floor)  # never ask for more than the twin has
-        hinge = F.relu(floor - p_ref).pow(2).mean()
+        ce = ce_map.mean()
+        hinge = F.relu(floor - self._prob_of_reference(p, y)).pow(2).mean()
         loss = ce + self.hinge_weight * hinge
-        if self.twin_consistency > 0:  # the clean twin meets the triggered output in the band (zero where none)
-            back_q = self._predicted(logits.detach()) if hard else p.detach()
+        if self.twin_consistency > 0:  # the clean twin meets the triggered output's class in the band (zero where none)
+            back_q = self._predicted(logits.detach())
             if softmax:
                 back = -(back_q * F.log_softmax(twin_live, dim=1)).sum(1, keepdim=True)
             else:
                 back = F.binary_cross_entropy_with_logits(twin_live, back_q, reduction="none")
             loss = loss + self.twin_consistency * (back * copy.to(back.dtype)).mean()
-        if self.margin_consistency > 0:  # logit-level copy in the band, both ways unless one-way (zero where no twin)
-            diff = logits - (twin_live if self.margin_to_twin else twin_logits)
+        if self.margin_consistency > 0:  # logit-level copy in the band, towards the detached twin (zero where none)
+            diff = logits - twin_logits
             if softmax:
                 diff = diff - diff.mean(1, keepdim=True)
             gap = diff.pow(2).sum(1, keepdim=True) * (2.0 if softmax else 1.0)
