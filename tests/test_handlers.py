@@ -1,3 +1,6 @@
+"""The ignite handlers on bare ignite Engines (with MONAI's iteration events fired by hand), in a MONAI
+SupervisedEvaluator and SupervisedTrainer, and across two gloo DDP ranks."""
+
 from __future__ import annotations
 
 import unittest
@@ -5,14 +8,12 @@ import unittest
 import torch
 from ignite.engine import Engine, Events
 from monai.inferers import SimpleInferer, SlidingWindowInferer
+from parameterized import parameterized
 from sklearn.metrics import roc_auc_score
 
 from monai_stealthmark.handlers import PixelAUC, WatermarkASR
-from monai_stealthmark.key import WatermarkKey
 
-from helpers import TriggerOracle, images
-
-KEY = WatermarkKey.generate("SM:3f9a2c71", seed=7)
+from helpers import KEY, TriggerOracle, images
 
 
 class TestPixelAUCHandler(unittest.TestCase):
@@ -37,34 +38,60 @@ class TestPixelAUCHandler(unittest.TestCase):
         label = torch.tensor([[[[1.0, 0.0]]], [[[1.0, 0.0]]]])
         engine.run([{"pred": pred, "label": label}], max_epochs=1)
         self.assertEqual(engine.state.metrics["auc"], 1.0)
+        self.assertNotIn("auc_class1", engine.state.metrics)  # one class: one entry
+
+    def test_multi_class_mean_and_per_class(self):
+        g = torch.Generator().manual_seed(1)
+        label = torch.randint(0, 3, (4, 1, 12, 12), generator=g)
+        logits = torch.randn(4, 3, 12, 12, generator=g) + torch.nn.functional.one_hot(label[:, 0], 3).permute(0, 3, 1, 2)
+        engine = Engine(lambda e, b: b)
+        PixelAUC(label_index=None, activation="softmax").attach(engine, "val_auc")
+        engine.run([{"pred": logits[:2], "label": label[:2]}, {"pred": logits[2:], "label": label[2:]}], max_epochs=1)
+        m, probs = engine.state.metrics, torch.softmax(logits, 1)
+        expected = [roc_auc_score((label[:, 0] == c).flatten().numpy(), probs[:, c].flatten().numpy()) for c in (1, 2)]
+        self.assertAlmostEqual(m["val_auc_class1"], expected[0], places=10)
+        self.assertAlmostEqual(m["val_auc_class2"], expected[1], places=10)
+        self.assertAlmostEqual(m["val_auc"], (expected[0] + expected[1]) / 2, places=10)
 
 
 class TestWatermarkASRHandler(unittest.TestCase):
-    def make_engine(self, inferer):
+    def make_engine(self, inferer, decollate=False):
+        """A bare engine with an evaluator's ``network``/``inferer``/``device``; its output is the batch dict, or
+        MONAI's decollated list of per-image dicts."""
         net = TriggerOracle(KEY)
 
         def step(engine, batch):
             with torch.no_grad():
                 pred = engine.inferer(batch["image"], engine.network)
-            return {"image": batch["image"], "label": batch["label"], "pred": pred}
+            out = {"image": batch["image"], "pred": pred}
+            return [dict(zip(out, v)) for v in zip(*out.values())] if decollate else out
 
         engine = Engine(step)
         engine.network, engine.inferer, engine.device = net, inferer, torch.device("cpu")
         return engine
 
-    def test_asr_in_metrics_each_epoch(self):
-        for inferer in (SimpleInferer(), SlidingWindowInferer(roi_size=(96, 96), sw_batch_size=2)):
-            engine = self.make_engine(inferer)
-            WatermarkASR(KEY, max_images=3).attach(engine, "val_wm_asr")
-            seen = []
-            engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(dict(e.state.metrics)))
-            x = images(4)
-            data = [{"image": x[:2], "label": torch.zeros(2, 1, 96, 96)}, {"image": x[2:], "label": torch.zeros(2, 1, 96, 96)}]
-            engine.run(data, max_epochs=2)
-            self.assertEqual(len(seen), 2)
-            for m in seen:
-                self.assertEqual(m["val_wm_asr"], 1.0)
-                self.assertGreater(m["val_wm_asr_bit_acc"], 0.99)
+    @parameterized.expand([("simple", SimpleInferer()), ("sliding", SlidingWindowInferer(roi_size=(96, 96), sw_batch_size=2))])
+    def test_asr_in_metrics_each_epoch(self, _, inferer):
+        engine = self.make_engine(inferer)
+        WatermarkASR(KEY, max_images=3).attach(engine, "val_wm_asr")
+        seen = []
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: seen.append(dict(e.state.metrics)))
+        x = images(4)
+        data = [{"image": x[:2], "label": torch.zeros(2, 1, 96, 96)}, {"image": x[2:], "label": torch.zeros(2, 1, 96, 96)}]
+        engine.network.train()  # the network's mode is left as it was found
+        engine.run(data, max_epochs=2)
+        self.assertTrue(engine.network.training)
+        self.assertEqual(len(seen), 2)
+        for m in seen:
+            self.assertEqual(m["val_wm_asr"], 1.0)
+            self.assertGreater(m["val_wm_asr_bit_acc"], 0.99)
+
+    def test_decollated_output_and_max_images(self):
+        engine = self.make_engine(SimpleInferer(), decollate=True)
+        asr = WatermarkASR(KEY, max_images=3)
+        asr.attach(engine, "asr")
+        engine.run([{"image": images(2)}, {"image": images(2)}], max_epochs=1)
+        self.assertEqual((engine.state.metrics["asr"], len(asr.metric_fn.get_buffer()[0])), (1.0, 3))
 
     def test_wrong_key_zero(self):
         engine = self.make_engine(SimpleInferer())
@@ -197,10 +224,6 @@ class TestDistributed(unittest.TestCase):
             self.assertTrue(0.6 < r["bit_acc"] < 0.9)
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 class TestSimulatedAttacks(unittest.TestCase):
     def _trainer(self, net, lr, iters=1):
         from monai.engines import SupervisedTrainer
@@ -254,3 +277,7 @@ class TestSimulatedAttacks(unittest.TestCase):
             SimulatedAttacks(kinds=("dropout",))
         with self.assertRaisesRegex(ValueError, "prune_amount"):
             SimulatedAttacks(prune_amount=(0.8, 0.2))
+
+
+if __name__ == "__main__":
+    unittest.main()

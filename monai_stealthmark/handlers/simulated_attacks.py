@@ -1,4 +1,5 @@
-"""Robust embedding (ComMark's idea): simulate removal attacks on the weights inside the training loop."""
+"""Trainer handler :class:`SimulatedAttacks`: robust embedding (ComMark's idea) by simulating removal attacks
+(weight noise, magnitude pruning) on the weights inside the training loop."""
 
 from __future__ import annotations
 
@@ -58,16 +59,19 @@ class SimulatedAttacks:
         self.n_attacked = 0
 
     def attach(self, engine: Engine) -> None:
+        """Perturb at each iteration's start and restore after its backward pass, before the optimiser step."""
         engine.add_event_handler(Events.ITERATION_STARTED, self.perturb)
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.restore)
 
     @staticmethod
     def _weights(net: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The convolution and linear weights that the attacks reach (biases and norms are left alone)."""
         kinds = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d, torch.nn.ConvTranspose3d, torch.nn.Linear)
         return [m.weight for m in net.modules() if isinstance(m, kinds)]
 
     @torch.no_grad()
     def perturb(self, engine: Engine) -> None:
+        """With probability ``prob``, save the weights and apply one attack drawn from ``kinds`` in place."""
         if self.R.rand() >= self.prob:
             return
         ws = self._weights(engine.network)
@@ -91,6 +95,7 @@ class SimulatedAttacks:
 
     @torch.no_grad()
     def restore(self, engine: Engine) -> None:
+        """Put the saved clean weights back, so the optimiser steps from them with the attacked gradient."""
         if self._saved is None:
             return
         for w, s in zip(self._weights(engine.network), self._saved):

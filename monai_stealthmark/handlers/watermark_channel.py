@@ -1,0 +1,45 @@
+"""Trainer handler :class:`StripWatermarkChannel`: the label that
+:class:`~monai_stealthmark.transforms.RandWatermarkd` builds carries one extra watermark channel for the loss; right
+after the loss it is removed from ``engine.state.output``, so a stock bundle's own train post-processing and
+metrics see the plain label and its code stays unchanged."""
+
+from __future__ import annotations
+
+from ignite.engine import Engine
+from monai.engines.utils import IterationEvents
+from monai.utils import CommonKeys
+
+__all__ = ["StripWatermarkChannel"]
+
+
+class StripWatermarkChannel:
+    """Remove the watermark channel from the trainer's label once the loss has been computed.
+
+    Args:
+        label_key: the label field of ``engine.state.output``.
+        n_label_channels: channels of the plain label (1 for class indices). The watermark channel is the last.
+    """
+
+    def __init__(self, label_key: str = CommonKeys.LABEL, n_label_channels: int = 1) -> None:
+        if n_label_channels < 1:
+            raise ValueError(f"n_label_channels must be >= 1, got {n_label_channels}.")
+        self.label_key = label_key
+        self.n_label_channels = int(n_label_channels)
+
+    def attach(self, engine: Engine) -> None:
+        """Run after every iteration's loss (MONAI's ``IterationEvents.LOSS_COMPLETED``)."""
+        engine.add_event_handler(IterationEvents.LOSS_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Drop the last label channel when present; refuse labels with neither channel count."""
+        out = engine.state.output
+        label = out.get(self.label_key) if isinstance(out, dict) else None
+        if label is None:
+            raise RuntimeError(f"StripWatermarkChannel: engine.state.output has no {self.label_key!r} field.")
+        if label.shape[1] == self.n_label_channels + 1:
+            out[self.label_key] = label[:, : self.n_label_channels]
+        elif label.shape[1] != self.n_label_channels:
+            raise ValueError(
+                f"StripWatermarkChannel: label has {label.shape[1]} channels, expected {self.n_label_channels} "
+                f"(+1 watermark channel)."
+            )
