@@ -25,7 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from monai.bundle import ConfigParser
+
+from monai_stealthmark.handlers import PixelAUC, StashProbabilities, StripWatermarkChannel, WatermarkASR
 from monai_stealthmark.key import KeyFileError, WatermarkKey
+from monai_stealthmark.losses import UncertaintyWatermarkLoss
+from monai_stealthmark.transforms import RandWatermarkd
+from monai_stealthmark.verify import ModelQuery, VerificationReport, verify_ownership
 
 __all__ = [
     "BundleConfigError",
@@ -58,8 +65,6 @@ def bundle_parser(
         key_file: set as ``key_file`` when given (the overlay reads the key from it).
         overrides: more ids to set before parsing (e.g. ``{"max_epochs": 1}``).
     """
-    from monai.bundle import ConfigParser
-
     parser = ConfigParser()
     parser.read_config([f if Path(f).is_absolute() else str(Path(bundle_dir) / "configs" / f) for f in files])
     parser["bundle_root"] = str(bundle_root)
@@ -73,8 +78,6 @@ def bundle_parser(
 
 def _state_dict(path: Path, device: Any) -> dict:
     """A state dict from a checkpoint file: plain, or ``{"model": state_dict}`` as CheckpointSaver writes it."""
-    import torch
-
     state = torch.load(path, map_location=device, weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
@@ -122,8 +125,6 @@ def check_watermark_bundle(trainer: Any | None, evaluator: Any | None = None) ->
     Returns:
         True, so it can sit in a bundle's ``initialize`` list.
     """
-    from monai_stealthmark.handlers import PixelAUC, StashProbabilities, WatermarkASR
-
     if trainer is not None:
         _check_trainer(trainer)
     if evaluator is not None:
@@ -138,10 +139,8 @@ def check_watermark_bundle(trainer: Any | None, evaluator: Any | None = None) ->
 
 
 def _check_trainer(trainer: Any) -> None:
-    from monai_stealthmark.handlers import StripWatermarkChannel
-    from monai_stealthmark.losses import UncertaintyWatermarkLoss
-    from monai_stealthmark.transforms import RandWatermarkd
-
+    """Raise :class:`BundleConfigError` naming the missing id unless the overlay's loss, transform and handler
+    all reached the trainer."""
     if not isinstance(getattr(trainer, "loss_function", None), UncertaintyWatermarkLoss):
         raise BundleConfigError(
             "the trainer's loss is not the watermark loss: the bundle needs `train#trainer` with a `loss_function` "
@@ -200,32 +199,45 @@ def run_ownership_check(
     Returns:
         ``{mode: report dict}``; each verdict is also printed.
     """
-    import torch
-
-    from monai_stealthmark.verify import ModelQuery, verify_ownership
-
     key = load_bundle_key(key_file)
     device = torch.device(device)
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (train the bundle first or set ckpt_path).")
-        network.load_state_dict(_state_dict(path, device))
-    network = network.to(device).eval()
-    n = min(len(dataset), int(max_images))
-    if n == 0:
-        raise ValueError("the bundle's dataset is empty: nothing to query (check input_dir / datalist).")
-    items = [dataset[i][image_key] for i in range(n)]
-    images = torch.stack([x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x) for x in items])
+    network = _load_checkpoint(network, checkpoint, device)
+    images = _dataset_images(dataset, image_key, max_images)
     query = ModelQuery(network, activation=activation, device=device, inferer=inferer)
     out: dict[str, Any] = {}
     for mode in modes:
         report = verify_ownership(query, images, key, mode=mode, lime_samples=lime_samples)
         report.save(output_dir)
         out[mode] = report.to_dict()
-        print(f"ownership check ({mode}): ASR {report.asr:.3f}, bit accuracy {report.mean_bit_accuracy:.4f}, "
-              f"p = {report.p_value:.3g} -> {'ownership shown' if report.verdict else 'not shown'}")
+        print(_verdict_line(report))
     return out
+
+
+def _load_checkpoint(network: torch.nn.Module, checkpoint: str | Path | None, device: torch.device) -> torch.nn.Module:
+    """``network`` with the checkpoint's weights (when one is given), on ``device`` and in eval mode."""
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (train the bundle first or set ckpt_path).")
+        network.load_state_dict(_state_dict(path, device))
+    return network.to(device).eval()
+
+
+def _dataset_images(dataset: Any, image_key: str, max_images: int) -> torch.Tensor:
+    """The first ``max_images`` images of a bundle dataset stacked as one batch (MetaTensors as plain tensors)."""
+    n = min(len(dataset), int(max_images))
+    if n == 0:
+        raise ValueError("the bundle's dataset is empty: nothing to query (check input_dir / datalist).")
+    items = [dataset[i][image_key] for i in range(n)]
+    return torch.stack([x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x) for x in items])
+
+
+def _verdict_line(report: VerificationReport) -> str:
+    """One printed line per mode: ASR, bit accuracy, p-value and the verdict."""
+    return (
+        f"ownership check ({report.mode}): ASR {report.asr:.3f}, bit accuracy {report.mean_bit_accuracy:.4f}, "
+        f"p = {report.p_value:.3g} -> {'ownership shown' if report.verdict else 'not shown'}"
+    )
 
 
 def load_bundle_model(bundle_dir: str | Path, config: str = "configs/inference.json", checkpoint: str | Path | None = None, device: Any = None):
@@ -241,8 +253,6 @@ def load_bundle_model(bundle_dir: str | Path, config: str = "configs/inference.j
     Returns:
         ``(network in eval mode, inferer or None, preprocessing or None)``.
     """
-    import torch
-
     bundle_dir = Path(bundle_dir)
     cfg_file = bundle_dir / config
     if not cfg_file.is_file():

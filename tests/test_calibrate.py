@@ -6,11 +6,14 @@ import json
 import unittest
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from unittest import mock
 
 import numpy as np
 import torch
 from monai.networks.nets import BasicUNet, UNet
 
+from experiments import null_models
+from monai_stealthmark.__main__ import main
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.verify import Commitment, ModelQuery, NullDistribution, calibrate_null, verify_ownership
 
@@ -84,24 +87,33 @@ class TestCalibration(unittest.TestCase):
         self.assertGreater(best_p, 1e-6)
 
 
+def clean_models_on_disk(tmp: Path, seeds) -> list[str]:
+    """TorchScript files of clean nets (what `calibrate --models` reads)."""
+    models = []
+    for s in seeds:
+        path = tmp / f"clean{s}.ts"
+        torch.jit.trace(clean_net(s), torch.rand(1, 1, 128, 128)).save(str(path))
+        models.append(str(path))
+    return models
+
+
+def images_on_disk(tmp: Path, n: int = 3) -> Path:
+    (tmp / "imgs").mkdir()
+    for i, img in enumerate(images(n, size=128)):
+        np.save(tmp / "imgs" / f"{i}.npy", img[0].numpy())
+    return tmp / "imgs"
+
+
 class TestCalibrateCLI(unittest.TestCase):
     def test_calibrate_then_verify(self):
-        from monai_stealthmark.__main__ import main
-
         with TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             assert main(["keygen", "--payload", "SM:cli", "--seed", "4", "--out", str(tmp / "key.json")]) == 0
             commitment = json.loads((tmp / "key.commitment.json").read_text())
             key = WatermarkKey.load(tmp / "key.json")
             self.assertEqual(commitment["fingerprint"], key.fingerprint)
-            (tmp / "imgs").mkdir()
-            for i, img in enumerate(images(3, size=128)):
-                np.save(tmp / "imgs" / f"{i}.npy", img[0].numpy())
-            models = []
-            for s in range(3):
-                path = tmp / f"clean{s}.ts"
-                torch.jit.trace(clean_net(s), torch.rand(1, 1, 128, 128)).save(str(path))
-                models.append(str(path))
+            images_on_disk(tmp)
+            models = clean_models_on_disk(tmp, range(3))
             code = main(["calibrate", "--key", str(tmp / "key.json"), "--images", str(tmp / "imgs"), "--models", *models, "--out", str(tmp / "null.json")])
             self.assertEqual(code, 0)
             self.assertEqual(len(json.loads((tmp / "null.json").read_text())["agreements"]), 3)
@@ -113,7 +125,35 @@ class TestCalibrateCLI(unittest.TestCase):
             rep = json.loads((tmp / "rep" / "report.json").read_text())
             self.assertTrue(rep["commitment"]["admissible"])
             self.assertEqual(rep["calibration"]["n_models"], 3)
-            self.assertEqual(main(["calibrate", "--key", str(tmp / "key.json"), "--images", str(tmp / "imgs"), "--models", models[0], "--out", str(tmp / "n1.json")]), 2)
+
+
+class TestNullModelsScript(unittest.TestCase):
+    """``python -m experiments.null_models``: trained clean models (training stubbed here) plus model files."""
+
+    def test_trains_then_writes_the_null(self):
+        samples = [{"patient": p} for p in ("SCD0000501", "SCD0000101", "SCD0000201")]
+        trained = []
+
+        def fake_train(train, cfg, key, device):
+            trained.append((len(train), cfg.arch, cfg.seed, cfg.steps, key))
+            return clean_net(cfg.seed)
+
+        with TemporaryDirectory() as tmp, mock.patch.object(null_models, "load_sunnybrook", return_value=samples), \
+                mock.patch.object(null_models, "train_model", side_effect=fake_train):
+            tmp = Path(tmp)
+            KEY.save(tmp / "key.json")
+            imgs = images_on_disk(tmp, 2)
+            model = clean_models_on_disk(tmp, [5])[0]
+            argv = ["--key", str(tmp / "key.json"), "--images", str(imgs), "--train", "2", "--steps", "7", "--models", model]
+            self.assertEqual(null_models.main([*argv, "--out", str(tmp / "null.json")]), 0)
+            null = NullDistribution.load(tmp / "null.json")
+        self.assertEqual(trained, [(2, "unet", 1000, 7, None), (2, "basicunet", 1001, 7, None)])  # held-out patient left out
+        self.assertEqual(null.models, [model, "unet seed 1000 (7 steps)", "basicunet seed 1001 (7 steps)"])
+        self.assertEqual((null.key_fingerprint, null.n_images, len(null.agreements)), (KEY.fingerprint, 2, 3))
+
+    def test_fewer_than_two_models_refused(self):
+        with self.assertRaisesRegex(SystemExit, "at least 2 clean models"):
+            null_models.main(["--key", "k.json", "--images", "d", "--train", "1", "--out", "n.json"])
 
 
 if __name__ == "__main__":

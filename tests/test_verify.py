@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import ast
 import tempfile
 import unittest
 from pathlib import Path
@@ -10,6 +11,7 @@ from helpers import KEY, OrganBlindOracle, TriggerOracle, images
 from parameterized import parameterized
 from sklearn.linear_model import Ridge
 
+import monai_stealthmark.verify as verify_package
 from monai_stealthmark.key import WatermarkKey, function_pattern_mask
 from monai_stealthmark.key.geometry import _pattern
 from monai_stealthmark.verify import (
@@ -30,6 +32,22 @@ from monai_stealthmark.verify import (
     vote_modules,
     weighted_ridge,
 )
+
+
+class TestLayering(unittest.TestCase):
+    def test_verify_modules_import_one_way_at_the_top(self):
+        """No import inside a function reaches back into the package (a hidden cycle); calibration sits above the
+        verifier, which never imports it."""
+        root = Path(verify_package.__file__).parent
+        top = {}
+        for f in root.glob("*.py"):
+            tree = ast.parse(f.read_text())
+            top[f.stem] = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)}
+            for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+                inner = [n for n in ast.walk(fn) if isinstance(n, ast.ImportFrom) and (n.level or "monai_stealthmark" in n.module)]
+                self.assertEqual(inner, [], f"{f.name}: {fn.name} imports from the package inside the function")
+        self.assertIn("monai_stealthmark.verify.verifier", top["calibrate"])
+        self.assertFalse({m for m in top["verifier"] if m.endswith("calibrate")})
 
 
 class TestQueryChecks(unittest.TestCase):

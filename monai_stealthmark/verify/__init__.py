@@ -1,11 +1,30 @@
-"""Black-box verification: query a suspect model with triggered images and read the QR from its probabilities."""
+"""Black-box verification: query a suspect model with triggered images and read the QR from its probabilities.
+
+Layers, each importing only the ones above it: ``query`` (black-box calls, probability checks), ``readout``
+(scores to QR modules, statistics), ``lime`` and ``report``, ``claims`` (null distribution, commitment),
+``verifier`` (:func:`verify_ownership`), then ``calibrate`` (:func:`calibrate_null`) and ``badnet`` on top;
+``remote`` (HTTP queries) stands alone.
+"""
 
 from __future__ import annotations
 
 from .badnet import BadNetReport, verify_badnet
-from .calibrate import Commitment, NullDistribution, calibrate_null, check_commitment, vote_agreement
+from .calibrate import calibrate_null
+from .claims import Commitment, NullDistribution, check_commitment, vote_agreement
 from .lime import lime_attributions, lime_masks, lime_reference_attributions, perturbed_queries, weighted_ridge
 from .query import ModelQuery, NotProbabilitiesError, check_probabilities, is_softmax_output, uncertainty_map
 from .readout import ERASURE_MARGIN_PX, binomial_p_value, bit_accuracy, cell_means, organ_modules, otsu_threshold, read_qr, read_scores, scores_to_modules, vote_modules
 from .report import VerificationReport
 from .verifier import direct_scores, trigger_batch, verify_ownership
+
+__all__ = [
+    "BadNetReport", "verify_badnet",
+    "calibrate_null",
+    "Commitment", "NullDistribution", "check_commitment", "vote_agreement",
+    "lime_attributions", "lime_masks", "lime_reference_attributions", "perturbed_queries", "weighted_ridge",
+    "ModelQuery", "NotProbabilitiesError", "check_probabilities", "is_softmax_output", "uncertainty_map",
+    "ERASURE_MARGIN_PX", "binomial_p_value", "bit_accuracy", "cell_means", "organ_modules", "otsu_threshold", "read_qr",
+    "read_scores", "scores_to_modules", "vote_modules",
+    "VerificationReport",
+    "direct_scores", "trigger_batch", "verify_ownership",
+]

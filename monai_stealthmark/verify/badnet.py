@@ -11,8 +11,8 @@ import torch
 from scipy.stats import binom
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.transforms.badnet import badnet_region
 from monai_stealthmark.key.geometry import load_key
+from monai_stealthmark.transforms.badnet import badnet_region
 
 from .verifier import _as_batch, trigger_batch
 

@@ -1,92 +1,23 @@
-"""Calibrated claims: an empirical null distribution from clean models, and the key's commitment date.
+"""Measuring the empirical null: clean models queried with the key's trigger exactly as a suspect is.
 
-The binomial p-value of :func:`~monai_stealthmark.verify.readout.binomial_p_value` treats QR modules as
-independent coin flips under "this model does not carry this key". Neighbouring modules of a real network's
-output are correlated, so that p-value can be optimistic. :func:`calibrate_null` queries clean models
-(different seeds and architectures) with the key's trigger and records their module agreement; a suspect is then
-placed in that distribution (rank and Gaussian tail), and the verdict needs both p-values below ``alpha``.
+:func:`calibrate_null` runs :func:`~monai_stealthmark.verify.verifier.verify_ownership` (direct read-out) on clean
+models of different seeds and architectures and keeps each one's module agreement in a :class:`NullDistribution`,
+which the verifier then places a suspect in (see :mod:`.claims`). This module sits above the verifier; the data
+types live in :mod:`.claims`, below it, and are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime as _dt
-import json
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
-from scipy.stats import norm
 
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.key.geometry import load_key
-from monai_stealthmark.utils import atomic_write_json
+from monai_stealthmark.verify.claims import Commitment, NullDistribution, check_commitment, vote_agreement
+from monai_stealthmark.verify.verifier import verify_ownership
 
 __all__ = ["NullDistribution", "calibrate_null", "vote_agreement", "Commitment", "check_commitment"]
-
-
-def vote_agreement(modules: np.ndarray, key: WatermarkKey) -> float:
-    """Share of payload modules where the per-module majority vote over images equals the key's QR."""
-    from monai_stealthmark.verify.readout import binomial_p_value
-
-    _, agree, n = binomial_p_value(modules, key)
-    return agree / n
-
-
-@dataclasses.dataclass
-class NullDistribution:
-    """Module agreement of clean models queried with one key (the null hypothesis, measured).
-
-    Attributes:
-        key_fingerprint: the key the null was measured with (a null is only valid for that key).
-        agreements: majority-vote module agreement of each clean model.
-        models: a description of each clean model (architecture, seed or file).
-        n_images: images queried per model.
-    """
-
-    key_fingerprint: str
-    agreements: list[float]
-    models: list[str]
-    n_images: int
-
-    def __post_init__(self) -> None:
-        if len(self.agreements) < 2:
-            raise ValueError(f"a null distribution needs at least 2 clean models, got {len(self.agreements)}.")
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.agreements))
-
-    @property
-    def std(self) -> float:
-        return float(max(np.std(self.agreements, ddof=1), 1e-3))  # a floor: 5 models cannot pin a tiny spread
-
-    def p_values(self, observed: float) -> dict[str, float]:
-        """``p_empirical`` = (1 + #null >= observed) / (1 + n) and ``p_gaussian`` = normal tail above observed."""
-        a = np.asarray(self.agreements)
-        z = (observed - self.mean) / self.std
-        return {
-            "z": float(z),
-            "p_empirical": float((1 + (a >= observed).sum()) / (1 + a.size)),
-            "p_gaussian": float(norm.sf(z)),
-        }
-
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write_json(path, dataclasses.asdict(self))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> NullDistribution:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"null distribution file {str(path)!r} does not exist (run `calibrate` first).")
-        try:
-            d = json.loads(path.read_text())
-            return cls(**d)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{str(path)!r} is not a null distribution file: {e}") from e
 
 
 def calibrate_null(
@@ -103,8 +34,6 @@ def calibrate_null(
         key: the owner's key.
         names: a description per model.
     """
-    from monai_stealthmark.verify.verifier import verify_ownership
-
     key = load_key(key)
     agreements = []
     for q in queries:
@@ -112,63 +41,3 @@ def calibrate_null(
         agreements.append(vote_agreement(rep.modules, key))
     names = list(names) if names is not None else [f"model_{i}" for i in range(len(agreements))]
     return NullDistribution(key.fingerprint, [float(a) for a in agreements], names, int(images.shape[0]))
-
-
-@dataclasses.dataclass
-class Commitment:
-    """A published commitment: the key's fingerprint and when it was made public (ISO 8601)."""
-
-    fingerprint: str
-    committed_at: str
-
-    @classmethod
-    def for_key(cls, key: WatermarkKey, committed_at: str | None = None) -> Commitment:
-        when = committed_at or _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
-        return cls(key.fingerprint, when)
-
-    def save(self, path: str | os.PathLike) -> None:
-        atomic_write_json(path, dataclasses.asdict(self))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Commitment:
-        try:
-            return cls(**json.loads(Path(path).read_text()))
-        except FileNotFoundError:
-            raise
-        except Exception as e:
-            raise ValueError(f"{str(path)!r} is not a commitment file: {e}") from e
-
-
-def _date(s: str) -> _dt.datetime:
-    try:
-        d = _dt.datetime.fromisoformat(s)
-    except ValueError as e:
-        raise ValueError(f"{s!r} is not an ISO 8601 date (e.g. 2026-10-01 or 2026-10-01T12:00:00+00:00).") from e
-    return d if d.tzinfo else d.replace(tzinfo=_dt.timezone.utc)
-
-
-def check_commitment(key: WatermarkKey, commitment: Commitment | None, suspect_date: str | None) -> dict[str, Any]:
-    """Is the claim admissible? The key must match a commitment made before the suspect model appeared.
-
-    Returns:
-        ``{"fingerprint_matches", "committed_at", "suspect_date", "committed_before_suspect", "admissible",
-        "flags"}``. Without a commitment the claim is flagged (a key could have been crafted afterwards).
-    """
-    flags = []
-    out: dict[str, Any] = {"committed_at": None, "suspect_date": suspect_date, "fingerprint_matches": None, "committed_before_suspect": None}
-    if commitment is None:
-        flags.append("no commitment given: the key could have been made after the suspect model appeared")
-    else:
-        out["committed_at"] = commitment.committed_at
-        out["fingerprint_matches"] = commitment.fingerprint == key.fingerprint
-        if not out["fingerprint_matches"]:
-            flags.append("the key's fingerprint differs from the committed one (edited or other key)")
-        if suspect_date is None:
-            flags.append("no suspect date given: cannot tell whether the commitment came first")
-        else:
-            out["committed_before_suspect"] = _date(commitment.committed_at) < _date(suspect_date)
-            if not out["committed_before_suspect"]:
-                flags.append(f"the key was committed ({commitment.committed_at}) after the suspect model's date ({suspect_date})")
-    out["flags"] = flags
-    out["admissible"] = not flags
-    return out

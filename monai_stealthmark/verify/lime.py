@@ -115,21 +115,15 @@ def lime_attributions(
 
 
 def lime_reference_attributions(
-    query: Callable,
-    image: torch.Tensor,
-    key: WatermarkKey,
-    num_samples: int = 1000,
-    seed: int = 0,
-    kernel_width: float = 0.25,
-    labels: list[int] | None = None,
-    batch_size: int = 64,
+    query: Callable, image: torch.Tensor, key: WatermarkKey, num_samples: int = 1000, seed: int = 0,
+    kernel_width: float = 0.25, labels: list[int] | None = None, batch_size: int = 64,
 ) -> dict[int, np.ndarray]:
     """The ``lime`` package on the same segments, samples and kernel (2D single-channel images).
 
     Returns:
         ``{label: coefficient vector (F,)}`` for each explained cell ``label`` (all cells when None: slow).
     """
-    from lime import lime_image
+    from lime import lime_image  # here, not at the top: the optional `lime` package serves only this cross-check
 
     if image.ndim != 3 or image.shape[0] != 1:
         raise ValueError(f"the lime reference takes one 2D single-channel image (1, H, W), got {tuple(image.shape)}.")

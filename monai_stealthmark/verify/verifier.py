@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.key.geometry import apply_trigger, load_key
+from monai_stealthmark.verify.claims import Commitment, NullDistribution, check_commitment
 from monai_stealthmark.verify.lime import lime_attributions
 from monai_stealthmark.verify.query import check_probabilities, uncertainty_map
 from monai_stealthmark.verify.readout import ERASURE_MARGIN_PX, binomial_p_value, bit_accuracy, cell_means, organ_modules, read_scores
@@ -18,8 +20,11 @@ from monai_stealthmark.verify.report import VerificationReport
 
 __all__ = ["trigger_batch", "direct_scores", "verify_ownership"]
 
+MODES = ("direct", "lime")
+
 
 def _as_batch(images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """The query images as one float batch ``(B, C, spatial...)``, refused before any query when empty or not finite."""
     if isinstance(images, torch.Tensor):
         batch = images
     else:
@@ -49,8 +54,67 @@ def direct_scores(query: Callable, images: torch.Tensor, key: WatermarkKey) -> t
 
 
 def _triggered_probs(query: Callable, images: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
+    """The suspect's answer to the triggered images, refused unless it is per-class probabilities of their size."""
     x = trigger_batch(images, key)
     return check_probabilities(query(x), x)
+
+
+class _LimeSettings(NamedTuple):
+    """How LIME mode perturbs each image: samples per image, mask seed, images per query."""
+
+    samples: int
+    seed: int
+    batch_size: int
+
+
+@dataclasses.dataclass
+class _Reading:
+    """What one read of the suspect gave: per-cell scores, the QR modules and the decoded texts."""
+
+    scores: torch.Tensor  # (B, grid_size**2) mean uncertainty or LIME attribution per cell
+    modules: np.ndarray  # (B, n, n) the first read's QR modules (bit accuracy and p-value come from these)
+    decoded: list[str | None]  # per image, the text of the first read that decoded
+    vote_decoded: str | None  # the per-module majority vote over all images, decoded
+    reads: list[str | None]  # per image, which read decoded ("raw", "log", "erasure") or None
+    n_queries: int  # images sent to the suspect
+
+
+def _module_scores(query: Callable, batch: torch.Tensor, key: WatermarkKey, mode: str, lime: _LimeSettings, need_probs: bool) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Query the suspect with the triggered batch and score each grid cell.
+
+    Direct mode scores a cell by its mean uncertainty; LIME mode by the attribution of hiding it. The triggered
+    probabilities are also returned when ``need_probs`` (the organ read needs them), else None.
+
+    Returns:
+        ``(scores (B, grid_size**2), probs or None, number of images sent)``.
+    """
+    n = batch.shape[0]
+    probs = _triggered_probs(query, batch, key) if mode == "direct" or need_probs else None
+    if mode == "direct":
+        return cell_means(uncertainty_map(probs), key), probs, n
+    scores = torch.stack(
+        [lime_attributions(query, img, key, lime.samples, lime.seed, batch_size=lime.batch_size).to(batch.device) for img in batch]
+    )
+    return scores, probs, n * (lime.samples + (probs is not None))
+
+
+def _read_suspect(query: Callable, batch: torch.Tensor, key: WatermarkKey, mode: str, lime: _LimeSettings, erasure_margin: int | None) -> _Reading:
+    """Score the suspect's cells and read the QR from them, with the organ's modules as erasures when asked."""
+    scores, probs, n_queries = _module_scores(query, batch, key, mode, lime, erasure_margin is not None)
+    unreliable = organ_modules(probs, key, erasure_margin) if erasure_margin is not None else None
+    # the raw read, then (direct mode) the log scale, then the organ's codewords as erasures, each only where the
+    # previous found no QR (see read_scores); the vote is one QR from all images: evidence, not part of the ASR
+    modules, decoded, vote_decoded, reads = read_scores(scores, key, mode, unreliable)
+    return _Reading(scores, modules, decoded, vote_decoded, reads, n_queries)
+
+
+def _verdict(shown: bool, alpha: float, calibration: dict[str, Any] | None, commit: dict[str, Any] | None) -> bool:
+    """The statistical verdict, further requiring the null's Gaussian tail <= alpha and an admissible commitment."""
+    if calibration is not None:
+        shown = shown and calibration["p_gaussian"] <= alpha
+    if commit is not None:
+        shown = shown and commit["admissible"]
+    return bool(shown)
 
 
 def verify_ownership(
@@ -63,8 +127,8 @@ def verify_ownership(
     lime_samples: int = 500,
     lime_seed: int = 0,
     lime_batch_size: int = 64,
-    null: Any | None = None,
-    commitment: Any | None = None,
+    null: NullDistribution | None = None,
+    commitment: Commitment | None = None,
     suspect_date: str | None = None,
     erasure_margin: int | None = ERASURE_MARGIN_PX,
 ) -> VerificationReport:
@@ -81,9 +145,9 @@ def verify_ownership(
         lime_samples: perturbation samples per image in LIME mode.
         lime_seed: seed of the LIME masks.
         lime_batch_size: images per query in LIME mode.
-        null: a :class:`~monai_stealthmark.verify.calibrate.NullDistribution` measured with this key on clean
+        null: a :class:`~monai_stealthmark.verify.claims.NullDistribution` measured with this key on clean
             models; the verdict then also needs the suspect's Gaussian-tail p-value in that null <= ``alpha``.
-        commitment: the owner's published :class:`~monai_stealthmark.verify.calibrate.Commitment`; with it the
+        commitment: the owner's published :class:`~monai_stealthmark.verify.claims.Commitment`; with it the
             verdict also needs the key to match it and to predate ``suspect_date``.
         suspect_date: when the suspect model appeared (ISO 8601), checked against the commitment.
         erasure_margin: images that no binarisation decodes are read once more with the modules within this many
@@ -93,63 +157,21 @@ def verify_ownership(
     """
     key = load_key(key)
     batch = _as_batch(images)  # validates shape and NaNs before any query is sent
-    t0 = time.perf_counter()
-    n0 = getattr(query, "n_queries", None)
-    if mode not in ("direct", "lime"):
+    t0, n0 = time.perf_counter(), getattr(query, "n_queries", None)
+    if mode not in MODES:
         raise ValueError(f"mode must be 'direct' or 'lime', got {mode!r}.")
-    probs = _triggered_probs(query, batch, key) if mode == "direct" or erasure_margin is not None else None
-    if mode == "direct":
-        scores = cell_means(uncertainty_map(probs), key)
-        n_queries = batch.shape[0]
-    else:
-        scores = torch.stack(
-            [lime_attributions(query, img, key, lime_samples, lime_seed, batch_size=lime_batch_size).to(batch.device) for img in batch]
-        )
-        n_queries = batch.shape[0] * (lime_samples + (probs is not None))
-    unreliable = organ_modules(probs, key, erasure_margin) if erasure_margin is not None else None
-    # the raw read, then (direct mode) the log scale, then the organ's codewords as erasures, each only where the
-    # previous found no QR (see read_scores); the vote is one QR from all images: evidence, not part of the ASR
-    modules, decoded, vote_decoded, reads = read_scores(scores, key, mode, unreliable)
-    acc = bit_accuracy(modules, key)
-    p, _, _ = binomial_p_value(modules, key)
-    asr = float(np.mean([t == key.payload for t in decoded]))
-    verdict = bool(p <= alpha and asr >= min_asr)
-    calibration = commit = None
-    if null is not None:
-        from monai_stealthmark.verify.calibrate import vote_agreement
-
-        if null.key_fingerprint != key.fingerprint:
-            raise ValueError("the null distribution was measured with another key (fingerprints differ): calibrate with this key.")
-        observed = vote_agreement(modules, key)
-        calibration = {"observed": observed, "n_models": len(null.agreements), "null_mean": null.mean, "null_std": null.std}
-        calibration.update(null.p_values(observed))
-        verdict = verdict and calibration["p_gaussian"] <= alpha
-    if commitment is not None:
-        from monai_stealthmark.verify.calibrate import check_commitment
-
-        commit = check_commitment(key, commitment, suspect_date)
-        verdict = verdict and commit["admissible"]
-    if n0 is not None:
-        n_queries = query.n_queries - n0
+    read = _read_suspect(query, batch, key, mode, _LimeSettings(lime_samples, lime_seed, lime_batch_size), erasure_margin)
+    p, _, _ = binomial_p_value(read.modules, key)
+    asr = float(np.mean([t == key.payload for t in read.decoded]))
+    calibration = null.place(read.modules, key) if null is not None else None
+    commit = check_commitment(key, commitment, suspect_date) if commitment is not None else None
     return VerificationReport(
-        mode=mode,
-        key_fingerprint=key.fingerprint,
-        payload=key.payload,
-        n_images=int(batch.shape[0]),
-        decoded=decoded,
-        reads=reads,
-        vote_decoded=vote_decoded,
-        asr=asr,
-        bit_accuracy=[float(a) for a in acc],
-        p_value=p,
-        alpha=alpha,
-        min_asr=min_asr,
-        verdict=verdict,
-        n_queries=int(n_queries),
-        seconds=time.perf_counter() - t0,
-        modules=modules,
-        expected=key.qr_matrix,
-        maps=scores.reshape(-1, key.grid_size, key.grid_size).cpu().numpy(),
-        calibration=calibration,
-        commitment=commit,
+        mode=mode, key_fingerprint=key.fingerprint, payload=key.payload, n_images=int(batch.shape[0]),
+        decoded=read.decoded, reads=read.reads, vote_decoded=read.vote_decoded, asr=asr,
+        bit_accuracy=[float(a) for a in bit_accuracy(read.modules, key)], p_value=p, alpha=alpha, min_asr=min_asr,
+        verdict=_verdict(p <= alpha and asr >= min_asr, alpha, calibration, commit),
+        n_queries=int(query.n_queries - n0 if n0 is not None else read.n_queries),
+        seconds=time.perf_counter() - t0, modules=read.modules, expected=key.qr_matrix,
+        maps=read.scores.reshape(-1, key.grid_size, key.grid_size).cpu().numpy(),
+        calibration=calibration, commitment=commit,
     )
