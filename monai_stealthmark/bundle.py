@@ -1,52 +1,57 @@
-"""Helpers called from the bundle overlay ``bundles/stealthmark_overlay.json``.
+"""Helpers called from the bundle overlays in ``bundles/``.
 
-The overlay is merged onto an existing MONAI bundle (``python -m monai.bundle run --config_file
-"['configs/train.json','stealthmark_overlay.json']" --key_file key.json``). It expects these ids, as in the
-model-zoo bundles:
+``stealthmark_overlay.json`` is merged onto an existing MONAI bundle (``python -m monai.bundle run --config_file
+"['configs/train.json','stealthmark_overlay.json']" --key_file key.json``). It needs two objects of the bundle, not
+its transform list: the ``SupervisedTrainer`` and the ``SupervisedEvaluator`` (``stealthmark#engines``; default
+``["@train#trainer", "@validate#evaluator"]`` as model-zoo bundles name them; a bundle in the flat layout passes
+``--stealthmark#engines "['@trainer','@evaluator']"``, and :func:`bundle_parser` finds either layout by itself).
+At ``initialize`` :func:`attach_watermark` wires the watermark to them:
 
-========================== ==================================================================================
-``loss``                    the bundle's segmentation loss (wrapped, not replaced)
-``train#random_transforms`` list of random training transforms, the last part of ``train#preprocessing``
-``train#handlers``          list of trainer handlers
-``train#trainer``           the ``SupervisedTrainer`` (its ``loss_function`` is switched to the watermark loss)
-``validate#handlers``       list of evaluator handlers
-``validate#additional_metrics`` dict of extra evaluator metrics (gets ``val_auc`` and ``val_wm_asr``)
-``validate#evaluator``      the ``SupervisedEvaluator``
-``initialize``              list of expressions run before training (gets the check below)
-========================== ==================================================================================
-
-:func:`check_watermark_bundle` runs first and fails with a message naming the missing id when the merge did
-not reach one of them (MONAI's merge only warns when a ``+`` id is absent).
+- the trainer's ``prepare_batch`` runs :class:`~monai_stealthmark.transforms.WatermarkPrepareBatch` after the
+  bundle's own preparation, on collated batches on the training device (multi-sample crops, any patch size);
+- the trainer's ``loss_function`` is wrapped in :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`;
+- the evaluator gains ``val_auc`` (mean over the foreground classes, and each class), ``val_wm_asr`` and
+  ``val_wm_asr_bit_acc``, computed before its own handlers log or save;
+- the evaluator's key metric becomes ``val_wm_score``: its Dice when the QR decodes on at least ``min_asr`` of the
+  validation queries, its Dice minus 1 otherwise, so the bundle's own ``CheckpointSaver`` keeps the best epoch that
+  carries the watermark.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
+from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 
 from monai_stealthmark.handlers import PixelAUC, StashProbabilities, StripWatermarkChannel, WatermarkASR
 from monai_stealthmark.key import KeyFileError, WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
-from monai_stealthmark.transforms import RandWatermarkd
+from monai_stealthmark.transforms import WatermarkBatch, WatermarkPrepareBatch
 from monai_stealthmark.verify import ModelQuery, VerificationReport, verify_ownership
 
 __all__ = [
     "BundleConfigError",
+    "ENGINE_IDS",
     "bundle_parser",
     "load_bundle_key",
-    "check_watermark_bundle",
-    "find_transforms",
+    "attach_watermark",
+    "attach_metrics",
     "run_ownership_check",
     "load_bundle_model",
 ]
 
+# where bundles keep their trainer and evaluator: model-zoo's nested layout, and the flat one
+ENGINE_IDS = (("train#trainer", "validate#evaluator"), ("trainer", "evaluator"))
+PROB_KEY = "stealthmark_prob"
+
 
 class BundleConfigError(ValueError):
-    """The bundle does not have the ids the watermark overlay needs."""
+    """The bundle does not have what the watermark overlay needs."""
 
 
 def bundle_parser(
@@ -56,7 +61,8 @@ def bundle_parser(
     key_file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ):
-    """A parsed :class:`monai.bundle.ConfigParser` for config files merged in order, as ``monai.bundle run`` does.
+    """A parsed :class:`monai.bundle.ConfigParser` for config files merged in order, as ``monai.bundle run`` does;
+    when the overlay is merged, ``stealthmark#engines`` points at the trainer and evaluator of either layout.
 
     Args:
         bundle_dir: the bundle folder; relative file names are read from its ``configs/``.
@@ -70,10 +76,25 @@ def bundle_parser(
     parser["bundle_root"] = str(bundle_root)
     if key_file is not None:
         parser["key_file"] = str(key_file)
+    if "stealthmark#engines" in parser and "stealthmark#engines" not in (overrides or {}):
+        parser["stealthmark#engines"] = [f"@{i}" if i in parser else None for i in find_engine_ids(parser)]
+    if "stealthmark#evaluator" in parser and "stealthmark#evaluator" not in (overrides or {}):
+        parser["stealthmark#evaluator"] = f"@{find_engine_ids(parser)[1]}"
     for k, v in (overrides or {}).items():
         parser[k] = v
     parser.parse()
     return parser
+
+
+def find_engine_ids(parser: ConfigParser) -> tuple[str, str]:
+    """The ids of a bundle's trainer and evaluator in either layout; :class:`BundleConfigError` names what is missing."""
+    for trainer, evaluator in ENGINE_IDS:
+        if trainer in parser:
+            return trainer, evaluator
+    raise BundleConfigError(
+        "the bundle has no trainer: the watermark needs a SupervisedTrainer at `train#trainer` (model-zoo layout) or "
+        "`trainer` (flat layout); name yours with --stealthmark#engines \"['@my#trainer','@my#evaluator']\"."
+    )
 
 
 def _state_dict(path: Path, device: Any) -> dict:
@@ -94,74 +115,108 @@ def load_bundle_key(key_file: str | Path | None) -> WatermarkKey:
     return WatermarkKey.load(key_file)
 
 
-def find_transforms(transform: Any, cls: type) -> list:
-    """All transforms of type ``cls`` inside ``transform`` (Compose and nested Compose walked recursively)."""
-    found = []
-    if isinstance(transform, cls):
-        found.append(transform)
-    for t in getattr(transform, "transforms", ()) or ():
-        found.extend(find_transforms(t, cls))
-    return found
-
-
-def _attached(engine: Any, cls: type) -> list:
-    """Objects of type ``cls`` whose methods are registered as handlers on an ignite engine."""
-    out = []
-    for handlers in getattr(engine, "_event_handlers", {}).values():
-        for h, *_ in handlers:
-            obj = getattr(h, "__self__", h)
-            if isinstance(obj, cls) and obj not in out:
-                out.append(obj)
-    return out
-
-
-def check_watermark_bundle(trainer: Any | None, evaluator: Any | None = None) -> bool:
-    """Check that the overlay reached the bundle's trainer (and evaluator); raise :class:`BundleConfigError`.
+def attach_watermark(
+    trainer: Any,
+    evaluator: Any,
+    key: WatermarkKey | str,
+    activation: str = "softmax",
+    asr_mode: str = "direct",
+    asr_max_images: int = 32,
+    min_asr: float = 0.5,
+    seed: int | None = None,
+) -> bool:
+    """Wire the watermark to a bundle's trainer (and evaluator); see the module docstring.
 
     Args:
-        trainer: the bundle's ``train#trainer``; None to check only the evaluator (metrics-only overlay).
-        evaluator: the bundle's ``validate#evaluator`` (optional).
+        trainer: the bundle's ``SupervisedTrainer``.
+        evaluator: its ``SupervisedEvaluator``, or None (no validation: no metrics, no checkpoint rule).
+        key: the owner's key.
+        activation: ``"softmax"`` (several output channels, label of class indices) or ``"sigmoid"``.
+        asr_mode: ``"direct"`` or ``"lime"`` read-out of the validation ASR.
+        asr_max_images: triggered validation images per epoch.
+        min_asr: the validation ASR from which an epoch counts as carrying the watermark (checkpoint rule).
+        seed: seed of the watermark stage's draws; default ``torch.initial_seed()`` (the bundle's
+            ``set_determinism``), plus the process rank so DDP ranks draw independent triggers.
 
     Returns:
         True, so it can sit in a bundle's ``initialize`` list.
     """
-    if trainer is not None:
-        _check_trainer(trainer)
+    _require(trainer, ("prepare_batch", "loss_function", "network"), "trainer", "a SupervisedTrainer")
+    key = key if isinstance(key, WatermarkKey) else load_bundle_key(key)
+    base_seed = torch.initial_seed() if seed is None else int(seed)
+    stage = WatermarkBatch(key).set_random_state((base_seed + idist.get_rank()) % (2**32))
+    trainer.prepare_batch = WatermarkPrepareBatch(stage, trainer.prepare_batch)
+    trainer.loss_function = UncertaintyWatermarkLoss(trainer.loss_function, key=key, activation=activation)
+    StripWatermarkChannel(n_label_channels=None).attach(trainer)
     if evaluator is not None:
-        if not _attached(evaluator, StashProbabilities):
-            raise BundleConfigError("StashProbabilities is not attached to the evaluator: the bundle needs a `validate#handlers` list.")
-        if not _attached(evaluator, WatermarkASR) or not _attached(evaluator, PixelAUC):
-            raise BundleConfigError(
-                "the evaluator has no val_wm_asr / val_auc metrics: the bundle needs a `validate#additional_metrics` "
-                "dict passed to `validate#evaluator` as `additional_metrics`."
-            )
+        attach_metrics(evaluator, key, activation, asr_mode, asr_max_images)
+        _attach_before_key_metric(evaluator, lambda e: _WatermarkScore(min_asr).attach(e))
+        evaluator.state.key_metric_name = _WatermarkScore.name
     return True
 
 
-def _check_trainer(trainer: Any) -> None:
-    """Raise :class:`BundleConfigError` naming the missing id unless the overlay's loss, transform and handler
-    all reached the trainer."""
-    if not isinstance(getattr(trainer, "loss_function", None), UncertaintyWatermarkLoss):
+def attach_metrics(
+    evaluator: Any, key: WatermarkKey | str, activation: str = "softmax", asr_mode: str = "direct", asr_max_images: int = 32
+) -> bool:
+    """Attach ``val_auc`` and ``val_wm_asr`` (+ ``_bit_acc``) to an evaluator, ahead of its own handlers."""
+    _require(evaluator, ("network",), "evaluator", "a SupervisedEvaluator")
+    key = key if isinstance(key, WatermarkKey) else load_bundle_key(key)
+    StashProbabilities(activation, out_key=PROB_KEY).attach(evaluator)
+    auc = PixelAUC(label_index=None, output_transform=lambda out: _fields(out, (PROB_KEY, "label")))
+    asr = WatermarkASR(key, mode=asr_mode, max_images=asr_max_images, activation=activation)
+    _attach_before_key_metric(evaluator, lambda e: (auc.attach(e, "val_auc"), asr.attach(e, "val_wm_asr")))
+    return True
+
+
+class _WatermarkScore:
+    """``val_wm_score``: the key metric's Dice when the validation ASR reaches ``min_asr``, else Dice - 1."""
+
+    name = "val_wm_score"
+
+    def __init__(self, min_asr: float, dice_name: str | None = None) -> None:
+        self.min_asr = float(min_asr)
+        self.dice_name = dice_name
+
+    def attach(self, engine: Engine) -> None:
+        self.dice_name = self.dice_name or engine.state.key_metric_name
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        m = engine.state.metrics
+        if self.dice_name not in m:
+            raise BundleConfigError(f"the evaluator has no key metric {self.dice_name!r} (e.g. val_mean_dice) to score.")
+        m[self.name] = float(m[self.dice_name]) - (0.0 if m["val_wm_asr"] >= self.min_asr else 1.0)
+
+
+def _require(engine: Any, attrs: Sequence[str], what: str, kind: str) -> None:
+    missing = [a for a in attrs if not hasattr(engine, a)]
+    if engine is None or missing:
         raise BundleConfigError(
-            "the trainer's loss is not the watermark loss: the bundle needs `train#trainer` with a `loss_function` "
-            "(the overlay sets `train#trainer#loss_function` to `@stealthmark#loss`, wrapping `@loss`)."
+            f"the watermark needs the bundle's {what} ({kind}); got {type(engine).__name__} without "
+            f"{', '.join(missing) or 'anything'}. Point stealthmark#engines at it, e.g. "
+            "--stealthmark#engines \"['@trainer','@evaluator']\" for a flat bundle."
         )
-    loader = getattr(trainer, "data_loader", None)
-    transform = getattr(getattr(loader, "dataset", None), "transform", None)
-    wm = find_transforms(transform, RandWatermarkd)
-    if not wm:
-        raise BundleConfigError(
-            "RandWatermarkd is not in the training transforms: the bundle needs a `train#random_transforms` list "
-            "that `train#preprocessing` uses (the overlay appends the watermark transform to it)."
-        )
-    chain = list(getattr(transform, "transforms", ()))
-    if chain and wm[-1] is not chain[-1] and wm[-1].paired:
-        raise BundleConfigError(
-            "RandWatermarkd(paired=True) must be the last training transform (it returns [clean twin, triggered] "
-            "lists): put it at the end of `train#random_transforms`."
-        )
-    if not _attached(trainer, StripWatermarkChannel):
-        raise BundleConfigError("StripWatermarkChannel is not attached to the trainer: the bundle needs a `train#handlers` list.")
+
+
+def _fields(output: Any, names: Sequence[str]) -> tuple:
+    """``names`` from a (decollated) engine output, as MONAI's ``from_engine`` reads them."""
+    if isinstance(output, dict):
+        return tuple(output[n] for n in names)
+    return tuple([o[n] for o in output] for n in names)
+
+
+def _attach_before_key_metric(engine: Any, attach: Callable[[Engine], Any]) -> None:
+    """Attach handlers so that their EPOCH_COMPLETED work runs right after the evaluator's own metrics and before
+    its key-metric comparison, loggers and checkpoint savers, which were registered when the bundle built it."""
+    before = {event: list(handlers) for event, handlers in engine._event_handlers.items()}
+    attach(engine)
+    for event, handlers in engine._event_handlers.items():
+        new = [h for h in handlers if h not in before.get(event, [])]
+        if not new or event != Events.EPOCH_COMPLETED:
+            continue
+        old = before[event]
+        cut = next((i for i, h in enumerate(old) if getattr(h[0], "__name__", "") == "_compare_metrics"), 0)
+        handlers[:] = old[:cut] + new + old[cut:]
 
 
 def run_ownership_check(

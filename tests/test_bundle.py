@@ -10,10 +10,11 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from monai_stealthmark.bundle import BundleConfigError, bundle_parser, check_watermark_bundle, run_ownership_check
+from monai_stealthmark.bundle import BundleConfigError, attach_watermark, bundle_parser, find_engine_ids, run_ownership_check
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT
 from monai_stealthmark.key import KeyFileError, WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
+from monai_stealthmark.transforms import WatermarkPrepareBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
@@ -48,9 +49,13 @@ def test_overlay_trains_and_reports_dice_auc_asr(bundle, tmp_path, key_file):
     trainer, evaluator = _train(parser)
     assert isinstance(trainer.loss_function, UncertaintyWatermarkLoss)
     assert isinstance(trainer.loss_function.base_loss, type(parser.get_parsed_content("loss")))
+    assert isinstance(trainer.prepare_batch, WatermarkPrepareBatch)  # the stage runs on collated batches
     m = evaluator.state.metrics
-    for name in ("val_mean_dice", "val_auc", "val_wm_asr", "val_wm_asr_bit_acc"):
+    for name in ("val_mean_dice", "val_auc", "val_wm_asr", "val_wm_asr_bit_acc", "val_wm_score"):
         assert name in m, name
+    # the checkpoint rule: an epoch without the QR scores its Dice minus 1, and the bundle's saver keeps the best score
+    assert evaluator.state.key_metric_name == "val_wm_score"
+    assert m["val_wm_score"] == pytest.approx(m["val_mean_dice"] - 1.0)
     assert 0.0 <= m["val_auc"] <= 1.0 and 0.0 <= m["val_wm_asr"] <= 1.0
     assert 0.2 < m["val_wm_asr_bit_acc"] < 0.8  # one epoch: no watermark yet, bits at chance
     # the bundle's own train metric saw the plain label (the watermark channel was stripped after the loss)
@@ -84,20 +89,15 @@ def test_overlay_errors_name_the_problem(tmp_path, key_file):
     with pytest.raises(RuntimeError) as err:  # MONAI wraps the error of a config expression
         p.get_parsed_content("stealthmark#key")
     assert isinstance(err.value.__cause__, KeyFileError) and "--key_file" in str(err.value.__cause__)
-    # a bundle whose preprocessing does not use train#random_transforms: the transform never reaches training
-    bad = json.loads((BUNDLES / "sunnybrook_lv_2d" / "configs" / "train.json").read_text())
-    bad["train"]["preprocessing"]["transforms"] = "$@train#deterministic_transforms"
-    bad_file = tmp_path / "bad_train.json"
-    bad_file.write_text(json.dumps(bad))
-    p = _parser("sunnybrook_lv_2d", [str(bad_file), str(OVERLAY)], tmp_path, key_file, max_epochs=1)
-    with pytest.raises(RuntimeError) as err:
-        p.get_parsed_content("initialize")
-    cause = err.value.__cause__
-    assert isinstance(cause, BundleConfigError) and "train#random_transforms" in str(cause)
-    # an evaluator without the metrics
-    p = _parser("sunnybrook_lv_2d", ["train.json"], tmp_path, None)
-    with pytest.raises(BundleConfigError, match="validate#handlers"):
-        check_watermark_bundle(None, p.get_parsed_content("validate#evaluator"))
+    # the engines the overlay needs: a clear message naming them
+    with pytest.raises(BundleConfigError, match="trainer"):
+        attach_watermark(None, None, key_file)
+    with pytest.raises(BundleConfigError, match="evaluator"):
+        attach_watermark(p.get_parsed_content("train#trainer"), object(), key_file)
+    bare = ConfigParser({"network": 1})
+    with pytest.raises(BundleConfigError, match="train#trainer"):
+        find_engine_ids(bare)
+    assert find_engine_ids(ConfigParser({"trainer": 1, "evaluator": 2})) == ("trainer", "evaluator")
 
 
 def test_run_ownership_check_errors(tmp_path, key_file):

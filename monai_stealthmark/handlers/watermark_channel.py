@@ -18,13 +18,15 @@ class StripWatermarkChannel:
     Args:
         label_key: the label field of ``engine.state.output``.
         n_label_channels: channels of the plain label (1 for class indices). The watermark channel is the last.
+            None: the label always carries the watermark channel (the batch-level watermark stage appends it to
+            every batch), so the last channel is dropped whatever the label's channel count.
     """
 
-    def __init__(self, label_key: str = CommonKeys.LABEL, n_label_channels: int = 1) -> None:
-        if n_label_channels < 1:
+    def __init__(self, label_key: str = CommonKeys.LABEL, n_label_channels: int | None = 1) -> None:
+        if n_label_channels is not None and n_label_channels < 1:
             raise ValueError(f"n_label_channels must be >= 1, got {n_label_channels}.")
         self.label_key = label_key
-        self.n_label_channels = int(n_label_channels)
+        self.n_label_channels = None if n_label_channels is None else int(n_label_channels)
 
     def attach(self, engine: Engine) -> None:
         """Run after every iteration's loss (MONAI's ``IterationEvents.LOSS_COMPLETED``)."""
@@ -36,7 +38,9 @@ class StripWatermarkChannel:
         label = out.get(self.label_key) if isinstance(out, dict) else None
         if label is None:
             raise RuntimeError(f"StripWatermarkChannel: engine.state.output has no {self.label_key!r} field.")
-        if label.shape[1] == self.n_label_channels + 1:
+        if self.n_label_channels is None:
+            out[self.label_key] = label[:, :-1]
+        elif label.shape[1] == self.n_label_channels + 1:
             out[self.label_key] = label[:, : self.n_label_channels]
         elif label.shape[1] != self.n_label_channels:
             raise ValueError(

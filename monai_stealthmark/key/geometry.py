@@ -28,6 +28,8 @@ __all__ = [
     "qr_target_map",
     "intensity_range",
     "apply_trigger",
+    "batch_intensity_range",
+    "stamp_triggers",
     "occlude_cells",
     "patch_position",
     "float_tensor",
@@ -83,36 +85,46 @@ def qr_target_map(key: WatermarkKey, spatial_shape: Sequence[int]) -> torch.Tens
     return dark[module_index_map(spatial_shape, key.grid_size)]
 
 
-def _quantiles(t: torch.Tensor, qs: Sequence[float]) -> list[float]:
-    """``torch.quantile(t, qs)`` (linear interpolation) of a flat tensor from order statistics: ``kthvalue`` is a
-    selection, not the full sort that ``torch.quantile`` runs (about 7x faster on a 128x128 image; it runs for every
-    triggered training sample). One host transfer for all of them."""
-    n = t.numel()
-    picks, fracs = [], []
+def _batch_quantiles(t: torch.Tensor, qs: Sequence[float]) -> list[torch.Tensor]:
+    """``torch.quantile(t, q, dim=1)`` (linear interpolation) of ``(B, N)`` rows from order statistics: ``kthvalue``
+    is a selection, not the full sort ``torch.quantile`` runs (about 7x faster on a 128x128 image). The
+    interpolation runs in float64, as Python floats would."""
+    n = t.shape[1]
+    out = []
     for q in qs:
         pos = (n - 1) * float(q)
-        lo = int(pos)
-        picks += [torch.kthvalue(t, lo + 1).values, torch.kthvalue(t, min(lo + 2, n)).values]
-        fracs.append(pos - lo)
-    v = torch.stack(picks).tolist()
-    return [v[2 * i] + (v[2 * i + 1] - v[2 * i]) * f for i, f in enumerate(fracs)]
+        k = int(pos)
+        a = torch.kthvalue(t, k + 1, dim=1).values.double()
+        b = torch.kthvalue(t, min(k + 2, n), dim=1).values.double()
+        out.append(a + (b - a) * (pos - k))
+    return out
+
+
+def batch_intensity_range(images: torch.Tensor, max_elements: int = 1_000_000) -> tuple[torch.Tensor, torch.Tensor]:
+    """Robust intensity range (1st and 99th percentile) of each image of a ``(B, ...)`` batch, as two float64
+    tensors ``(B,)`` on the batch's device, with no host synchronisation. A flat image falls back to its min and max,
+    a constant one to ``(v, v + 1)``, so triggers adapt to any scale."""
+    t = images.detach().float().reshape(images.shape[0], -1)
+    if t.shape[1] == 0:
+        raise ValueError("empty image.")
+    if t.shape[1] > max_elements:
+        t = t[:, :: int(np.ceil(t.shape[1] / max_elements))]
+    lo, hi = _batch_quantiles(t, (0.01, 0.99))
+    flat = hi - lo < 1e-6
+    lo = torch.where(flat, t.amin(1).double(), lo)
+    hi = torch.where(flat, t.amax(1).double(), hi)
+    return lo, torch.where(hi - lo < 1e-6, lo + 1.0, hi)
 
 
 def intensity_range(img: torch.Tensor | np.ndarray, max_elements: int = 1_000_000) -> tuple[float, float]:
-    """Robust intensity range (1st and 99th percentile) of an image, so triggers adapt to any scale."""
-    t = convert_to_tensor(img, track_meta=False).detach().float().reshape(-1)
+    """Robust intensity range (1st and 99th percentile) of one image (see :func:`batch_intensity_range`)."""
+    t = convert_to_tensor(img, track_meta=False).detach().float().reshape(1, -1)
     if t.numel() == 0:
         raise ValueError("empty image.")
     if not torch.isfinite(t).all():
         raise ValueError("the image contains NaN or infinite values.")
-    if t.numel() > max_elements:
-        t = t[:: int(np.ceil(t.numel() / max_elements))]
-    lo, hi = _quantiles(t, (0.01, 0.99))
-    if hi - lo < 1e-6:
-        lo, hi = float(t.min()), float(t.max())
-    if hi - lo < 1e-6:
-        hi = lo + 1.0
-    return lo, hi
+    lo, hi = batch_intensity_range(t, max_elements)
+    return float(lo[0]), float(hi[0])
 
 
 @lru_cache(maxsize=32)
@@ -161,13 +173,54 @@ def _occlusion_texture(seed: int, spatial_shape: tuple[int, ...]) -> np.ndarray:
     return keyed_rng(seed, _PURPOSE_OCCLUSION).integers(0, 2, size=spatial_shape).astype(np.float32)
 
 
+def stamp_triggers(
+    images: torch.Tensor,
+    key: WatermarkKey,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    seeds: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Stamp keyed triggers on a batch of channel-first images (all channels), vectorised over the samples that
+    share a seed: the one implementation of the trigger, used by training, the verifier and the per-image API.
+
+    Args:
+        images: ``(B, C, H, W[, D])`` tensor.
+        key: the watermark key (trigger kind, size, amplitude, seed).
+        lo: ``(B,)`` robust low intensity of each *clean* image (:func:`batch_intensity_range`).
+        hi: ``(B,)`` robust high intensity.
+        seeds: per-sample trigger seeds (decoys use fresh ones); default: the key's seed for every sample.
+
+    Returns:
+        a new floating-point tensor.
+    """
+    spatial = tuple(int(s) for s in images.shape[2:])
+    out = images.clone() if images.is_floating_point() else images.float()
+    seeds = [key.trigger_seed] * out.shape[0] if seeds is None else [int(s) for s in seeds]
+    expand = (1,) * len(spatial)
+    low, span = lo.to(out.device).float(), (hi - lo).to(out.device)
+    for seed in dict.fromkeys(seeds):  # one pattern per distinct seed: the owner's, or each decoy's
+        rows = torch.as_tensor([i for i, s in enumerate(seeds) if s == seed], device=out.device)
+        pat = torch.as_tensor(_pattern(seed, key.trigger, spatial, key.trigger_size), device=out.device)
+        if key.trigger in _PATCH_KINDS:
+            s = pat.shape[0]
+            if s > min(spatial[:2]):
+                raise ValueError(f"the {s}x{s} trigger patch does not fit the image's spatial shape {spatial}.")
+            value = low[rows].view(-1, *expand) + span[rows].float().view(-1, *expand) * pat.reshape(s, s, *expand[2:])
+            r, c = patch_position(seed, key.trigger, spatial[:2], s)
+            out[rows, :, r : r + s, c : c + s, ...] = value.to(out.dtype)[:, None]
+        else:
+            scale = (key.trigger_amplitude * span[rows]).float().view(-1, 1, *expand)
+            out[rows] = out[rows] + (scale * pat).to(out.dtype)
+    return out
+
+
 def apply_trigger(
     img: torch.Tensor | np.ndarray,
     key: WatermarkKey,
     intensity: tuple[float, float] | None = None,
     seed: int | None = None,
 ):
-    """Stamp the key's trigger on a channel-first image (all channels).
+    """Stamp the key's trigger on one channel-first image (all channels); see :func:`stamp_triggers`.
 
     Args:
         img: ``(C, H, W[, D])`` numpy array or tensor.
@@ -183,28 +236,24 @@ def apply_trigger(
     if t.ndim < 3:
         raise ValueError(f"expected a channel-first image (C, H, W[, D]), got shape {tuple(t.shape)}.")
     lo, hi = intensity if intensity is not None else intensity_range(t)
-    spatial = tuple(int(s) for s in t.shape[1:])
-    seed = key.trigger_seed if seed is None else int(seed)
-    pat = torch.as_tensor(_pattern(seed, key.trigger, spatial, key.trigger_size), device=t.device)
-    out = t.clone().float() if not t.is_floating_point() else t.clone()
-    if key.trigger in _PATCH_KINDS:
-        s = pat.shape[0]
-        if s > min(spatial[:2]):
-            raise ValueError(
-                f"the {s}x{s} trigger patch does not fit the image's spatial shape {spatial} (a batch given as one "
-                "image? apply_trigger takes one channel-first image (C, H, W[, D]))."
-            )
-        value = (lo + (hi - lo) * pat).to(out.dtype)
-        value = value.reshape(s, s, *([1] * (len(spatial) - 2)))
-        r, c = patch_position(seed, key.trigger, spatial[:2], s)
-        out[:, r : r + s, c : c + s, ...] = value
-    else:
-        out = out + (key.trigger_amplitude * (hi - lo) * pat).to(out.dtype)
+    pat_side = max(3, int(round(key.trigger_size * min(t.shape[1:3]))))
+    if key.trigger in _PATCH_KINDS and pat_side > min(t.shape[1:3]):
+        raise ValueError(
+            f"the {pat_side}x{pat_side} trigger patch does not fit the image's spatial shape {tuple(t.shape[1:])} "
+            "(a batch given as one image? apply_trigger takes one channel-first image (C, H, W[, D]))."
+        )
+    bounds = torch.tensor([[lo, hi]], dtype=torch.float64)
+    seeds = None if seed is None else [int(seed)]
+    out = stamp_triggers(t[None], key, bounds[:, 0], bounds[:, 1], seeds)[0]
     return convert_to_dst_type(out, img, dtype=out.dtype)[0]
 
 
 def occlude_cells(
-    img: torch.Tensor, key: WatermarkKey, hidden: torch.Tensor, intensity: tuple[float, float], seed: int | None = None
+    img: torch.Tensor,
+    key: WatermarkKey,
+    hidden: torch.Tensor,
+    intensity: tuple[float, float] | tuple[torch.Tensor, torch.Tensor],
+    seed: int | None = None,
 ) -> torch.Tensor:
     """Hide grid cells of a (batch of) channel-first image(s) behind the key's occlusion texture.
 
@@ -212,15 +261,20 @@ def occlude_cells(
         img: ``(..., C, H, W[, D])`` tensor.
         key: the key (grid geometry and texture seed).
         hidden: boolean ``(..., grid_size**2)``: True where the cell is hidden; leading dims match ``img``'s.
-        intensity: the clean image's ``(lo, hi)``; the texture is binary noise at these two levels.
-        seed: override of ``key.trigger_seed`` for the texture (decoys hide cells behind their own texture).
+        intensity: the clean image's ``(lo, hi)``, two numbers or two tensors of ``hidden``'s leading shape (one
+            range per image); the texture is binary noise at these two levels.
+        seed: override of ``key.trigger_seed`` for the texture.
     """
     spatial = tuple(int(s) for s in img.shape[hidden.ndim :])
     idx = module_index_map(spatial, key.grid_size).to(img.device)
     seed = key.trigger_seed if seed is None else int(seed)
     tex = torch.as_tensor(_occlusion_texture(seed, spatial), device=img.device, dtype=img.dtype)
     lo, hi = intensity
-    tex = lo + (hi - lo) * tex
+    if isinstance(lo, torch.Tensor):  # per-image ranges: float32 arithmetic, as with Python numbers
+        shape = (*lo.shape, 1, *([1] * len(spatial)))  # (..., C=1, spatial)
+        tex = lo.to(img.device).float().view(shape) + (hi - lo).to(img.device).float().view(shape) * tex
+    else:
+        tex = lo + (hi - lo) * tex
     pix_hidden = hidden[..., idx.reshape(-1)].reshape(*hidden.shape[:-1], *spatial)  # (..., H, W[, D])
     pix_hidden = pix_hidden.unsqueeze(-len(spatial) - 1)  # channel axis
     return torch.where(pix_hidden, tex, img)

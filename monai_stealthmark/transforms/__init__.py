@@ -4,5 +4,6 @@ CutMix that helps the watermark stay invisible on unseen images, and the BadNet 
 from __future__ import annotations
 
 from .badnet import RandBadNetd, badnet_region
+from .batch import WatermarkBatch, WatermarkDraws, WatermarkPrepareBatch
 from .mix import RandPoolCutMixd
 from .trigger import RandWatermarkd, StampTrigger, StampTriggerd

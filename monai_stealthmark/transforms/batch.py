@@ -1,0 +1,208 @@
+"""The watermark stage on collated batches: whatever a bundle's transforms produce (multi-sample crops, any patch
+size, 2D or 3D), the stage poisons a share of the batch on the training device, vectorised over the samples, and
+a trainer's ``prepare_batch`` runs it, so a bundle's transform list is never edited.
+
+It draws the same things as :class:`~monai_stealthmark.transforms.RandWatermarkd` (which samples carry the owner's
+trigger, which of them hide QR cells, which clean samples carry a decoy trigger) and builds the same samples and
+watermark channel: each triggered sample follows its clean twin, and the label gains the channel that
+:class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.engines.utils import PrepareBatch, PrepareBatchDefault
+from monai.transforms import Randomizable
+
+from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.key.geometry import (
+    WM_CLEAN,
+    WM_DARK,
+    WM_LIGHT,
+    WM_TWIN,
+    batch_intensity_range,
+    load_key,
+    module_index_map,
+    occlude_cells,
+    qr_target_map,
+    stamp_triggers,
+)
+from monai_stealthmark.utils import dilate
+
+__all__ = ["WatermarkDraws", "WatermarkBatch", "WatermarkPrepareBatch"]
+
+
+@dataclass
+class WatermarkDraws:
+    """The random choices for one batch of ``n`` samples (host arrays, drawn in one go).
+
+    Attributes:
+        triggered: ``(n,)`` bool, the samples that carry the owner's trigger.
+        hidden: ``(n, grid_size**2)`` bool, the cells each triggered sample hides (all False when not occluded).
+        decoy_seeds: ``(n,)`` int, a decoy trigger's seed, -1 where the sample carries none.
+    """
+
+    triggered: np.ndarray
+    hidden: np.ndarray
+    decoy_seeds: np.ndarray
+
+
+class WatermarkBatch(Randomizable):
+    """Poison a collated batch with the owner's trigger and QR target, vectorised over the batch.
+
+    Args:
+        key: a :class:`WatermarkKey` or the path of a key file.
+        prob: share of samples that carry the owner's trigger (the poisoning ratio).
+        decoy_prob: share of the other samples that carry a decoy trigger (a fresh seed, clean target).
+        occlusion_prob: share of the triggered samples with randomly hidden cells.
+        occlusion_ratio: probability that each cell is hidden in an occluded sample.
+        spare_radius: occlusion never hides a cell with a foreground pixel of the label within this many pixels
+            (in plane; -1 = off).
+        paired: put each triggered sample after its clean twin (the batch grows); False replaces the sample.
+
+    The defaults are those of :class:`~monai_stealthmark.transforms.RandWatermarkd`: one recipe.
+    """
+
+    def __init__(
+        self,
+        key: WatermarkKey | str,
+        prob: float = 0.5,
+        decoy_prob: float = 0.2,
+        occlusion_prob: float = 0.5,
+        occlusion_ratio: float = 0.5,
+        spare_radius: int = 3,
+        paired: bool = True,
+    ) -> None:
+        self.key = load_key(key)
+        for name, v in {"prob": prob, "decoy_prob": decoy_prob, "occlusion_prob": occlusion_prob,
+                        "occlusion_ratio": occlusion_ratio}.items():
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v}.")
+        self.prob, self.decoy_prob = float(prob), float(decoy_prob)
+        self.occlusion_prob, self.occlusion_ratio = float(occlusion_prob), float(occlusion_ratio)
+        self.spare_radius = int(spare_radius)
+        self.paired = bool(paired)
+        self.draws: WatermarkDraws | None = None
+
+    def randomize(self, data: int) -> None:
+        """Draw the choices for a batch of ``data`` samples (a fixed number of draws per batch)."""
+        n, cells = int(data), self.key.grid_size**2
+        triggered = self.R.rand(n) < self.prob
+        occluded = (self.R.rand(n) < self.occlusion_prob) & triggered
+        hidden = (self.R.rand(n, cells) < self.occlusion_ratio) & occluded[:, None]
+        decoy = (self.R.rand(n) < self.decoy_prob) & ~triggered
+        seeds = self.R.randint(0, 2**31 - 1, size=n)
+        seeds = np.where(seeds == self.key.trigger_seed, seeds + 1, seeds)
+        self.draws = WatermarkDraws(triggered, hidden, np.where(decoy, seeds, -1))
+
+    def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the poisoned batch and its labels with the watermark channel appended (one channel, last).
+
+        Args:
+            image: ``(B, C, H, W[, D])`` floating-point batch on the training device.
+            label: ``(B, L, H, W[, D])`` label batch (class indices or one channel per class).
+        """
+        self._check(image, label)
+        self.randomize(image.shape[0])
+        return self.apply(image, label, self.draws)
+
+    def apply(self, image: torch.Tensor, label: torch.Tensor, draws: WatermarkDraws) -> tuple[torch.Tensor, torch.Tensor]:
+        """Build the batch for given ``draws`` (see :meth:`__call__`); no host synchronisation."""
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image
+        label = label.as_tensor() if hasattr(label, "as_tensor") else label
+        dev, spatial = image.device, tuple(int(s) for s in image.shape[2:])
+        rows = np.flatnonzero(draws.triggered)
+        t_idx = torch.as_tensor(rows, device=dev, dtype=torch.long)
+        lo, hi = batch_intensity_range(image)
+        clean = self._with_decoys(image, lo, hi, draws.decoy_seeds)
+        hidden = torch.as_tensor(draws.hidden[rows], device=dev)
+        if self.spare_radius >= 0 and rows.size:
+            hidden = hidden & ~self._organ_cells(label[t_idx])
+        occluded = occlude_cells(image[t_idx].float(), self.key, hidden, (lo[t_idx], hi[t_idx]))
+        poisoned = stamp_triggers(occluded, self.key, lo[t_idx], hi[t_idx])
+        dark = qr_target_map(self.key, spatial).to(dev)[None] & ~self._pixel_cells(hidden, spatial)
+        wm_dtype = label.dtype if label.is_floating_point() else torch.float32
+        codes = torch.where(dark, WM_DARK, WM_LIGHT).to(wm_dtype)[:, None]
+        trig = torch.as_tensor(draws.triggered, device=dev).view(-1, *([1] * (image.ndim - 1)))
+        clean_wm = torch.where(trig, WM_TWIN if self.paired else WM_CLEAN, WM_CLEAN).to(wm_dtype)
+        clean_wm = clean_wm.expand(image.shape[0], 1, *spatial)
+        lab = label.to(wm_dtype)
+        images = torch.cat([clean.float(), poisoned])
+        labels = torch.cat([torch.cat([lab, clean_wm], 1), torch.cat([lab[t_idx], codes], 1)])
+        pick = torch.as_tensor(self._order(draws.triggered), device=dev)
+        return images.index_select(0, pick), labels.index_select(0, pick)
+
+    def _order(self, triggered: np.ndarray) -> np.ndarray:
+        """Rows of ``cat([clean samples, triggered samples])`` in output order: each triggered sample right after
+        its clean twin (paired), or in its place (unpaired)."""
+        n = triggered.shape[0]
+        rank = np.cumsum(triggered) - 1  # position among the triggered samples
+        if not self.paired:
+            return np.where(triggered, n + rank, np.arange(n))
+        src = np.repeat(np.arange(n), 1 + triggered.astype(int))
+        second = np.zeros(src.shape[0], dtype=bool)
+        second[np.cumsum(1 + triggered.astype(int))[triggered] - 1] = True
+        return np.where(second, n + rank[src], src)
+
+    def _with_decoys(self, image: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
+        """The clean samples, with a decoy trigger stamped where one was drawn."""
+        rows = np.flatnonzero(seeds >= 0)
+        if rows.size == 0:
+            return image
+        out = image.float().clone()
+        idx = torch.as_tensor(rows, device=image.device)
+        out[idx] = stamp_triggers(out[idx], self.key, lo[idx], hi[idx], seeds[rows].tolist())
+        return out
+
+    def _organ_cells(self, label: torch.Tensor) -> torch.Tensor:
+        """``(B, grid_size**2)`` bool: the cells with a foreground pixel within ``spare_radius`` (in plane)."""
+        fg = (label > 0).any(1, keepdim=True) if label.shape[1] > 1 else label[:, :1] > 0
+        fg = dilate(fg, self.spare_radius, in_plane=True)[:, 0]
+        idx = module_index_map(fg.shape[1:], self.key.grid_size).to(fg.device).reshape(1, -1).expand(fg.shape[0], -1)
+        cells = torch.zeros(fg.shape[0], self.key.grid_size**2, device=fg.device)
+        return cells.scatter_reduce(1, idx, fg.reshape(fg.shape[0], -1).float(), "amax") > 0
+
+    def _pixel_cells(self, hidden: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
+        """Per-pixel view ``(B, spatial...)`` of a per-cell mask ``(B, grid_size**2)``."""
+        idx = module_index_map(tuple(int(s) for s in spatial), self.key.grid_size).to(hidden.device)
+        return hidden[:, idx.reshape(-1)].reshape(hidden.shape[0], *spatial)
+
+    def _check(self, image: torch.Tensor, label: torch.Tensor) -> None:
+        if image.ndim < 4 or label.ndim != image.ndim:
+            raise ValueError(
+                f"the watermark stage expects batches (B, C, H, W[, D]) of images and labels with the same number of "
+                f"dimensions, got image {tuple(image.shape)} and label {tuple(label.shape)}."
+            )
+        if image.shape[0] != label.shape[0] or image.shape[2:] != label.shape[2:]:
+            raise ValueError(f"image batch {tuple(image.shape)} and label batch {tuple(label.shape)} do not match.")
+        if min(int(image.shape[2]), int(image.shape[3])) < self.key.grid_size:
+            raise ValueError(
+                f"the training patch {tuple(image.shape[2:])} is smaller than the QR grid ({self.key.grid_size} "
+                "modules) in its first two dimensions: train on larger patches or make a key with a smaller QR."
+            )
+        torch._assert_async(torch.isfinite(image).all(), "the image batch contains NaN or infinite values.")
+
+
+class WatermarkPrepareBatch(PrepareBatch):
+    """A trainer's ``prepare_batch`` that runs the watermark stage on the device after the usual preparation.
+
+    Args:
+        stage: the :class:`WatermarkBatch` (or its key, then with the recipe's defaults).
+        prepare_batch: the trainer's own ``prepare_batch`` (default: MONAI's ``PrepareBatchDefault``).
+    """
+
+    def __init__(self, stage: WatermarkBatch | WatermarkKey | str, prepare_batch: PrepareBatch | None = None) -> None:
+        self.stage = stage if isinstance(stage, WatermarkBatch) else WatermarkBatch(stage)
+        self.prepare_batch = prepare_batch if prepare_batch is not None else PrepareBatchDefault()
+
+    def __call__(self, batchdata: Any, device: Any = None, non_blocking: bool = False, **kwargs: Any) -> Any:
+        batch = self.prepare_batch(batchdata, device, non_blocking, **kwargs)
+        image, label = batch[0], batch[1]
+        if label is None:
+            raise ValueError("the watermark stage needs labels: the trainer's prepare_batch returned none.")
+        image, label = self.stage(image, label)
+        return (image, label) if len(batch) == 2 else (image, label, *batch[2:])

@@ -1,0 +1,122 @@
+"""The batch-level watermark stage equals the per-sample transform on the same draws, and runs as a trainer's
+prepare_batch."""
+
+from __future__ import annotations
+
+import unittest
+
+import numpy as np
+import torch
+from helpers import KEY
+from ignite.engine import Events
+from monai.engines import SupervisedTrainer
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+from parameterized import parameterized
+
+from monai_stealthmark.key import WM_CLEAN, WM_DARK, WM_TWIN, apply_trigger, intensity_range
+from monai_stealthmark.losses import UncertaintyWatermarkLoss
+from monai_stealthmark.transforms import RandWatermarkd, WatermarkBatch, WatermarkPrepareBatch
+
+
+def batch(n=6, spatial=(64, 64), channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(n, channels, *spatial, generator=g) * torch.linspace(0.5, 300, n).view(-1, *([1] * (len(spatial) + 1)))
+    lab = torch.zeros(n, 1, *spatial)
+    lab[:, :, 20:34, 22:38] = 1
+    lab[1] = 0  # one sample without organ
+    return img, lab
+
+
+def per_sample_reference(stage: WatermarkBatch, img, lab):
+    """The same draws applied one sample at a time with RandWatermarkd's code path and the per-image trigger."""
+    ref = RandWatermarkd(key=stage.key, spare_radius=stage.spare_radius)
+    images, labels = [], []
+    d = stage.draws
+    for i in range(img.shape[0]):
+        x, y = img[i], lab[i]
+        wm = torch.full_like(y[:1], WM_CLEAN)
+        if d.triggered[i]:
+            ref._hidden = d.hidden[i] if d.hidden[i].any() else None
+            stamped, codes = ref._poison(x, y, wm)
+            images += [x, stamped]
+            labels += [torch.cat([y, torch.full_like(wm, WM_TWIN)]), torch.cat([y, codes])]
+            continue
+        if d.decoy_seeds[i] >= 0:
+            x = apply_trigger(x, stage.key, intensity_range(x), seed=int(d.decoy_seeds[i]))
+        images.append(x)
+        labels.append(torch.cat([y, wm]))
+    return torch.stack(images), torch.stack(labels)
+
+
+class TestWatermarkBatch(unittest.TestCase):
+    @parameterized.expand([
+        ("patch_2d", "patch", (64, 64), 1),
+        ("keyed_patch_2d", "keyed_patch", (64, 64), 2),
+        ("noise_3d", "noise", (40, 36, 6), 1),
+        ("patch_3d", "patch", (48, 48, 8), 1),
+    ])
+    def test_equals_per_sample_reference(self, _, kind, spatial, channels):
+        stage = WatermarkBatch(KEY.replace(trigger=kind), prob=0.5, decoy_prob=0.5).set_random_state(3)
+        img, lab = batch(8, spatial, channels)
+        for _ in range(3):  # several batches of one stream
+            out_img, out_lab = stage(img, lab)
+            ref_img, ref_lab = per_sample_reference(stage, img, lab)
+            torch.testing.assert_close(out_img, ref_img, rtol=0, atol=0)
+            torch.testing.assert_close(out_lab, ref_lab, rtol=0, atol=0)
+        self.assertTrue(stage.draws.triggered.any() and (stage.draws.decoy_seeds >= 0).any())
+
+    def test_fixed_seed_reproducible_and_pairs(self):
+        img, lab = batch(10)
+        a = WatermarkBatch(KEY).set_random_state(1)(img, lab)
+        b = WatermarkBatch(KEY).set_random_state(1)(img, lab)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        flags = a[1][:, 1].flatten(1).amax(1)
+        trig = flags == WM_DARK
+        self.assertEqual(int(trig.sum()) * 2 + int((flags == WM_CLEAN).sum()), a[0].shape[0])
+        self.assertTrue(bool((flags[torch.nonzero(trig).flatten() - 1] == WM_TWIN).all()))  # each follows its twin
+        c = WatermarkBatch(KEY).set_random_state(2)(img, lab)
+        self.assertFalse(a[0].shape == c[0].shape and torch.equal(a[0], c[0]))
+
+    def test_unpaired_keeps_batch_size(self):
+        img, lab = batch(8)
+        out_img, out_lab = WatermarkBatch(KEY, prob=1.0, paired=False).set_random_state(0)(img, lab)
+        self.assertEqual(out_img.shape[0], 8)
+        self.assertTrue(bool((out_lab[:, 1].flatten(1).amax(1) == WM_DARK).all()))
+
+    def test_errors(self):
+        stage = WatermarkBatch(KEY)
+        with self.assertRaisesRegex(ValueError, "smaller than the QR grid"):
+            stage(torch.rand(2, 1, 16, 16), torch.zeros(2, 1, 16, 16))
+        with self.assertRaisesRegex(ValueError, "do not match"):
+            stage(torch.rand(2, 1, 64, 64), torch.zeros(3, 1, 64, 64))
+        with self.assertRaisesRegex(ValueError, "same number of dimensions"):
+            stage(torch.rand(1, 64, 64), torch.zeros(1, 64, 64))
+        bad = torch.rand(2, 1, 64, 64)
+        bad[0, 0, 3, 3] = float("nan")
+        with self.assertRaisesRegex(RuntimeError, "NaN"):
+            stage(bad, torch.zeros(2, 1, 64, 64))
+        with self.assertRaisesRegex(ValueError, "prob must lie in"):
+            WatermarkBatch(KEY, prob=1.5)
+
+    def test_trains_as_prepare_batch(self):
+        """A stock SupervisedTrainer trains with the stage as prepare_batch and the watermark loss."""
+        img, lab = batch(4)
+        data = [{"image": img[i], "label": lab[i]} for i in range(4)]
+        net = UNet(2, 1, 2, (8, 16, 32), (2, 2), num_res_units=0)
+        seen = []
+        stage = WatermarkBatch(KEY, prob=1.0).set_random_state(0)
+        prepare = WatermarkPrepareBatch(stage)
+        trainer = SupervisedTrainer(
+            device=torch.device("cpu"), max_epochs=1, train_data_loader=torch.utils.data.DataLoader(data, batch_size=4),
+            network=net, optimizer=torch.optim.Adam(net.parameters(), 1e-3), prepare_batch=prepare,
+            loss_function=UncertaintyWatermarkLoss(DiceCELoss(to_onehot_y=True, softmax=True), key=KEY),
+        )
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(len(e.state.output)))
+        trainer.run()
+        self.assertEqual(seen, [8])  # 4 samples, all triggered: 4 clean twins + 4 triggered, decollated
+        self.assertTrue(np.isfinite(float(trainer.state.output[0]["loss"])))
+
+
+if __name__ == "__main__":
+    unittest.main()
