@@ -115,9 +115,10 @@ def _suspect_query(a: argparse.Namespace, activation: str | None):
         images = load_bundle_images(a.images, preprocessing) if preprocessing is not None else load_images(a.images, a.size)
         return ModelQuery(net, activation=activation, inferer=inferer), images
     if a.url:
-        return RemoteModelQuery(a.url, timeout=a.timeout, retries=a.retries, budget=a.budget), load_images(a.images, a.size)
+        query = RemoteModelQuery(a.url, timeout=a.timeout, retries=a.retries, budget=a.budget, window=a.window)
+        return query, load_images(a.images, a.size)
     if a.model.endswith((".ts", ".pt", ".pth")):
-        return ModelQuery(a.model, activation=activation), load_images(a.images, a.size)
+        return ModelQuery(a.model, activation=activation, window=a.window), load_images(a.images, a.size)
     raise ValueError(f"--model must be a TorchScript file (.ts/.pt), got {a.model!r}.")
 
 
@@ -203,6 +204,11 @@ def _add_suspect_options(v: argparse.ArgumentParser) -> None:
     v.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (--url)")
     v.add_argument("--retries", type=int, default=2, help="extra attempts per HTTP request (--url)")
     v.add_argument("--budget", type=int, default=None, help="most images sent to the endpoint (--url)")
+    v.add_argument(
+        "--window", type=int, nargs="+", default=None,
+        help="the network's input window (its training patch / sliding-window roi): images are centre-cropped or "
+        "padded to it before the trigger (--bundle reads it from the bundle's inferer)",
+    )
 
 
 def _add_verify(sub) -> None:

@@ -310,3 +310,37 @@ class TestVerifyBadNet(unittest.TestCase):
         self.assertEqual(rep_w.asr, 0.0)
         with self.assertRaisesRegex(ValueError, "do not match the query"):
             verify_badnet(lambda t: torch.ones(t.shape[0], 2, 8, 8), x, key)
+
+
+class TestQueryWindow(unittest.TestCase):
+    """A patch-trained network is queried at its input window: images are cropped/padded to it before the trigger."""
+
+    def test_fit_window_crops_and_pads(self):
+        from monai_stealthmark.verify import fit_window
+
+        x = torch.arange(2 * 1 * 6 * 9, dtype=torch.float32).reshape(2, 1, 6, 9)
+        out = fit_window(x, (4, 11))
+        self.assertEqual(tuple(out.shape), (2, 1, 4, 11))
+        torch.testing.assert_close(out[:, :, :, 1:10], x[:, :, 1:5, :])  # centre crop of rows, zero pad of columns
+        self.assertEqual(float(out[:, :, :, 0].abs().sum()), 0.0)
+        self.assertIs(fit_window(x, None), x)
+        self.assertEqual(tuple(fit_window(x, (4, -1)).shape), (2, 1, 4, 9))
+        with self.assertRaisesRegex(ValueError, "does not match"):
+            fit_window(x, (4, 4, 4))
+
+    def test_sliding_window_query_sees_one_window(self):
+        from monai.inferers import SlidingWindowInferer
+
+        seen = []
+
+        class Recorder(TriggerOracle):
+            def forward(self, x):
+                seen.append(tuple(x.shape[2:]))
+                return super().forward(x)
+
+        query = ModelQuery(Recorder(KEY), device="cpu", inferer=SlidingWindowInferer((96, 96), sw_batch_size=4))
+        self.assertEqual(query.window, (96, 96))
+        rep = verify_ownership(query, images(2, size=128), KEY)  # larger than the window: centre crops of 96
+        self.assertEqual(set(seen), {(96, 96)})
+        self.assertEqual(len(seen), 1)  # one window per query batch, no tiling
+        self.assertEqual(rep.asr, 1.0)

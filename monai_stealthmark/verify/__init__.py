@@ -12,7 +12,7 @@ from .badnet import BadNetReport, verify_badnet
 from .calibrate import calibrate_null
 from .claims import Commitment, NullDistribution, check_commitment, vote_agreement
 from .lime import lime_attributions, lime_masks, lime_reference_attributions, perturbed_queries, weighted_ridge
-from .query import ModelQuery, NotProbabilitiesError, check_probabilities, is_softmax_output, uncertainty_map
+from .query import ModelQuery, NotProbabilitiesError, check_probabilities, fit_window, is_softmax_output, uncertainty_map
 from .readout import ERASURE_MARGIN_PX, binomial_p_value, bit_accuracy, cell_means, organ_modules, otsu_threshold, read_qr, read_scores, scores_to_modules, vote_modules
 from .report import VerificationReport
 from .verifier import direct_scores, trigger_batch, verify_ownership
@@ -22,7 +22,7 @@ __all__ = [
     "calibrate_null",
     "Commitment", "NullDistribution", "check_commitment", "vote_agreement",
     "lime_attributions", "lime_masks", "lime_reference_attributions", "perturbed_queries", "weighted_ridge",
-    "ModelQuery", "NotProbabilitiesError", "check_probabilities", "is_softmax_output", "uncertainty_map",
+    "ModelQuery", "NotProbabilitiesError", "fit_window", "check_probabilities", "is_softmax_output", "uncertainty_map",
     "ERASURE_MARGIN_PX", "binomial_p_value", "bit_accuracy", "cell_means", "organ_modules", "otsu_threshold", "read_qr",
     "read_scores", "scores_to_modules", "vote_modules",
     "VerificationReport",

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from monai.transforms import ResizeWithPadOrCrop
 
-__all__ = ["NotProbabilitiesError", "ModelQuery", "check_probabilities", "is_softmax_output", "uncertainty_map"]
+from monai_stealthmark.utils import activate, check_activation
+
+__all__ = [
+    "NotProbabilitiesError",
+    "ModelQuery",
+    "check_probabilities",
+    "fit_window",
+    "is_softmax_output",
+    "uncertainty_map",
+]
 
 
 class NotProbabilitiesError(ValueError):
@@ -100,6 +110,9 @@ class ModelQuery:
         device: where to run a module; default: CUDA when available, else CPU.
         batch_size: queries are sent in chunks of this size.
         inferer: an optional MONAI inferer (e.g. ``SlidingWindowInferer``) called as ``inferer(images, model)``.
+        window: the spatial size of the network's input window, where the QR lives; the verifier queries with
+            images of exactly this size (:func:`fit_window`), so a sliding window sees one window, aligned with the
+            QR. Default: the inferer's ``roi_size`` when it has one, else None (whole images).
     """
 
     def __init__(
@@ -109,6 +122,7 @@ class ModelQuery:
         device: str | torch.device | None = None,
         batch_size: int = 32,
         inferer: Callable | None = None,
+        window: Sequence[int] | None = None,
     ) -> None:
         if isinstance(model, (str, os.PathLike)):
             path = Path(model)
@@ -118,8 +132,7 @@ class ModelQuery:
                 model = torch.jit.load(str(path), map_location="cpu")
             except Exception as e:
                 raise ValueError(f"{str(path)!r} is not a TorchScript model: {e}") from e
-        if activation not in (None, "softmax", "sigmoid"):
-            raise ValueError(f"activation must be 'softmax', 'sigmoid' or None, got {activation!r}.")
+        check_activation(activation, allow_none=True)
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model
         if isinstance(model, torch.nn.Module):
@@ -129,6 +142,8 @@ class ModelQuery:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = int(batch_size)
         self.inferer = inferer
+        roi = getattr(inferer, "roi_size", None) if window is None else window
+        self.window = tuple(int(r) for r in roi) if roi is not None else None
         self.n_queries = 0
 
     @torch.no_grad()
@@ -142,11 +157,23 @@ class ModelQuery:
             y = torch.as_tensor(y)
             if self.activation is not None:
                 _check_logits(y, self.activation)
-            y = y.float()
-            if self.activation == "softmax":
-                y = torch.softmax(y, 1)
-            elif self.activation == "sigmoid":
-                y = torch.sigmoid(y)
-            outs.append(y)
+            outs.append(activate(y.float(), self.activation))
             self.n_queries += x.shape[0]
         return torch.cat(outs)
+
+
+def fit_window(images: torch.Tensor, window: Sequence[int] | None) -> torch.Tensor:
+    """Centre-crop or zero-pad a ``(B, C, spatial...)`` batch to the network's input ``window`` (entries ``<= 0`` keep
+    that dimension), the rule by which verification queries a patch-trained network: the QR is laid over the window
+    the network was trained on, and a query of that size reaches it as one window of the suspect's own inferer."""
+    if window is None:
+        return images
+    spatial = images.shape[2:]
+    if len(window) != len(spatial):
+        raise ValueError(f"window {tuple(window)} does not match the images' spatial shape {tuple(spatial)}.")
+    size = [int(w) if int(w) > 0 else int(s) for w, s in zip(window, spatial)]
+    if list(spatial) == size:
+        return images
+    flat = images.reshape(-1, *spatial)  # every image and channel as one channel-first image
+    out = ResizeWithPadOrCrop(size, mode="constant")(flat)
+    return torch.as_tensor(out).reshape(*images.shape[:2], *size)

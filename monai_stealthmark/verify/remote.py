@@ -41,6 +41,8 @@ class RemoteModelQuery:
         budget: most images that may be sent in total (None: no limit); counted before sending.
         batch_size: images per request.
         backoff: seconds before the first retry (doubled each time).
+        window: the network's input window (see :class:`~monai_stealthmark.verify.ModelQuery`): the verifier sends
+            images of this size, so the server's sliding window sees one window, aligned with the QR.
     """
 
     def __init__(
@@ -51,10 +53,12 @@ class RemoteModelQuery:
         budget: int | None = None,
         batch_size: int = 16,
         backoff: float = 0.5,
+        window: tuple[int, ...] | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}.")
         self.url = url
+        self.window = tuple(int(w) for w in window) if window is not None else None
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.budget = budget

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.key.geometry import apply_trigger, load_key
+from monai_stealthmark.key.geometry import batch_intensity_range, load_key, stamp_triggers
 from monai_stealthmark.verify.claims import Commitment, NullDistribution, check_commitment
 from monai_stealthmark.verify.lime import lime_attributions
-from monai_stealthmark.verify.query import check_probabilities, uncertainty_map
+from monai_stealthmark.verify.query import check_probabilities, fit_window, uncertainty_map
 from monai_stealthmark.verify.readout import ERASURE_MARGIN_PX, binomial_p_value, bit_accuracy, cell_means, organ_modules, read_scores
 from monai_stealthmark.verify.report import VerificationReport
 
@@ -45,7 +45,7 @@ def _as_batch(images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
 
 def trigger_batch(images: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
     """Stamp the key's trigger on each image of a batch (each adapted to its own intensity range)."""
-    return torch.stack([apply_trigger(img, key) for img in images])
+    return stamp_triggers(images, key, *batch_intensity_range(images))
 
 
 def direct_scores(query: Callable, images: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
@@ -137,7 +137,9 @@ def verify_ownership(
     Args:
         query: ``images -> probability maps`` (e.g. :class:`~monai_stealthmark.verify.ModelQuery`); only its
             outputs are read.
-        images: clean images ``(B, C, spatial...)``; the trigger is stamped here, never inside the model.
+        images: clean images ``(B, C, spatial...)``; the trigger is stamped here, never inside the model. When the
+            query has a ``window`` (the network's input window, e.g. a sliding window's ``roi_size``) they are
+            centre-cropped or padded to it first (:func:`~monai_stealthmark.verify.fit_window`).
         key: the owner's key or key file.
         mode: ``"direct"`` (mean uncertainty per QR module) or ``"lime"`` (LIME attributions per module).
         alpha: p-value threshold of the verdict.
@@ -156,7 +158,7 @@ def verify_ownership(
             query per image on it.
     """
     key = load_key(key)
-    batch = _as_batch(images)  # validates shape and NaNs before any query is sent
+    batch = fit_window(_as_batch(images), getattr(query, "window", None))  # validated before any query is sent
     t0, n0 = time.perf_counter(), getattr(query, "n_queries", None)
     if mode not in MODES:
         raise ValueError(f"mode must be 'direct' or 'lime', got {mode!r}.")
