@@ -11,7 +11,7 @@ from typing import Any
 
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
-from monai_stealthmark.transforms import RandWatermarkd
+from monai_stealthmark.transforms import WatermarkBatch
 
 __all__ = ["RECIPE_PARTS", "recipe_defaults", "split_recipe", "resolve_recipe"]
 
@@ -31,7 +31,7 @@ def _signature_defaults(cls: type) -> dict[str, Any]:
 def recipe_defaults() -> dict[str, dict[str, Any]]:
     """The recipe as the classes define it: ``{"key": {...}, "transform": {...}, "loss": {...}}``."""
     key_fields = {f.name: f.default for f in dataclasses.fields(WatermarkKey)}
-    sources = {"key": key_fields, "transform": _signature_defaults(RandWatermarkd),
+    sources = {"key": key_fields, "transform": _signature_defaults(WatermarkBatch),
                "loss": _signature_defaults(UncertaintyWatermarkLoss)}
     return {part: {name: sources[part][name] for name in names} for part, names in RECIPE_PARTS.items()}
 

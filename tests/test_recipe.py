@@ -12,7 +12,7 @@ from experiments.sunnybrook import ExperimentConfig, experiment_key
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.recipe import RECIPE_PARTS, recipe_defaults, resolve_recipe, split_recipe
-from monai_stealthmark.transforms import RandWatermarkd
+from monai_stealthmark.transforms import RandWatermarkd, WatermarkBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_NAMES = {n for names in RECIPE_PARTS.values() for n in names}
@@ -23,8 +23,8 @@ class TestRecipe(unittest.TestCase):
         d = recipe_defaults()
         key = WatermarkKey.generate("SM:1", seed=1)
         self.assertEqual({n: getattr(key, n) for n in RECIPE_PARTS["key"]}, d["key"])
-        t = RandWatermarkd(key=key)
-        self.assertEqual({n: getattr(t, n) for n in RECIPE_PARTS["transform"]}, d["transform"])
+        for t in (WatermarkBatch(key), RandWatermarkd(key=key)):  # the per-sample transform takes the stage's
+            self.assertEqual({n: getattr(t, n) for n in RECIPE_PARTS["transform"]}, d["transform"])
         loss = UncertaintyWatermarkLoss(key=key)
         self.assertEqual({n: getattr(loss, n) for n in RECIPE_PARTS["loss"]}, d["loss"])
 
@@ -54,7 +54,7 @@ class TestRecipe(unittest.TestCase):
         def walk(node, path):
             if isinstance(node, dict):
                 target = str(node.get("_target_", ""))
-                if target.endswith(("RandWatermarkd", "UncertaintyWatermarkLoss", "WatermarkKey")):
+                if target.endswith(("RandWatermarkd", "WatermarkBatch", "UncertaintyWatermarkLoss", "WatermarkKey")):
                     found.extend(f"{path}#{k}" for k in node if k in RECIPE_NAMES)
                 for k, v in node.items():
                     walk(v, f"{path}#{k}")

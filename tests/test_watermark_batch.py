@@ -14,9 +14,20 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from parameterized import parameterized
 
-from monai_stealthmark.key import WM_CLEAN, WM_DARK, WM_TWIN, apply_trigger, intensity_range
+from monai_stealthmark.key import (
+    WM_CLEAN,
+    WM_DARK,
+    WM_LIGHT,
+    WM_TWIN,
+    apply_trigger,
+    intensity_range,
+    module_index_map,
+    occlude_cells,
+    qr_target_map,
+)
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
-from monai_stealthmark.transforms import RandWatermarkd, WatermarkBatch, WatermarkPrepareBatch
+from monai_stealthmark.transforms import WatermarkBatch, WatermarkPrepareBatch
+from monai_stealthmark.utils import dilate
 
 
 def batch(n=6, spatial=(64, 64), channels=1, seed=0):
@@ -29,23 +40,27 @@ def batch(n=6, spatial=(64, 64), channels=1, seed=0):
 
 
 def per_sample_reference(stage: WatermarkBatch, img, lab):
-    """The same draws applied one sample at a time with RandWatermarkd's code path and the per-image trigger."""
-    ref = RandWatermarkd(key=stage.key, spare_radius=stage.spare_radius)
+    """The same draws applied one image at a time with the per-image trigger, occlusion and QR target."""
+    key, d = stage.key, stage.draws
+    cell_of = module_index_map(img.shape[2:], key.grid_size)
     images, labels = [], []
-    d = stage.draws
     for i in range(img.shape[0]):
         x, y = img[i], lab[i]
-        wm = torch.full_like(y[:1], WM_CLEAN)
+        lo_hi = intensity_range(x)
         if d.triggered[i]:
-            ref._hidden = d.hidden[i] if d.hidden[i].any() else None
-            stamped, codes = ref._poison(x, y, wm)
+            hidden = torch.as_tensor(d.hidden[i]).clone()
+            near = dilate((y > 0).any(0)[None, None], stage.spare_radius, in_plane=True)[0, 0]
+            hidden[cell_of[near].unique()] = False
+            stamped = apply_trigger(occlude_cells(x.float(), key, hidden, lo_hi), key, lo_hi)
+            dark = qr_target_map(key, x.shape[1:]) & ~hidden[cell_of]
+            codes = torch.where(dark, WM_DARK, WM_LIGHT).float()[None]
             images += [x, stamped]
-            labels += [torch.cat([y, torch.full_like(wm, WM_TWIN)]), torch.cat([y, codes])]
+            labels += [torch.cat([y, torch.full_like(codes, WM_TWIN)]), torch.cat([y, codes])]
             continue
         if d.decoy_seeds[i] >= 0:
-            x = apply_trigger(x, stage.key, intensity_range(x), seed=int(d.decoy_seeds[i]))
+            x = apply_trigger(x, key, lo_hi, seed=int(d.decoy_seeds[i]))
         images.append(x)
-        labels.append(torch.cat([y, wm]))
+        labels.append(torch.cat([y, torch.full_like(y[:1], WM_CLEAN)]))
     return torch.stack(images), torch.stack(labels)
 
 

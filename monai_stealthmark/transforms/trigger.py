@@ -14,19 +14,11 @@ from monai.utils import convert_to_dst_type, convert_to_tensor
 
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.key.geometry import (
-    WM_CLEAN,
-    WM_DARK,
-    WM_LIGHT,
-    WM_TWIN,
     apply_trigger,
-    float_tensor,
-    intensity_range,
     load_key,
-    module_index_map,
-    occlude_cells,
-    qr_target_map,
 )
-from monai_stealthmark.utils import dilate
+
+from .batch import WatermarkBatch, WatermarkDraws
 
 __all__ = ["StampTrigger", "StampTriggerd", "RandWatermarkd", "check_pair_transform"]
 
@@ -39,11 +31,6 @@ def check_pair_transform(transform: MapTransform, key: WatermarkKey | str | None
     if key is None:
         raise ValueError(f"{name} needs the watermark key (a WatermarkKey or a key file path).")
     return load_key(key)
-
-
-def _dilate_in_plane(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Dilate an ``(H, W[, D])`` boolean mask in plane (see :func:`monai_stealthmark.utils.dilate`)."""
-    return dilate(mask[None, None], radius, in_plane=True)[0, 0]
 
 
 class StampTrigger(Transform):
@@ -81,7 +68,8 @@ class StampTriggerd(MapTransform):
 
 
 class RandWatermarkd(RandomizableTransform, MapTransform):
-    """Training transform: with probability ``prob`` stamp the owner's trigger and mark the QR target.
+    """Training transform: with probability ``prob`` stamp the owner's trigger and mark the QR target, one sample at a
+    time (the per-sample view of :class:`~monai_stealthmark.transforms.WatermarkBatch`, which builds the samples).
 
     The label gains one channel (always, so batches collate): :data:`WM_CLEAN` for clean samples,
     :data:`WM_LIGHT` / :data:`WM_DARK` for the pixels of triggered samples outside / inside the QR's dark
@@ -102,20 +90,17 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
     - occlusion: a share of the triggered samples hide random QR cells behind the key's occlusion texture
       (trigger re-stamped on top) with a confident target there, so the QR can also be read through LIME.
 
+    A bundle does not need this transform: its trainer runs the same stage on collated batches
+    (:class:`~monai_stealthmark.transforms.WatermarkPrepareBatch`), whatever its transforms produce.
+
     Args:
         keys: ``(image_key, label_key)``.
         key: a :class:`WatermarkKey` or the path of a key file.
-        prob: share of samples that carry the owner's trigger (the poisoning ratio).
-        decoy_prob: share of the non-triggered samples that carry a decoy trigger.
-        occlusion_prob: share of the triggered samples with randomly hidden cells.
-        occlusion_ratio: probability that each cell is hidden in an occluded sample.
-        spare_radius: occlusion never hides a cell that has a foreground pixel of the label within this many pixels,
-            so the network is never taught to predict an organ it cannot see (-1 = off: any cell may be hidden).
-
-    The defaults are the recommended recipe (measured in ``docs/results.md``); bundles and experiments take them
-    from here.
         paired: return each triggered sample with its clean twin (see above).
         allow_missing_keys: don't raise if a key is missing.
+        recipe: the stage's settings (``prob``, ``decoy_prob``, ``occlusion_prob``, ``occlusion_ratio``,
+            ``spare_radius``); their defaults, the recommended recipe, are
+            :class:`~monai_stealthmark.transforms.WatermarkBatch`'s.
     """
 
     backend = [torch.Tensor, np.ndarray]  # noqa: RUF012
@@ -124,38 +109,34 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         self,
         keys: KeysCollection = ("image", "label"),
         key: WatermarkKey | str | None = None,
-        prob: float = 0.5,
-        decoy_prob: float = 0.2,
-        occlusion_prob: float = 0.5,
-        occlusion_ratio: float = 0.5,
-        spare_radius: int = 3,
         paired: bool = True,
         allow_missing_keys: bool = False,
+        **recipe: Any,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
-        RandomizableTransform.__init__(self, prob)
         self.key = check_pair_transform(self, key)
-        probs = {"decoy_prob": decoy_prob, "occlusion_prob": occlusion_prob, "occlusion_ratio": occlusion_ratio}
-        for name, v in probs.items():
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {v}.")
-        self.decoy_prob = decoy_prob
-        self.occlusion_prob = occlusion_prob
-        self.occlusion_ratio = occlusion_ratio
-        self.spare_radius = int(spare_radius)
-        self.paired = paired
+        self.stage = WatermarkBatch(self.key, paired=paired, **recipe)
+        RandomizableTransform.__init__(self, self.stage.prob)
+        self.paired = bool(paired)
+
+    def __getattr__(self, name: str) -> Any:
+        """The recipe's settings (``prob``, ``decoy_prob`` ...) are the stage's."""
+        if name in ("decoy_prob", "occlusion_prob", "occlusion_ratio", "spare_radius") and "stage" in self.__dict__:
+            return getattr(self.stage, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def randomize(self, data: Any = None) -> None:
         """Draw whether the sample is triggered, which cells an occluded one hides, and a decoy's trigger seed."""
         super().randomize(None)
-        self._hidden: np.ndarray | None = None
-        self._decoy_seed: int | None = None
+        cells = self.key.grid_size**2
+        hidden, decoy_seed = np.zeros(cells, dtype=bool), -1
         if self._do_transform:
-            if self.R.rand() < self.occlusion_prob:
-                self._hidden = self.R.rand(self.key.grid_size**2) < self.occlusion_ratio
-        elif self.R.rand() < self.decoy_prob:
+            if self.R.rand() < self.stage.occlusion_prob:
+                hidden = self.R.rand(cells) < self.stage.occlusion_ratio
+        elif self.R.rand() < self.stage.decoy_prob:
             seed = int(self.R.randint(0, 2**31 - 1))
-            self._decoy_seed = seed + 1 if seed == self.key.trigger_seed else seed
+            decoy_seed = seed + 1 if seed == self.key.trigger_seed else seed
+        self._draws = WatermarkDraws(np.array([self._do_transform]), hidden[None], np.array([decoy_seed]))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any] | list[dict[Hashable, Any]]:
         d = dict(data)
@@ -163,22 +144,18 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         img, label = d[image_key], d[label_key]
         self._check_inputs(img, label)  # on every sample, triggered or not: a bad input fails at once, not at random
         self.randomize()
-        lab = convert_to_tensor(label, track_meta=False)
-        wm = torch.full_like(lab[:1], WM_CLEAN, dtype=lab.dtype if lab.is_floating_point() else torch.float32)
-        if self._do_transform:
-            stamped, wm = self._poison(img, lab, wm)
-            d[image_key] = convert_to_dst_type(stamped, img, dtype=stamped.dtype)[0]
-        elif self._decoy_seed is not None:
-            stamped = apply_trigger(img, self.key, intensity_range(img), seed=self._decoy_seed)
-            d[image_key] = convert_to_dst_type(stamped, img, dtype=stamped.dtype)[0]
-        d[label_key] = _with_channel(label, lab, wm)
-        if not self.paired:
-            return d
-        if not self._do_transform:
-            return [d]  # always a list, so that list_data_collate flattens every item
-        twin = dict(data)
-        twin[label_key] = _with_channel(label, lab, torch.full_like(wm, WM_TWIN))
-        return [twin, d]
+        x = convert_to_tensor(img, track_meta=False)
+        y = convert_to_tensor(label, track_meta=False)
+        images, labels = self.stage.apply(x[None], y[None], self._draws)
+        triggered, decoy = bool(self._draws.triggered[0]), bool(self._draws.decoy_seeds[0] >= 0)
+        out = []
+        for i in range(images.shape[0]):
+            sample = dict(data)
+            if (triggered and i == images.shape[0] - 1) or decoy:  # the clean twin keeps the image as it came
+                sample[image_key] = convert_to_dst_type(images[i], img, dtype=images.dtype)[0]
+            sample[label_key] = convert_to_dst_type(labels[i], label, dtype=labels.dtype)[0]
+            out.append(sample)
+        return out if self.paired else out[-1]
 
     def _check_inputs(self, img: Any, label: Any) -> None:
         """Raise a ValueError naming the problem when image and label cannot carry the watermark."""
@@ -198,26 +175,3 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
             )
         if not bool(torch.isfinite(convert_to_tensor(img, track_meta=False)).all()):
             raise ValueError(f"RandWatermarkd: the image {tuple(img.shape)} contains NaN or infinite values.")
-
-    def _poison(self, img: Any, lab: torch.Tensor, wm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The triggered image (occluded cells first, then the trigger, as the LIME verifier queries) and its
-        watermark channel (dark modules that stay visible and off the occluded cells)."""
-        lo_hi = intensity_range(img)
-        base = float_tensor(img)
-        dark = qr_target_map(self.key, base.shape[1:]).to(base.device)
-        if self._hidden is not None:
-            fg = lab.max(dim=0).values > 0 if lab.shape[0] > 1 else lab[0] > 0
-            hidden = torch.as_tensor(self._hidden, device=base.device)
-            cell_of = module_index_map(base.shape[1:], self.key.grid_size).to(base.device)
-            if self.spare_radius >= 0:  # an empty label spares nothing
-                hidden[cell_of[_dilate_in_plane(fg.to(base.device), self.spare_radius)].unique()] = False
-            base = occlude_cells(base, self.key, hidden, lo_hi)
-            dark = dark & ~hidden[cell_of]
-        stamped = convert_to_tensor(apply_trigger(base, self.key, lo_hi), track_meta=False)
-        return stamped, torch.where(dark, WM_DARK, WM_LIGHT).to(wm.dtype)[None]
-
-
-def _with_channel(label: Any, lab: torch.Tensor, wm: torch.Tensor) -> Any:
-    """The label with the watermark channel appended, in the label's own type."""
-    out = torch.cat([lab.to(wm.dtype), wm.to(lab.device)], dim=0)
-    return convert_to_dst_type(out, label, dtype=out.dtype)[0]
