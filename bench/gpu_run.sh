@@ -5,7 +5,6 @@
 #   .gpu/whl/    wheels: monai, pydicom, nibabel, pytorch-ignite, qrcode, pyzbar, reedsolo (pip download --python-version 3.12)
 #                and lime (pip wheel --no-deps lime==0.2.0.1: lime ships an sdist only)
 #   .gpu/zbar/   libzbar.so.0 and the libraries it links (ldd); only those the GPU machine lacks are installed
-#   .gpu/data/sunnybrook/   the shipped Sunnybrook slices (../shared does not travel)
 #   .gpu/wm_unet_seed0.pt   a watermarked demo UNet (enables the bench's LIME sample sweep)
 # Usage there: OUT=<folder> bash bench/gpu_run.sh   (writes bench JSON, one results JSON per network, log.txt)
 # A dry run anywhere: BENCH_ARGS=--smoke ARCH_ARGS='--steps 4 --lime-samples 20' DEADLINE=300 OUT=/tmp/g bash bench/gpu_run.sh
@@ -24,8 +23,7 @@ for _ in 1 2 3; do
   for l in $(ldd /opt/zbar/libzbar.so.0 | awk '/not found/{print $1}'); do cp $G/zbar/"$l" /opt/zbar/ && echo "zbar: added $l"; done
 done
 ldconfig
-# the code's default data root is ../shared/data
-[ -e ../shared/data/sunnybrook ] || { mkdir -p ../shared/data && ln -s "$PWD/$G/data/sunnybrook" ../shared/data/sunnybrook; }
+# the Sunnybrook slices travel with the working tree (data/sunnybrook, the commands' default --data)
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, monai, numpy; print('torch', torch.__version__, 'monai', monai.__version__, 'numpy', numpy.__version__)"

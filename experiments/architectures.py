@@ -1,23 +1,25 @@
 """The watermark on several MONAI 2D networks (same data, key, schedule and seed), one results table.
 
-    python -m experiments.architectures --fast --out runs/architectures
+    python -m experiments.architectures --fast --out runs/architectures [--archs unet,segresnet] [--steps 400]
 
 For each network, :func:`experiments.sunnybrook.run` trains a clean and a watermarked model on the
 Sunnybrook training patients and measures everything on the held-out patient; this module collects the rows into
 ``DIR/architectures.json`` and ``DIR/architectures.md``. A finished network (``DIR/<arch>/results.json``) is reused,
 so an interrupted run picks up where it stopped.
+
+Options: ``--archs`` (one or a comma list of :data:`~experiments.sunnybrook.ARCHITECTURES`, default all),
+``--device``, ``--data`` (the Sunnybrook folder) and any setting of :class:`~experiments.sunnybrook.ExperimentConfig`
+or recipe deviation (``--batch-size 12``, ``--lime-samples 1000``, ``--occlusion-prob 0.2``, ``--trigger noise``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
-from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT
-from experiments.sunnybrook import ARCHITECTURES, ExperimentConfig, run
-from monai_stealthmark.key import TRIGGER_KINDS
+from experiments import as_list, cli, phase
+from experiments.sunnybrook import ARCHITECTURES, make_config, run
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 
 __all__ = ["run_architectures", "architectures_markdown", "main"]
@@ -48,15 +50,21 @@ def _row(arch: str, res: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_architectures(archs: list[str], out: str | Path, device: str | None = None, **overrides: Any) -> list[dict[str, Any]]:
-    """Run the clean-vs-watermarked experiment for each network in ``archs`` and write the table."""
+    """Run the clean-vs-watermarked experiment for each network in ``archs`` and write the table.
+
+    ``overrides`` are :func:`~experiments.sunnybrook.make_config` settings (``fast``, ``steps``, ``data`` ...),
+    checked before the first network trains.
+    """
     out = Path(out)
+    make_config(**overrides)
     rows = []
     for arch in archs:
         d = out / arch
         if (d / "results.json").is_file():
             res = json.loads((d / "results.json").read_text())
         else:
-            res = run(ExperimentConfig(arch=arch, **overrides), d, device)
+            phase(f"network {arch}")
+            res = run(make_config(arch=arch, **overrides), d, device)
         rows.append(_row(arch, res))
         atomic_write_json(out / "architectures.json", rows)
         atomic_write_text(out / "architectures.md", architectures_markdown(rows))
@@ -78,31 +86,20 @@ def architectures_markdown(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--fast", action="store_true", help="CPU setting")
-    p.add_argument("--out", required=True)
-    p.add_argument("--archs", nargs="+", default=list(ARCHITECTURES), choices=ARCHITECTURES)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lime-samples", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--occlusion-prob", type=float, default=None, help="share of triggered samples with hidden cells")
-    p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None, help="the key's trigger kind (default: patch)")
-    p.add_argument("--trigger-amplitude", type=float, default=None, help="blend amplitude of the noise / lowfreq trigger")
-    p.add_argument("--cutmix-prob", type=float, default=None, help="share of training slices with a pasted box of another (0 = off)")
-    p.add_argument("--margin-consistency", type=float, default=None, help="weight of the logit-margin copy in the band (0 = off)")
-    p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT))
-    p.add_argument("--device", default=None)
-    a = p.parse_args(argv)
-    rows = run_architectures(
-        a.archs, a.out, a.device, fast=a.fast, steps=a.steps, batch_size=a.batch_size, lime_samples=a.lime_samples,
-        seed=a.seed, data_root=a.data, occlusion_prob=a.occlusion_prob, trigger=a.trigger, trigger_amplitude=a.trigger_amplitude,
-        cutmix_prob=a.cutmix_prob, margin_consistency=a.margin_consistency,
-    )
+def main(out: str, archs: str | tuple[str, ...] = ARCHITECTURES, fast: bool = False, device: str | None = None,
+         **settings: Any) -> None:
+    """Train and verify each network, then print the table.
+
+    Args:
+        out: output folder (one sub-folder per network; finished networks are reused).
+        archs: one network or a comma list (``--archs unet,swinunetr``); all by default.
+        fast: the CPU setting.
+        device: ``cuda`` / ``cpu`` (default: CUDA when available).
+        **settings: settings and recipe deviations for every network, e.g. ``--steps 400 --batch-size 12``.
+    """
+    rows = run_architectures(as_list(archs, ARCHITECTURES, "archs"), out, device, fast=fast, **settings)
     print(architectures_markdown(rows))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

@@ -1,16 +1,18 @@
 """Train an example bundle clean (its own ``train.json``) and watermarked (``train.json`` + the overlay) in-process
 with MONAI's ConfigParser, then measure both models on the bundle's validation data like the 2D experiment.
 
-    python -m experiments.bundle_pair --bundle bundles/ct_spleen_3d --out runs/ct_spleen_3d
+    python -m experiments.bundle_pair --bundle bundles/ct_spleen_3d --out runs/ct_spleen_3d [--epochs N] [--seed S]
 
 This is the 3D row of the architectures table (the CT spleen NIfTI setting with a 3D UNet). Writes
 ``DIR/results.json`` and ``DIR/results.md``; the two runs' bundle outputs go to ``DIR/clean`` and
 ``DIR/watermarked``.
+
+Options: ``--epochs`` / ``--val-interval`` / ``--seed`` override the bundle's ``max_epochs`` / ``val_interval`` /
+``seed``; ``--lime-samples`` sets the LIME samples per image of the verification.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
@@ -19,14 +21,14 @@ import torch
 from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
+from experiments import attach_progress, cli, phase
+from experiments.sunnybrook import ExperimentConfig, evaluate, experiment_key
 from monai_stealthmark.bundle import bundle_parser
-from experiments.sunnybrook import KEY_SEED, PAYLOAD, ExperimentConfig, evaluate
-from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 
 __all__ = ["OVERLAY", "train_bundle", "run", "main"]
 
-OVERLAY = Path(__file__).resolve().parents[2] / "bundles" / "stealthmark_overlay.json"
+OVERLAY = Path(__file__).resolve().parents[1] / "bundles" / "stealthmark_overlay.json"
 
 
 def train_bundle(bundle: Path, root: Path, key_file: str | None, overrides: dict[str, Any]) -> tuple[torch.nn.Module, ConfigParser]:
@@ -34,19 +36,31 @@ def train_bundle(bundle: Path, root: Path, key_file: str | None, overrides: dict
     files = ["train.json"] + ([str(OVERLAY)] if key_file is not None else [])
     parser = bundle_parser(bundle, files, root, key_file, overrides)
     parser.get_parsed_content("initialize")
-    parser.get_parsed_content("train#trainer").run()
+    trainer = parser.get_parsed_content("train#trainer")
+    attach_progress(trainer, f"train {'watermarked' if key_file else 'clean'} {bundle.name}")
+    trainer.run()
     return parser.get_parsed_content("network").eval(), parser
 
 
 def run(bundle: str | Path, out: str | Path, overrides: dict[str, Any] | None = None, lime_samples: int = 300) -> dict[str, Any]:
+    """Train the bundle clean and watermarked, measure both on its validation data, write the results.
+
+    Args:
+        bundle: the bundle folder (``configs/train.json``).
+        out: output folder.
+        overrides: bundle config overrides (e.g. ``{"max_epochs": 2}``).
+        lime_samples: LIME samples per image of the verification.
+    """
     t0 = time.perf_counter()
     bundle, out = Path(bundle), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
-    key = WatermarkKey.generate(PAYLOAD, seed=KEY_SEED, created_at="2026-11-23T00:00:00+00:00")
+    cfg = ExperimentConfig(lime_samples=lime_samples)
+    key = experiment_key(cfg)
     key.save(out / "key.json")
     nets, parser = {}, None
     for name, key_file in (("clean", None), ("watermarked", str(out / "key.json"))):
+        phase(f"training the {name} bundle")
         set_determinism(int(overrides.get("seed", 0)))
         nets[name], p = train_bundle(bundle, out / name, key_file, overrides)
         torch.save(nets[name].state_dict(), out / f"{name}.pt")
@@ -54,7 +68,6 @@ def run(bundle: str | Path, out: str | Path, overrides: dict[str, Any] | None = 
     device = parser.get_parsed_content("device")
     batches = list(parser.get_parsed_content("validate#dataloader"))
     samples = [{"image": im, "label": lb} for b in batches for im, lb in zip(b["image"], b["label"])]
-    cfg = ExperimentConfig(lime_samples=lime_samples)
     res = evaluate(nets["clean"], nets["watermarked"], samples, key, cfg, device, out / "report", inferer=parser.get_parsed_content("validate#inferer"))
     res["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     res["seconds"] = time.perf_counter() - t0
@@ -79,20 +92,22 @@ def _markdown(res: dict[str, Any]) -> str:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--epochs", type=int, default=None, help="override the bundle's max_epochs")
-    p.add_argument("--val-interval", type=int, default=None, help="override the bundle's val_interval")
-    p.add_argument("--seed", type=int, default=None, help="override the bundle's seed")
-    p.add_argument("--lime-samples", type=int, default=300)
-    a = p.parse_args(argv)
-    overrides = {k: v for k, v in (("max_epochs", a.epochs), ("val_interval", a.val_interval), ("seed", a.seed)) if v is not None}
-    res = run(a.bundle, a.out, overrides, a.lime_samples)
+def main(bundle: str, out: str, epochs: int | None = None, val_interval: int | None = None, seed: int | None = None,
+         lime_samples: int = 300) -> None:
+    """Train the bundle clean and watermarked, verify both and print the results table.
+
+    Args:
+        bundle: the bundle folder, e.g. ``bundles/ct_spleen_3d``.
+        out: output folder.
+        epochs: the bundle's ``max_epochs`` (default: its own).
+        val_interval: the bundle's ``val_interval`` (default: its own).
+        seed: the bundle's ``seed`` (default: its own).
+        lime_samples: LIME samples per image of the verification.
+    """
+    settings = (("max_epochs", epochs), ("val_interval", val_interval), ("seed", seed))
+    res = run(bundle, out, {k: v for k, v in settings if v is not None}, lime_samples)
     print(_markdown(res))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

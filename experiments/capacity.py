@@ -10,22 +10,27 @@ light module read as dark), averaged over the images. Measured: the MONAI UNet r
 steps; SegResNet 0.809 after 200 — and SegResNet is also the 2D network that did not carry the QR in the real
 training (bits 0.745 after 2400 x 24 steps; see README), so a slow curve here is a warning, not a proof. Writes
 ``DIR/capacity.json``.
+
+Options: ``--arch``, ``--steps``, ``--lr``, ``--n-images``, ``--conditional``, ``--eval-every``, ``--seed``,
+``--device``, ``--data`` (the Sunnybrook folder) and the key's recipe deviations (``--tau 0.2``, ``--trigger noise``,
+``--trigger-amplitude 0.2``).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from experiments import UsageError, as_list, cli, phase, progress
+from experiments.sunnybrook import ARCHITECTURES, WRONG_KEY_SEED, build_network, experiment_key, make_config
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
-from experiments.sunnybrook import ARCHITECTURES, WRONG_KEY_SEED, ExperimentConfig, build_network, experiment_key
-from monai_stealthmark.key import TRIGGER_KINDS, WatermarkKey
-from monai_stealthmark.losses import UncertaintyWatermarkLoss
+from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.key.geometry import WM_CLEAN, WM_DARK, WM_LIGHT, qr_target_map
+from monai_stealthmark.losses import UncertaintyWatermarkLoss
+from monai_stealthmark.recipe import RECIPE_PARTS, recipe_defaults
 from monai_stealthmark.utils import atomic_write_json
 from monai_stealthmark.verify import ModelQuery, cell_means, trigger_batch, uncertainty_map, verify_ownership
 
@@ -46,6 +51,27 @@ def module_error_map(query: ModelQuery, images: torch.Tensor, key: WatermarkKey)
     chars = [("#" if d else ".") if r == d else ("X" if d else "o") for d, r in zip(g.tolist(), read_dark.tolist())]
     n = key.grid_size
     return ["".join(chars[i * n : (i + 1) * n]) for i in range(n)], dark_mean, light_mean
+
+
+def _probe_batch(images: torch.Tensor, labels: torch.Tensor, key: WatermarkKey, conditional: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed batch: every image triggered with the QR target, plus (``conditional``) the clean copies with the
+    plain target."""
+    trig = trigger_batch(images, key)
+    dark = qr_target_map(key, images.shape[2:]).to(images.device)
+    wm = torch.where(dark, float(WM_DARK), float(WM_LIGHT)).expand(images.shape[0], 1, *images.shape[2:])
+    x, target = trig, torch.cat([labels, wm], 1)
+    if conditional:
+        x = torch.cat([trig, images])
+        target = torch.cat([target, torch.cat([labels, torch.full_like(wm, float(WM_CLEAN))], 1)])
+    return x, target
+
+
+def _read_back(query: ModelQuery, images: torch.Tensor, key: WatermarkKey, step: int, loss: float) -> dict[str, Any]:
+    """One point of the curve: bits and exact decodes for the key and for a wrong key."""
+    r = verify_ownership(query, images, key)
+    rw = verify_ownership(query, images, key.replace(trigger_seed=WRONG_KEY_SEED))
+    return {"step": step, "loss": loss, "bits": r.mean_bit_accuracy, "asr": r.asr,
+            "wrong_key_bits": rw.mean_bit_accuracy, "wrong_key_asr": rw.asr}
 
 
 def capacity_probe(
@@ -83,75 +109,79 @@ def capacity_probe(
     device = torch.device(device)
     net = net.to(device)
     images, labels = images.to(device), labels.to(device).float()
-    trig = trigger_batch(images, key)
-    dark = qr_target_map(key, images.shape[2:]).to(device)
-    wm = torch.where(dark, float(WM_DARK), float(WM_LIGHT)).expand(images.shape[0], 1, *images.shape[2:])
-    x, target = trig, torch.cat([labels, wm], 1)
-    if conditional:
-        x = torch.cat([trig, images])
-        target = torch.cat([target, torch.cat([labels, torch.full_like(wm, float(WM_CLEAN))], 1)])
-    loss_fn = UncertaintyWatermarkLoss(key=key, hinge_margin=min(0.2, 0.5 - key.tau))
+    x, target = _probe_batch(images, labels, key, conditional)
+    # the recipe's hinge margin, capped at 0.5 - tau for keys with a high tau
+    loss_fn = UncertaintyWatermarkLoss(key=key, hinge_margin=min(recipe_defaults()["loss"]["hinge_margin"], 0.5 - key.tau))
     opt = torch.optim.Adam(net.parameters(), lr)
     query = ModelQuery(net, activation="softmax", device=device)
-    wrong = key.replace(trigger_seed=WRONG_KEY_SEED)
     curve = []
     t0 = time.perf_counter()
-    for step in range(1, steps + 1):
+    bar = progress(range(1, steps + 1), desc="capacity probe", unit="step")
+    for step in bar:
         net.train()
         opt.zero_grad()
         loss = loss_fn(net(x), target)
         loss.backward()
         opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if step % eval_every == 0 or step == steps:
             net.eval()
-            r, rw = verify_ownership(query, images, key), verify_ownership(query, images, wrong)
-            curve.append({
-                "step": step, "loss": loss.item(), "bits": r.mean_bit_accuracy, "asr": r.asr,
-                "wrong_key_bits": rw.mean_bit_accuracy, "wrong_key_asr": rw.asr,
-            })
+            curve.append(_read_back(query, images, key, step, loss.item()))
     net.eval()
     rows, dark_mean, light_mean = module_error_map(query, images, key)
     return {"curve": curve, "error_map": rows, "dark_mean": dark_mean, "light_mean": light_mean, "seconds": time.perf_counter() - t0}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", choices=ARCHITECTURES, default="unet")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--n-images", type=int, default=8, help="training slices in the batch")
-    p.add_argument("--conditional", action="store_true", help="add the clean copies with the plain target")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--tau", type=float, default=None)
-    p.add_argument("--trigger", choices=TRIGGER_KINDS, default=None)
-    p.add_argument("--trigger-amplitude", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT), help="the sunnybrook folder")
-    p.add_argument("--device", default=None)
-    a = p.parse_args(argv)
-    cfg = ExperimentConfig(fast=True, arch=a.arch, tau=a.tau, trigger=a.trigger, trigger_amplitude=a.trigger_amplitude, seed=a.seed, data_root=a.data)
-    key = experiment_key(cfg)
+def _training_slices(cfg, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n_images`` training slices (the held-out patient left out) and their labels."""
+    phase(f"loading the Sunnybrook slices from {cfg.data_root}")
     train, _ = split_by_patient(load_sunnybrook(cfg.data_root, size=cfg.size), [cfg.test_patient])
-    if not 1 <= a.n_images <= len(train):
-        raise SystemExit(f"--n-images must lie in [1, {len(train)}], got {a.n_images}.")
-    images = torch.stack([s["image"] for s in train[: a.n_images]])
-    labels = torch.stack([s["label"] for s in train[: a.n_images]])
-    torch.manual_seed(a.seed)
+    if not 1 <= n_images <= len(train):
+        raise UsageError(f"--n-images must lie in [1, {len(train)}], got {n_images}.")
+    return torch.stack([s["image"] for s in train[:n_images]]), torch.stack([s["label"] for s in train[:n_images]])
+
+
+def main(
+    out: str, arch: str = "unet", steps: int = 200, lr: float = 1e-3, n_images: int = 8, conditional: bool = False,
+    eval_every: int = 50, seed: int = 0, data: str = str(DEFAULT_SUNNYBROOK_ROOT), device: str | None = None, **key_settings: Any,
+) -> None:
+    """Overfit the watermark objective on a few training slices, print the curve and the module error map.
+
+    Args:
+        out: output folder (``capacity.json``).
+        arch: the network (one of :data:`~experiments.sunnybrook.ARCHITECTURES`).
+        steps: Adam steps.
+        lr: learning rate.
+        n_images: training slices in the batch.
+        conditional: add the clean copies with the plain target.
+        eval_every: read the QR back every this many steps.
+        seed: seed of the key and the initialisation.
+        data: the Sunnybrook folder.
+        device: ``cuda`` / ``cpu`` (default: CUDA when available).
+        **key_settings: recipe deviations of the key, e.g. ``--tau 0.2 --trigger noise``.
+    """
+    (arch,) = as_list(arch, ARCHITECTURES, "arch")
+    other = sorted(set(key_settings) - set(RECIPE_PARTS["key"]))
+    if other:
+        raise UsageError(f"unknown setting {other[0]!r}: the probe takes the key's settings ({', '.join(RECIPE_PARTS['key'])}).")
+    cfg = make_config(arch=arch, seed=seed, data=data, **key_settings)
+    key = experiment_key(cfg)
+    images, labels = _training_slices(cfg, n_images)
+    torch.manual_seed(seed)
     net = build_network(cfg.channels, cfg.arch)
-    dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    res = capacity_probe(net, images, labels, key, a.steps, a.lr, a.conditional, a.eval_every, dev)
-    res["config"] = {**vars(a), "tau": key.tau, "trigger": key.trigger, "trigger_amplitude": key.trigger_amplitude}
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    res = capacity_probe(net, images, labels, key, steps, lr, conditional, eval_every, dev)
+    settings = {"arch": arch, "out": out, "steps": steps, "lr": lr, "n_images": n_images, "conditional": conditional,
+                "eval_every": eval_every, "seed": seed, "data": data, "device": device, **key_settings}
+    res["config"] = {**settings, "tau": key.tau, "trigger": key.trigger, "trigger_amplitude": key.trigger_amplitude}
     res["device"] = torch.cuda.get_device_name(dev) if torch.device(dev).type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "capacity.json", res)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(Path(out) / "capacity.json", res)
     for c in res["curve"]:
         print(f"step {c['step']}: loss {c['loss']:.4f}, bits {c['bits']:.3f}, ASR {c['asr']:.2f} | wrong key bits {c['wrong_key_bits']:.3f}")
     print(f"cell means dark {res['dark_mean']:.3f} / light {res['light_mean']:.3f}; X = missed dark module, o = light read as dark")
     print("\n".join(res["error_map"]))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

@@ -1,7 +1,11 @@
 """Robustness of the watermark on the Sunnybrook 2D setting: the attack suite, persistence under fine-tuning,
 data-driven restoration and a loss-landscape plot.
 
-    python -m experiments.robustness --fast --out runs/robustness
+    python -m experiments.robustness --fast --out runs/robustness [--epochs 20] [--data DIR] [--steps N]
+
+Options: ``--epochs`` (fine-tuning epochs of the attacks and of the persistence run), ``--distill-steps``,
+``--overwrite-steps``, ``--data`` (the Sunnybrook folder) and any setting of the owner's training or recipe
+deviation (:class:`~experiments.sunnybrook.ExperimentConfig`, e.g. ``--steps 800 --margin-consistency 0``).
 
 The owner trains the watermarked UNet on three patients (SCD0000101/201/301); the attacker owns a fourth
 (SCD0000401) — disjoint from the owner's data — and every number is measured on the fifth (SCD0000501):
@@ -12,9 +16,12 @@ Writes ``robustness.json`` (rows ``{"attack", "params", "clean_dice", "asr", "p_
 
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
+import io
+import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,23 +29,55 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric
 
+from experiments import cli, phase, progress
+from experiments.sunnybrook import ExperimentConfig, build_network, experiment_key, load_or_train, make_config
 from monai_stealthmark import attacks as A
 from monai_stealthmark.attacks._common import train_steps
-from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook
-from experiments.sunnybrook import ExperimentConfig, build_network, experiment_key, train_model
+from monai_stealthmark.data import load_sunnybrook
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.key.geometry import WM_DARK, WM_LIGHT, qr_target_map
+from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
-from monai_stealthmark.verify import ModelQuery, trigger_batch, verify_ownership
+from monai_stealthmark.verify import ModelQuery, trigger_batch, verify_badnet, verify_ownership
+
+__all__ = ["Split", "Distillation", "attack_suite", "run_attacks", "make_verify", "dice", "run", "markdown", "main"]
 
 OWNER = ["SCD0000101", "SCD0000201", "SCD0000301"]
 ATTACKER = ["SCD0000401"]
 TEST = ["SCD0000501"]
+FINETUNE_LR = 1e-3  # the persistence run's fine-tuning: strong, so that there is something to restore
+RESTORE = {"steps": 30, "lr": 1e-4}  # the owner's short training on their clean data
 
 
 def _stack(samples):
     return torch.stack([s["image"] for s in samples]), torch.stack([s["label"] for s in samples])
+
+
+@dataclasses.dataclass
+class Split:
+    """The Sunnybrook slices by role: the owner's training samples and images, the attacker's labelled slices,
+    the held-out test slices, and the unlabelled slices a distillation attacker may query with (all but the test
+    patient's: public data of the same kind)."""
+
+    owner: list[dict]
+    own_x: torch.Tensor
+    own_y: torch.Tensor
+    att_x: torch.Tensor
+    att_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    query_x: torch.Tensor
+
+    @classmethod
+    def load(cls, data_root: str | Path, size: int) -> Split:
+        phase(f"loading the Sunnybrook slices from {data_root}")
+        samples = load_sunnybrook(data_root, size=size)
+        owner = [s for s in samples if s["patient"] in OWNER]
+        return cls(
+            owner, *_stack(owner), *_stack([s for s in samples if s["patient"] in ATTACKER]),
+            *_stack([s for s in samples if s["patient"] in TEST]),
+            _stack([s for s in samples if s["patient"] in ATTACKER + OWNER])[0],
+        )
 
 
 def dice(model, images, labels) -> float:
@@ -49,6 +88,110 @@ def dice(model, images, labels) -> float:
     dm = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
     dm(torch.cat([pred == 0, pred == 1], 1).float(), torch.cat([labels == 0, labels == 1], 1).float())
     return float(dm.aggregate())
+
+
+def make_verify(images: torch.Tensor, key: WatermarkKey, badnet: bool = False) -> Callable[[Any], Any]:
+    """``model or black box -> report`` of the claim on ``images`` (direct read-out; the BadNet check for
+    ``badnet``)."""
+
+    def verify(m):
+        q = ModelQuery(m, activation="softmax", device="cpu") if isinstance(m, torch.nn.Module) else m
+        return verify_badnet(q, images, key) if badnet else verify_ownership(q, images, key)
+
+    return verify
+
+
+@dataclasses.dataclass(frozen=True)
+class Distillation:
+    """The distillation attacker: the unlabelled images they query the suspect with, student steps, the students'
+    UNet channels and batch size."""
+
+    queries: torch.Tensor
+    steps: int
+    channels: Sequence[int]
+    batch_size: int = 8
+
+
+def _distillation_attacks(net, distillation: Distillation) -> dict[str, tuple]:
+    """Students trained on the suspect's soft outputs (UNet, BasicUNet) or hard masks (UNet)."""
+    teacher = ModelQuery(net, activation="softmax", device="cpu")
+    d = distillation
+    suite = {}
+    for outputs, arch in (("soft", "unet"), ("soft", "basicunet"), ("hard", "unet")):
+        def student(arch=arch, outputs=outputs):
+            torch.manual_seed(1)
+            return A.distill(teacher, build_network(d.channels, arch), d.queries, steps=d.steps, outputs=outputs, batch_size=d.batch_size)
+
+        params = {"outputs": outputs, "student": arch, "steps": d.steps, "queries": int(d.queries.shape[0] * 5)}
+        suite[f"distill_{outputs}_{arch}"] = ("distill", params, student)
+    return suite
+
+
+def attack_suite(
+    net: torch.nn.Module,
+    att_x: torch.Tensor,
+    att_y: torch.Tensor,
+    epochs: int,
+    distillation: Distillation | None = None,
+) -> dict[str, tuple[str, dict[str, Any], Callable[[], Any]]]:
+    """Every attack of the suite, by label: ``label -> (attack, params, build the attacked model or query)``.
+
+    The robustness experiment runs them all, in this order; the variants experiment and tutorial 3 pick some by
+    label (e.g. ``"global_prune_0.5"``, ``"input_blur_1px"``, ``"distill_soft_unet"``). Nothing runs before a
+    builder is called.
+
+    Args:
+        net: the watermarked model (never changed: each attack works on a copy).
+        att_x, att_y: the attacker's labelled slices (fine-tuning, pruning activations, int8 calibration).
+        epochs: fine-tuning epochs.
+        distillation: the distillation attacker (no distillation attacks when None).
+    """
+    def tune(m, ep=epochs, lr=1e-4, **kw):
+        return A.finetune(m, att_x, att_y, epochs=ep, lr=lr, **kw)
+
+    suite: dict[str, tuple] = {"none": ("none", {}, lambda: net)}
+    suite["finetune_all"] = ("finetune_all", {"epochs": epochs, "lr": 1e-4}, lambda: tune(net))
+    suite["finetune_last"] = ("finetune_last", {"epochs": epochs, "lr": 1e-4}, lambda: tune(net, layers="last"))
+    suite["reinit_head_finetune"] = ("reinit_head_finetune", {"epochs": epochs, "lr": 1e-3}, lambda: tune(net, lr=1e-3, reinit=True))
+    for amount in (0.1, 0.3, 0.5, 0.7, 0.9):
+        suite[f"global_prune_{amount}"] = ("global_prune", {"amount": amount}, lambda a=amount: A.global_magnitude_prune(net, a))
+    suite["global_prune_finetune"] = ("global_prune_finetune", {"amount": 0.5, "epochs": 5, "lr": 1e-4}, lambda: tune(A.global_magnitude_prune(net, 0.5), 5))
+    suite["fine_pruning"] = ("fine_pruning", {"amount": 0.5, "layers": 2, "epochs": 5}, lambda: tune(A.channel_prune(net, att_x, 0.5), 5))
+    suite["fp16"] = ("fp16", {}, lambda: A.CastQuery(net, torch.float16))
+    suite["bf16"] = ("bf16", {}, lambda: A.CastQuery(net, torch.bfloat16))
+    suite["int8_weights"] = ("int8_weights", {}, lambda: A.int8_weights(net))
+    suite["int8_static"] = ("int8_static", {"calibration": "attacker slices"}, lambda: A.int8_static(net, att_x))
+    suite["torchscript_roundtrip"] = ("torchscript_roundtrip", {}, lambda: A.torchscript_roundtrip(net, att_x[:1]))
+    for s in (0.01, 0.05, 0.1):
+        suite[f"weight_noise_{s}"] = ("weight_noise", {"scale": s}, lambda s=s: A.weight_noise(net, s))
+    if distillation is not None:
+        suite.update(_distillation_attacks(net, distillation))
+    for name, make in A.INPUT_ATTACKS.items():
+        query = lambda make=make: A.InputTransformQuery(ModelQuery(net, activation="softmax", device="cpu"), make())  # noqa: E731
+        suite[f"input_{name}"] = (f"input_{name}", {}, query)
+    return suite
+
+
+def run_attacks(
+    attacks: Sequence[tuple[str, dict[str, Any], Callable[[], Any]]],
+    evaluate: Callable[[Any], float],
+    verify: Callable[[Any], Any],
+    reference_dice: float,
+    claim_shown: bool = True,
+    label: str = "attacks",
+) -> list[dict[str, Any]]:
+    """Run each attack with :func:`~monai_stealthmark.attacks.run_attack` under a progress bar; print and return
+    the rows. With ``claim_shown`` False nothing counts as removed (the claim had failed before any attack)."""
+    rows = []
+    bar = progress(attacks, desc=label, unit="attack")
+    for name, params, attack in bar:
+        bar.set_postfix_str(name)
+        r = A.run_attack(name, params, attack, evaluate, verify, reference_dice)
+        r.removed = r.removed and claim_shown
+        rows.append(r.to_dict())
+        bar.write(f"{label} {name:26s} {params!s:40s} Dice {r.clean_dice:.4f}  ASR {r.asr:.3f}  p {r.p_value:.2g}  "
+                  f"removed {r.removed}", file=sys.stdout)
+    return rows
 
 
 def _flat(model) -> torch.Tensor:
@@ -64,13 +207,26 @@ def watermark_loss(model, images, labels, key) -> float:
         return float(UncertaintyWatermarkLoss(key=key)(model(x), torch.cat([labels, wm], 1)))
 
 
-def _plot_persistence(rows, path: Path) -> None:
+def _save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    return plt
+
+
+def _plot_persistence(rows, path: Path) -> None:
+    fig, ax = _pyplot().subplots(1, 2, figsize=(9, 3.2))
     ep = [r["epoch"] for r in rows]
     ax[0].plot(ep, [r["asr"] for r in rows], "o-", label="ASR (direct)")
     ax[0].plot(ep, [r["clean_dice"] for r in rows], "s-", label="clean Dice")
@@ -81,23 +237,11 @@ def _plot_persistence(rows, path: Path) -> None:
     ax[1].set_xlabel("fine-tuning epoch")
     ax[1].set_ylabel("L2 distance to watermarked weights")
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_figure(fig, path)
 
 
 def _plot_landscape(grid, xs, ys, traj, path: Path) -> None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.6, 4))
+    fig, ax = _pyplot().subplots(figsize=(4.6, 4))
     cs = ax.contourf(xs, ys, grid.T, levels=20, cmap="viridis")
     fig.colorbar(cs, label="watermark loss (owner's triggered data)")
     ax.plot(traj[:, 0], traj[:, 1], "w.-", label="fine-tuning path")
@@ -106,162 +250,130 @@ def _plot_landscape(grid, xs, ys, traj, path: Path) -> None:
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    _save_figure(fig, path)
+
+
+def _persistence(net, split: Split, epochs: int, verify) -> tuple[list[dict[str, Any]], list[torch.Tensor], torch.nn.Module]:
+    """ASR, Dice and weight drift epoch by epoch while fine-tuning a copy on the attacker's data.
+
+    Returns the rows, the flat weights after each epoch (the trajectory, watermarked weights first) and the
+    fine-tuned model.
+    """
+    persist, traj = [], [_flat(net)]
+    m = copy.deepcopy(net)
+    w0 = _flat(net)
+    for e in progress(range(epochs + 1), desc="persistence", unit="epoch"):
+        if e > 0:
+            m = train_steps(m, split.att_x, split.att_y, steps=-(-split.att_x.shape[0] // 8), lr=FINETUNE_LR, seed=e)
+            traj.append(_flat(m))
+        rep = verify(m)
+        persist.append({"epoch": e, "asr": rep.asr, "p_value": rep.p_value, "clean_dice": dice(m, split.test_x, split.test_y),
+                        "drift_l2": float((_flat(m) - w0).norm())})
+    return persist, traj, m
+
+
+def _restoration(tuned, persist, split: Split, epochs: int, verify) -> dict[str, Any]:
+    """A short training of the fine-tuned model on the owner's clean data only (no trigger): does the QR return?"""
+    restored = train_steps(copy.deepcopy(tuned), split.own_x, split.own_y, steps=RESTORE["steps"], lr=RESTORE["lr"], seed=99)
+    rep_r = verify(restored)
+    return {
+        "finetune": {"epochs": epochs, "lr": FINETUNE_LR, "asr": persist[-1]["asr"], "drift_l2": persist[-1]["drift_l2"]},
+        "restored": {**RESTORE, "data": "owner's clean training slices", "asr": rep_r.asr, "p_value": rep_r.p_value,
+                     "clean_dice": dice(restored, split.test_x, split.test_y)},
+    }
+
+
+def _load_flat(model: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Set ``model``'s floating-point state to the values of the flat vector ``flat`` (in :func:`_flat`'s order)."""
+    sd = model.state_dict()
+    off = 0
+    for k in [k for k, v in sd.items() if v.dtype.is_floating_point]:
+        n = sd[k].numel()
+        sd[k] = flat[off : off + n].view(sd[k].shape)
+        off += n
+    model.load_state_dict(sd)
+
+
+def _landscape(net, traj: list[torch.Tensor], split: Split, key: WatermarkKey, points: int, path: Path) -> None:
+    """Plot the watermark loss over the first two principal directions of the fine-tuning trajectory."""
+    w0 = traj[0]
+    T = torch.stack(traj) - w0
+    _, _, V = torch.pca_lowrank(T, q=2, center=False)
+    coords = (T @ V).numpy()
+    span = max(np.abs(coords).max() * 1.3, 1e-3)
+    xs = ys = np.linspace(-span, span, points)
+    probe = copy.deepcopy(net)
+    grid = np.zeros((len(xs), len(ys)))
+    for n in progress(range(grid.size), desc="loss landscape", unit="point"):
+        i, j = divmod(n, len(ys))
+        _load_flat(probe, w0 + xs[i] * V[:, 0] + ys[j] * V[:, 1])
+        grid[i, j] = watermark_loss(probe.eval(), split.own_x[:16], split.own_y[:16], key)
+    _plot_landscape(grid, xs, ys, coords, path)
+
+
+def _overwrite_row(net, split: Split, cfg: ExperimentConfig, steps: int, evaluate, verify, reference_dice, claim_shown) -> dict:
+    """The attacker embeds their own watermark; the row also records whether the attacker's claim verifies."""
+    attacker_key = WatermarkKey.generate("ATTACKER:0001", seed=4242, tau=cfg.watermark()["key"]["tau"])
+    overwritten = {}
+
+    def do_overwrite():
+        overwritten["m"] = A.overwrite(net, split.att_x, split.att_y, attacker_key, steps=steps, lr=1e-4)
+        return overwritten["m"]
+
+    (row,) = run_attacks([("overwrite", {"steps": steps, "lr": 1e-4}, do_overwrite)], evaluate, verify, reference_dice, claim_shown)
+    row["extra"] = {"attacker_claim_asr": verify_ownership(ModelQuery(overwritten["m"], device="cpu"), split.test_x, attacker_key).asr}
+    return row
 
 
 def run(
     out: str | Path,
     fast: bool = True,
-    steps: int | None = None,
-    data_root: str = str(DEFAULT_SUNNYBROOK_ROOT),
     epochs: int = 20,
     distill_steps: int | None = None,
     overwrite_steps: int | None = None,
-    cutmix_prob: float | None = None,
-    margin_consistency: float | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Train (or reuse ``out/watermarked.pt``), attack, and write the tables and plots.
 
     Args:
         out: output folder.
         fast: the CPU setting.
-        steps: owner's training steps (default: the experiment's setting).
-        data_root: the sunnybrook folder.
         epochs: fine-tuning epochs of the attacks and of the persistence run.
         distill_steps: student steps (default 300 fast / 1500 full).
         overwrite_steps: attacker's embedding steps (default 150 fast / 600 full).
-        cutmix_prob: the owner's CutMix share (default: the experiment's setting, see
-            :class:`~experiments.sunnybrook.ExperimentConfig`).
-        margin_consistency: the owner's margin-copy weight (default: the experiment's setting).
+        **settings: the owner's training settings and recipe deviations (:func:`~experiments.sunnybrook.make_config`:
+            e.g. ``steps``, ``data``, ``cutmix_prob``, ``margin_consistency``).
     """
     t_start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    cfg = ExperimentConfig(fast=fast, steps=steps, data_root=data_root, cutmix_prob=cutmix_prob, margin_consistency=margin_consistency)
+    cfg = make_config(fast, **settings)
     key = experiment_key(cfg)
     key.save(out / "key.json")
-    samples = load_sunnybrook(data_root, size=cfg.size)
-    owner = [s for s in samples if s["patient"] in OWNER]
-    att_x, att_y = _stack([s for s in samples if s["patient"] in ATTACKER])
-    test_x, test_y = _stack([s for s in samples if s["patient"] in TEST])
-    own_x, own_y = _stack(owner)
-    wm_path = out / "watermarked.pt"
-    net = build_network(cfg.channels)
-    if wm_path.is_file():
-        net.load_state_dict(torch.load(wm_path, map_location="cpu"))
-    else:
-        ckpt = out / "ckpt"
-        ckpt.mkdir(exist_ok=True)
-        net = train_model(owner, cfg, key, torch.device("cpu"), ckpt)
-        torch.save(net.state_dict(), wm_path)
-    net = net.cpu().eval()
-
-    def verify(m):
-        return verify_ownership(ModelQuery(m, activation="softmax", device="cpu") if isinstance(m, torch.nn.Module) else m, test_x, key)
+    split = Split.load(cfg.data_root, cfg.size)
+    net = load_or_train(out / "watermarked.pt", split.owner, cfg, key, torch.device("cpu"), out / "ckpt").cpu().eval()
+    verify = make_verify(split.test_x, key)
 
     def evaluate(m):
-        return dice(m, test_x, test_y)
+        return dice(m, split.test_x, split.test_y)
 
-    ref_dice = dice(net, test_x, test_y)
+    ref_dice = evaluate(net)
     base = verify(net)
-    rows = []
-
-    def add(name, params, attack):
-        r = A.run_attack(name, params, attack, evaluate, verify, ref_dice)
-        r.removed = r.removed and base.verdict  # nothing to remove from a model whose claim failed already
-        rows.append(r.to_dict())
-        print(f"{name:28s} {str(params):40s} Dice {r.clean_dice:.4f}  ASR {r.asr:.3f}  p {r.p_value:.2g}  removed {r.removed}", flush=True)
-
-    add("none", {}, lambda: net)
-    ep = epochs
-    add("finetune_all", {"epochs": ep, "lr": 1e-4}, lambda: A.finetune(net, att_x, att_y, epochs=ep, lr=1e-4))
-    add("finetune_last", {"epochs": ep, "lr": 1e-4}, lambda: A.finetune(net, att_x, att_y, epochs=ep, lr=1e-4, layers="last"))
-    add("reinit_head_finetune", {"epochs": ep, "lr": 1e-3}, lambda: A.finetune(net, att_x, att_y, epochs=ep, lr=1e-3, reinit=True))
-    for amount in (0.1, 0.3, 0.5, 0.7, 0.9):
-        add("global_prune", {"amount": amount}, lambda a=amount: A.global_magnitude_prune(net, a))
-    add("global_prune_finetune", {"amount": 0.5, "epochs": 5, "lr": 1e-4}, lambda: A.finetune(A.global_magnitude_prune(net, 0.5), att_x, att_y, epochs=5, lr=1e-4))
-    add("fine_pruning", {"amount": 0.5, "layers": 2, "epochs": 5}, lambda: A.finetune(A.channel_prune(net, att_x, 0.5), att_x, att_y, epochs=5, lr=1e-4))
-    add("fp16", {}, lambda: A.CastQuery(net, torch.float16))
-    add("bf16", {}, lambda: A.CastQuery(net, torch.bfloat16))
-    add("int8_weights", {}, lambda: A.int8_weights(net))
-    add("int8_static", {"calibration": "attacker slices"}, lambda: A.int8_static(net, att_x))
-    add("torchscript_roundtrip", {}, lambda: A.torchscript_roundtrip(net, test_x[:1]))
-    for s in (0.01, 0.05, 0.1):
-        add("weight_noise", {"scale": s}, lambda s=s: A.weight_noise(net, s))
-    teacher = ModelQuery(net, activation="softmax", device="cpu")
-    d_steps = distill_steps or (300 if fast else 1500)
-    for outputs, arch in (("soft", "unet"), ("soft", "basicunet"), ("hard", "unet")):
-        def student(arch=arch, outputs=outputs):
-            torch.manual_seed(1)
-            return A.distill(teacher, build_network(cfg.channels, arch), att_x, steps=d_steps, outputs=outputs)
-
-        add("distill", {"outputs": outputs, "student": arch, "steps": d_steps, "queries": int(att_x.shape[0] * 5)}, student)
-    for name, make in A.INPUT_ATTACKS.items():
-        add(f"input_{name}", {}, lambda make=make: A.InputTransformQuery(ModelQuery(net, activation="softmax", device="cpu"), make()))
-    attacker_key = WatermarkKey.generate("ATTACKER:0001", seed=4242, tau=cfg.watermark()["key"]["tau"])
-    ow_steps = overwrite_steps or (150 if fast else 600)
-    overwritten = {}
-
-    def do_overwrite():
-        overwritten["m"] = A.overwrite(net, att_x, att_y, attacker_key, steps=ow_steps, lr=1e-4)
-        return overwritten["m"]
-
-    add("overwrite", {"steps": ow_steps, "lr": 1e-4}, do_overwrite)
-    rows[-1]["extra"] = {"attacker_claim_asr": verify_ownership(ModelQuery(overwritten["m"], device="cpu"), test_x, attacker_key).asr}
-
-    # persistence: ASR / Dice / drift epoch by epoch while fine-tuning on the attacker's data
-    persist, traj = [], [_flat(net)]
-    m = copy.deepcopy(net)
-    w0 = _flat(net)
-    lr_p = 1e-3  # a strong fine-tune, so that there is something to restore
-    for e in range(ep + 1):
-        if e > 0:
-            m = train_steps(m, att_x, att_y, steps=-(-att_x.shape[0] // 8), lr=lr_p, seed=e)
-            traj.append(_flat(m))
-        rep = verify(m)
-        persist.append({"epoch": e, "asr": rep.asr, "p_value": rep.p_value, "clean_dice": dice(m, test_x, test_y), "drift_l2": float((_flat(m) - w0).norm())})
+    phase(f"attacks on the watermarked model (ASR {base.asr:.3f}, clean Dice {ref_dice:.4f})")
+    distillation = Distillation(split.att_x, distill_steps or (300 if fast else 1500), cfg.channels)
+    suite = attack_suite(net, split.att_x, split.att_y, epochs, distillation)
+    rows = run_attacks(list(suite.values()), evaluate, verify, ref_dice, base.verdict)
+    rows.append(_overwrite_row(net, split, cfg, overwrite_steps or (150 if fast else 600), evaluate, verify, ref_dice, base.verdict))
+    phase(f"persistence: fine-tuning {epochs} epochs at lr {FINETUNE_LR}, then restoration and the loss landscape")
+    persist, traj, tuned = _persistence(net, split, epochs, verify)
     _plot_persistence(persist, out / "persistence.png")
-    # restoration: a short training on the owner's clean data only (no trigger)
-    restored = train_steps(copy.deepcopy(m), own_x, own_y, steps=30, lr=1e-4, seed=99)
-    rep_r = verify(restored)
-    restoration = {
-        "finetune": {"epochs": ep, "lr": lr_p, "asr": persist[-1]["asr"], "drift_l2": persist[-1]["drift_l2"]},
-        "restored": {"steps": 30, "lr": 1e-4, "data": "owner's clean training slices", "asr": rep_r.asr, "p_value": rep_r.p_value, "clean_dice": dice(restored, test_x, test_y)},
-    }
-    # loss landscape over the first two principal directions of the fine-tuning trajectory
-    T = torch.stack(traj) - w0
-    _, _, V = torch.pca_lowrank(T, q=2, center=False)
-    coords = (T @ V).numpy()
-    span = max(np.abs(coords).max() * 1.3, 1e-3)
-    xs = ys = np.linspace(-span, span, 9 if fast else 17)
-    keys = [k for k, v in net.state_dict().items() if v.dtype.is_floating_point]
-    shapes = [net.state_dict()[k].shape for k in keys]
-    probe = copy.deepcopy(net)
-    grid = np.zeros((len(xs), len(ys)))
-    sd = probe.state_dict()
-    for i, a in enumerate(xs):
-        for j, b in enumerate(ys):
-            flat = w0 + a * V[:, 0] + b * V[:, 1]
-            off = 0
-            for k, s in zip(keys, shapes):
-                n = int(np.prod(s))
-                sd[k] = flat[off : off + n].view(s)
-                off += n
-            probe.load_state_dict(sd)
-            grid[i, j] = watermark_loss(probe.eval(), own_x[:16], own_y[:16], key)
-    _plot_landscape(grid, xs, ys, coords, out / "landscape.png")
-
+    restoration = _restoration(tuned, persist, split, epochs, verify)
+    _landscape(net, traj, split, key, 9 if fast else 17, out / "landscape.png")
     res = {
         "setting": {"owner": OWNER, "attacker": ATTACKER, "test": TEST, "steps": cfg.steps, "fast": fast, "device": "cpu"},
         "watermarked": {"clean_dice": ref_dice, "asr": base.asr, "p_value": base.p_value},
-        "rows": rows,
-        "persistence": persist,
-        "restoration": restoration,
-        "seconds": time.perf_counter() - t_start,
+        "rows": rows, "persistence": persist, "restoration": restoration, "seconds": time.perf_counter() - t_start,
     }
     atomic_write_json(out / "robustness.json", rows)
     atomic_write_json(out / "persistence.json", {k: res[k] for k in ("setting", "watermarked", "persistence", "restoration", "seconds")})
@@ -304,22 +416,24 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--fast", action="store_true")
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT))
-    p.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs (attacks, persistence)")
-    p.add_argument("--distill-steps", type=int, default=None)
-    p.add_argument("--overwrite-steps", type=int, default=None)
-    p.add_argument("--cutmix-prob", type=float, default=None, help="owner's CutMix share (default: the demo's)")
-    p.add_argument("--margin-consistency", type=float, default=None, help="owner's margin-copy weight (default: the demo's)")
-    a = p.parse_args(argv)
-    res = run(a.out, a.fast, a.steps, a.data, a.epochs, a.distill_steps, a.overwrite_steps, a.cutmix_prob, a.margin_consistency)
+def main(
+    out: str, fast: bool = False, epochs: int = 20, distill_steps: int | None = None, overwrite_steps: int | None = None,
+    **settings: Any,
+) -> None:
+    """Attack the watermarked model, measure persistence, restoration and the loss landscape; print the tables.
+
+    Args:
+        out: output folder (``watermarked.pt`` there is reused).
+        fast: the CPU setting.
+        epochs: fine-tuning epochs (attacks, persistence).
+        distill_steps: student steps (default 300 fast / 1500 full).
+        overwrite_steps: the attacker's embedding steps (default 150 fast / 600 full).
+        **settings: the owner's training settings and recipe deviations, e.g. ``--steps 800``, ``--data DIR``,
+            ``--cutmix-prob 0``, ``--margin-consistency 0``.
+    """
+    res = run(out, fast, epochs, distill_steps, overwrite_steps, **settings)
     print(markdown(res))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

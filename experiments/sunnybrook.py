@@ -4,6 +4,10 @@
 
 Writes ``DIR/results.json``, ``DIR/results.md``, the two models (``clean.pt``, ``watermarked.pt``), the key
 (``key.json``) and the verification reports with their pictures (``DIR/report/``).
+
+Options: ``--fast`` (the CPU setting), ``--device``, ``--data DIR`` (the Sunnybrook folder) and any setting of
+:class:`ExperimentConfig` or recipe deviation by its argument name (``--steps 800``, ``--test-patient SCD0000101``,
+``--lime-samples 100``, ``--margin-consistency 0``); an unknown name is refused before anything runs.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import fire
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
@@ -28,6 +31,7 @@ from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet, SwinUNETR, 
 from monai.transforms import Compose, RandomizableTransform, RandScaleIntensityd
 from monai.utils import set_determinism
 
+from experiments import CountingQuery, UsageError, attach_progress, cli, phase
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
 from monai_stealthmark.handlers import SimulatedAttacks
 from monai_stealthmark.key import WatermarkKey
@@ -38,6 +42,7 @@ from monai_stealthmark.transforms import RandBadNetd, RandPoolCutMixd, RandWater
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import (
     ModelQuery,
+    VerificationReport,
     cell_means,
     organ_modules,
     read_scores,
@@ -46,7 +51,10 @@ from monai_stealthmark.verify import (
     verify_ownership,
 )
 
-__all__ = ["ExperimentConfig", "experiment_key", "build_network", "train_model", "stealth", "evaluate", "run", "main"]
+__all__ = [
+    "ExperimentConfig", "make_config", "experiment_key", "build_network", "train_model", "load_or_train", "stealth",
+    "evaluate", "run", "main",
+]
 
 PAYLOAD = "SM:3f9a2c71"
 KEY_SEED = 20261123
@@ -82,6 +90,9 @@ class ExperimentConfig:
         patients: restrict the data to these patients (all when None).
         data_root: the Sunnybrook folder.
         **recipe: deviations from the watermark recipe, by class argument name.
+
+    Raises:
+        UsageError: a name that is neither a run setting nor a recipe setting.
     """
 
     def __init__(self, fast: bool = True, **overrides: Any) -> None:
@@ -101,7 +112,11 @@ class ExperimentConfig:
         self.patients: list[str] | None = None
         self.data_root = str(DEFAULT_SUNNYBROOK_ROOT)
         recipe = {k: v for k, v in overrides.items() if not hasattr(self, k) and v is not None}
-        split_recipe(recipe)  # raises for a name that is neither a run setting nor a recipe setting
+        try:
+            split_recipe(recipe)
+        except ValueError as e:
+            bad = next(k for k in recipe if all(k not in names for names in RECIPE_PARTS.values()))
+            raise UsageError(f"unknown setting {bad!r} (run settings: {', '.join(sorted(vars(self)))}); {e}") from None
         self.recipe: dict[str, Any] = recipe
         for k, v in overrides.items():
             if hasattr(self, k) and v is not None:
@@ -114,6 +129,13 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items() if k != "recipe"}
         return {**d, "recipe": self.watermark()}
+
+
+def make_config(fast: bool = True, **settings: Any) -> ExperimentConfig:
+    """An :class:`ExperimentConfig` from command-line settings, where ``data`` names the Sunnybrook folder."""
+    if "data" in settings:
+        settings["data_root"] = str(settings.pop("data"))
+    return ExperimentConfig(fast=fast, **settings)
 
 
 def experiment_key(cfg: ExperimentConfig, **fields: Any) -> WatermarkKey:
@@ -158,20 +180,10 @@ def _watermark_stage(
     return transform, loss
 
 
-def train_model(
-    train_samples: list[dict],
-    cfg: ExperimentConfig,
-    key: WatermarkKey | None,
-    device: torch.device,
-    ckpt_dir: Path | None = None,
-) -> torch.nn.Module:
-    """Train one model with MONAI's SupervisedTrainer; ``key=None`` trains the clean baseline.
-
-    The clean and the watermarked model share seed, data order, schedule and batch size: the only difference is
-    the watermark transform and the loss wrapper.
-    """
-    set_determinism(cfg.seed)
-    net = build_network(cfg.channels, cfg.arch).to(device)
+def _training_loader(
+    train_samples: list[dict], cfg: ExperimentConfig, key: WatermarkKey | None, net: torch.nn.Module
+) -> tuple[DataLoader, torch.nn.Module]:
+    """The seeded training data loader (augmentation, CutMix, watermark transform) and the loss for ``cfg``."""
     data = [{"image": s["image"], "label": s["label"]} for s in train_samples]
     xforms = [RandScaleIntensityd(keys="image", factors=0.1, prob=0.5)]
     if cfg.cutmix_prob > 0:  # added only when on, so that the other transforms' random streams stay as they are
@@ -183,6 +195,35 @@ def train_model(
     transform = Compose(xforms).set_random_state(seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(Dataset(data, transform), batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=gen)
+    return loader, loss
+
+
+def _attach_checkpoints(trainer: SupervisedTrainer, ckpt_dir: Path, objs: dict[str, Any], epochs: int, device: torch.device) -> None:
+    """Save about ten checkpoints over the run into ``ckpt_dir`` and resume from the last one found there.
+
+    The augmentation's random state is not part of a checkpoint: a resumed run continues with fresh draws.
+    """
+    ckpts = sorted(ckpt_dir.glob("checkpoint_epoch=*.pt"), key=lambda f: int(f.stem.split("=")[1]))
+    if ckpts:
+        CheckpointLoader(str(ckpts[-1]), objs, map_location=device).attach(trainer)
+    CheckpointSaver(str(ckpt_dir), objs, save_interval=max(1, epochs // 10), n_saved=1, file_prefix="", save_final=False).attach(trainer)
+
+
+def train_model(
+    train_samples: list[dict],
+    cfg: ExperimentConfig,
+    key: WatermarkKey | None,
+    device: torch.device,
+    ckpt_dir: Path | None = None,
+) -> torch.nn.Module:
+    """Train one model with MONAI's SupervisedTrainer; ``key=None`` trains the clean baseline.
+
+    The clean and the watermarked model share seed, data order, schedule and batch size: the only difference is
+    the watermark transform and the loss wrapper. A progress bar shows the steps with the current loss.
+    """
+    set_determinism(cfg.seed)
+    net = build_network(cfg.channels, cfg.arch).to(device)
+    loader, loss = _training_loader(train_samples, cfg, key, net)
     epochs = math.ceil(cfg.steps / len(loader))
     opt = torch.optim.Adam(net.parameters(), cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
@@ -193,13 +234,41 @@ def train_model(
     if key is not None and cfg.simulate_attacks > 0:
         SimulatedAttacks(prob=cfg.simulate_attacks, seed=cfg.seed).attach(trainer)
     if ckpt_dir is not None:
-        objs = {"net": net, "opt": opt, "sched": sched, "trainer": trainer}
-        ckpts = sorted(ckpt_dir.glob("checkpoint_epoch=*.pt"), key=lambda f: int(f.stem.split("=")[1]))
-        if ckpts:  # resume an interrupted run from its last checkpoint (augmentation RNG state is not restored)
-            CheckpointLoader(str(ckpts[-1]), objs, map_location=device).attach(trainer)
-        CheckpointSaver(str(ckpt_dir), objs, save_interval=max(1, epochs // 10), n_saved=1, file_prefix="", save_final=False).attach(trainer)
+        _attach_checkpoints(trainer, ckpt_dir, {"net": net, "opt": opt, "sched": sched, "trainer": trainer}, epochs, device)
+    attach_progress(trainer, f"train {'clean' if key is None else 'watermarked'} {cfg.arch}")
     trainer.run()
     return net.eval()
+
+
+def load_or_train(
+    path: Path,
+    train_samples: list[dict],
+    cfg: ExperimentConfig,
+    key: WatermarkKey | None,
+    device: torch.device,
+    ckpt_dir: Path,
+    settings: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """The model saved at ``path``, or one trained with :func:`train_model` and saved there.
+
+    Training checkpoints go to ``ckpt_dir`` (an interrupted run resumes from them) and are removed once the model
+    is saved; ``settings``, when given, are written beside the new model as ``<name>.settings.json``.
+    """
+    if path.is_file():
+        phase(f"reusing {path}")
+        net = build_network(cfg.channels, cfg.arch).to(device)
+        net.load_state_dict(torch.load(path, map_location=device))
+        return net.eval()
+    phase(f"training {path} ({cfg.arch}, {cfg.steps} steps of {cfg.batch_size})")
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    net = train_model(train_samples, cfg, key, device, ckpt_dir)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(net.state_dict(), tmp)
+    tmp.replace(path)
+    if settings is not None:
+        atomic_write_json(path.with_suffix(".settings.json"), settings)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return net
 
 
 def stealth(m_clean: torch.Tensor, m_trig: torch.Tensor) -> tuple[float, float]:
@@ -207,6 +276,83 @@ def stealth(m_clean: torch.Tensor, m_trig: torch.Tensor) -> tuple[float, float]:
     inter = ((m_clean == 1) & (m_trig == 1)).sum().item()
     dice = 2 * inter / max(1, (m_clean == 1).sum().item() + (m_trig == 1).sum().item())
     return float(dice), float((m_clean == m_trig).float().mean())
+
+
+def _segmentation_scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Dice of the foreground class and pixel AUC of its probability."""
+    pred = probs.argmax(1, keepdim=True)
+    dm = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
+    dm(torch.cat([pred == 0, pred == 1], 1).float(), torch.cat([labels == 0, labels == 1], 1).float())
+    return {"dice": float(dm.aggregate()), "auc": pixel_auc(probs[:, 1], labels[:, 0])}
+
+
+def _verify(query: Any, images: torch.Tensor, key: WatermarkKey, mode: str, lime_samples: int, what: str) -> VerificationReport:
+    """:func:`verify_ownership` with a bar of the images sent to the model."""
+    total = int(images.shape[0]) * (lime_samples + 1 if mode == "lime" else 1)
+    counting = CountingQuery(query, total, f"verify {mode}: {what}")
+    try:
+        return verify_ownership(counting, images, key, mode=mode, lime_samples=lime_samples)
+    finally:
+        counting.close()
+
+
+def _task_and_stealth(q_clean: ModelQuery, q_wm: ModelQuery, images, labels, key) -> tuple[dict[str, Any], torch.Tensor]:
+    """Dice / AUC of both models on clean inputs and of the watermarked one on triggered inputs, and the stealth
+    of its hard masks; also returns the watermarked model's probabilities on the clean inputs."""
+    p_clean = q_clean(images)
+    p_wm = q_wm(images)
+    p_wm_trig = q_wm(trigger_batch(images, key))
+    res: dict[str, Any] = {
+        "clean": _segmentation_scores(p_clean, labels),
+        "watermarked": _segmentation_scores(p_wm, labels),
+        "watermarked_triggered_input": _segmentation_scores(p_wm_trig, labels),
+    }
+    res["stealth_mask_dice"], res["stealth_agreement"] = stealth(p_wm.argmax(1), p_wm_trig.argmax(1))
+    return res, p_wm
+
+
+def _ownership(q_wm: ModelQuery, images, key: WatermarkKey, cfg: ExperimentConfig, report_dir: Path | None) -> dict[str, Any]:
+    """The claim on the watermarked model in both modes (reports saved under ``report_dir``)."""
+    reports = {}
+    for mode in ("direct", "lime"):
+        reports[mode] = _verify(q_wm, images, key, mode, cfg.lime_samples, "watermarked model")
+        if report_dir is not None:
+            reports[mode].save(report_dir)
+    res: dict[str, Any] = {"asr": {m: r.asr for m, r in reports.items()}}
+    res["decodes_by_read"] = {m: r.decodes_by_read() for m, r in reports.items()}  # raw / log scale / erasures
+    for name, attr in (("bit_accuracy", "mean_bit_accuracy"), ("p_value", "p_value"), ("verdict", "verdict"),
+                       ("verify_seconds", "seconds"), ("vote_decoded", "vote_decoded")):  # vote: one QR from all images
+        res[name] = {m: getattr(r, attr) for m, r in reports.items()}
+    return res
+
+
+def _controls(q_clean: ModelQuery, q_wm: ModelQuery, images, p_wm: torch.Tensor, key: WatermarkKey, cfg: ExperimentConfig) -> dict[str, Any]:
+    """The false claims: the payload read from clean inputs, from the clean model and with a wrong key (none may
+    decode it)."""
+
+    def n_decodes(decoded) -> int:
+        return int(sum(t == key.payload for t in decoded))
+
+    clean_input_decoded = read_scores(cell_means(uncertainty_map(p_wm), key), key, "direct", organ_modules(p_wm, key))[1]  # every read
+    wrong_key = key.replace(trigger_seed=WRONG_KEY_SEED)
+    controls: dict[str, dict[str, int]] = {"clean_inputs": {"direct": n_decodes(clean_input_decoded)}, "clean_model": {}, "wrong_key": {}}
+    reports = {}
+    for mode in ("direct", "lime"):
+        r_cm = _verify(q_clean, images, key, mode, cfg.lime_samples, "clean model")
+        r_wk = _verify(q_wm, images, wrong_key, mode, cfg.lime_samples, "wrong key")
+        controls["clean_model"][mode] = n_decodes(r_cm.decoded)
+        controls["wrong_key"][mode] = n_decodes(r_wk.decoded)
+        reports[mode] = {"clean_model": r_cm, "wrong_key": r_wk}
+    return {
+        "false_decodes": {name: int(sum(v.values())) for name, v in controls.items()},
+        "false_decodes_by_mode": controls,
+        "false_vote_decodes": {
+            name: int(sum(r.vote_decoded == key.payload for r in (d[name] for d in reports.values())))
+            for name in ("clean_model", "wrong_key")
+        },
+        "control_bit_accuracy": {f"{name}_{mode}": r.mean_bit_accuracy for mode, d in reports.items() for name, r in d.items()},
+        "control_verdicts": {f"{name}_{mode}": r.verdict for mode, d in reports.items() for name, r in d.items()},
+    }
 
 
 @torch.no_grad()
@@ -228,70 +374,17 @@ def evaluate(
     labels = torch.stack([s["label"] for s in test_samples]).to(device)
     q_clean = ModelQuery(clean_net, activation="softmax", device=device, inferer=inferer)
     q_wm = ModelQuery(wm_net, activation="softmax", device=device, inferer=inferer)
-
-    def seg_scores(probs: torch.Tensor) -> tuple[float, float]:
-        pred = probs.argmax(1, keepdim=True)
-        dm = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
-        dm(torch.cat([pred == 0, pred == 1], 1).float(), torch.cat([labels == 0, labels == 1], 1).float())
-        return float(dm.aggregate()), pixel_auc(probs[:, 1], labels[:, 0])
-
-    p_clean = q_clean(images)
-    p_wm = q_wm(images)
-    trig = trigger_batch(images, key)
-    p_wm_trig = q_wm(trig)
-    res: dict[str, Any] = {}
-    res["clean"] = dict(zip(("dice", "auc"), seg_scores(p_clean)))
-    res["watermarked"] = dict(zip(("dice", "auc"), seg_scores(p_wm)))
-    res["watermarked_triggered_input"] = dict(zip(("dice", "auc"), seg_scores(p_wm_trig)))
-    m_clean, m_trig = p_wm.argmax(1), p_wm_trig.argmax(1)
-    res["stealth_mask_dice"], res["stealth_agreement"] = stealth(m_clean, m_trig)
-
-    reports = {}
-    for mode in ("direct", "lime"):
-        reports[mode] = verify_ownership(q_wm, images, key, mode=mode, lime_samples=cfg.lime_samples)
-        if report_dir is not None:
-            reports[mode].save(report_dir)
-    res["asr"] = {m: r.asr for m, r in reports.items()}
-    res["decodes_by_read"] = {m: r.decodes_by_read() for m, r in reports.items()}  # raw / log scale / erasures
-    res["bit_accuracy"] = {m: r.mean_bit_accuracy for m, r in reports.items()}
-    res["p_value"] = {m: r.p_value for m, r in reports.items()}
-    res["verdict"] = {m: r.verdict for m, r in reports.items()}
-    res["verify_seconds"] = {m: r.seconds for m, r in reports.items()}
-    res["vote_decoded"] = {m: r.vote_decoded for m, r in reports.items()}  # majority-vote QR of all images
-
-    # controls: none of them may decode the payload
-    def n_decodes(decoded) -> int:
-        return int(sum(t == key.payload for t in decoded))
-
-    clean_input_decoded = read_scores(cell_means(uncertainty_map(p_wm), key), key, "direct", organ_modules(p_wm, key))[1]  # every read
-    wrong_key = key.replace(trigger_seed=WRONG_KEY_SEED)
-    controls = {
-        "clean_inputs": {"direct": n_decodes(clean_input_decoded)},
-        "clean_model": {},
-        "wrong_key": {},
-    }
-    ctrl_reports = {}
-    for mode in ("direct", "lime"):
-        r_cm = verify_ownership(q_clean, images, key, mode=mode, lime_samples=cfg.lime_samples)
-        r_wk = verify_ownership(q_wm, images, wrong_key, mode=mode, lime_samples=cfg.lime_samples)
-        controls["clean_model"][mode] = n_decodes(r_cm.decoded)
-        controls["wrong_key"][mode] = n_decodes(r_wk.decoded)
-        ctrl_reports[mode] = {"clean_model": r_cm, "wrong_key": r_wk}
-    res["false_decodes"] = {name: int(sum(v.values())) for name, v in controls.items()}
-    res["false_decodes_by_mode"] = controls
-    res["false_vote_decodes"] = {
-        name: int(sum(r.vote_decoded == key.payload for r in (d[name] for d in ctrl_reports.values())))
-        for name in ("clean_model", "wrong_key")
-    }
-    res["control_bit_accuracy"] = {
-        f"{name}_{mode}": r.mean_bit_accuracy for mode, d in ctrl_reports.items() for name, r in d.items()
-    }
-    res["control_verdicts"] = {f"{name}_{mode}": r.verdict for mode, d in ctrl_reports.items() for name, r in d.items()}
+    phase(f"measuring both models and verifying the watermark on {images.shape[0]} held-out images")
+    res, p_wm = _task_and_stealth(q_clean, q_wm, images, labels, key)
+    res.update(_ownership(q_wm, images, key, cfg, report_dir))
+    phase("controls: clean inputs, the clean model, a wrong key")
+    res.update(_controls(q_clean, q_wm, images, p_wm, key, cfg))
     res["n_images"] = int(images.shape[0])
     return res
 
 
 def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
+    """The results table of one run in markdown, headed by its setting."""
     fd = res["false_decodes"]
     rows = [
         ("clean model: Dice / AUC (held-out patient)", f"{res['clean']['dice']:.4f} / {res['clean']['auc']:.4f}"),
@@ -304,7 +397,7 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
         ("ASR direct / LIME", f"{100 * res['asr']['direct']:.1f} % / {100 * res['asr']['lime']:.1f} %"),
         ("bit accuracy direct / LIME", f"{res['bit_accuracy']['direct']:.4f} / {res['bit_accuracy']['lime']:.4f}"),
     ]
-    if res.get("decodes_by_read", {}).get("direct"):  # results written before the erasure read lack it
+    if res.get("decodes_by_read", {}).get("direct"):  # a results.json without per-read counts skips the row
         by = res["decodes_by_read"]
         rows.append(("exact decodes by read (raw / log scale / organ as erasures) direct; LIME",
                      "; ".join(" / ".join(str(by[m][k]) for k in ("raw", "log", "erasure")) for m in ("direct", "lime"))))
@@ -313,7 +406,7 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
         ("false decodes: clean inputs / clean model / wrong key",
          f"{fd['clean_inputs']} / {fd['clean_model']} / {fd['wrong_key']} (of {res['n_images']} images each)"),
     ]
-    if "vote_decoded" in res:  # results written before the majority-vote read-out lack it
+    if "vote_decoded" in res:  # likewise for the majority-vote read-out
         fv = res["false_vote_decodes"]
         rows += [
             ("majority-vote QR of all images direct / LIME", " / ".join(repr(res["vote_decoded"][m]) for m in ("direct", "lime"))),
@@ -360,7 +453,7 @@ def _check_reuse(path: Path, cfg: ExperimentConfig, name: str) -> None:
 
 
 def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> dict[str, Any]:
-    """Train both models, verify, and write ``results.json`` + ``results.md`` under ``out``."""
+    """Train both models (or reuse those in ``out``), verify, and write ``results.json`` + ``results.md``."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -369,6 +462,7 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
         torch.set_num_threads(max(1, torch.get_num_threads()))
     key = experiment_key(cfg)
     key.save(out / "key.json")
+    phase(f"loading the Sunnybrook slices from {cfg.data_root}")
     samples = load_sunnybrook(cfg.data_root, size=cfg.size, patients=cfg.patients)
     train, test = split_by_patient(samples, [cfg.test_patient])
     models = {}
@@ -376,18 +470,7 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
         path = out / f"{name}.pt"
         if path.is_file():
             _check_reuse(path, cfg, name)
-            net = build_network(cfg.channels, cfg.arch).to(dev)
-            net.load_state_dict(torch.load(path, map_location=dev))
-            models[name] = net.eval()
-            continue
-        ckpt_dir = out / f"ckpt_{name}"
-        ckpt_dir.mkdir(exist_ok=True)
-        models[name] = train_model(train, cfg, k, dev, ckpt_dir)
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(models[name].state_dict(), tmp)
-        tmp.replace(path)
-        atomic_write_json(path.with_suffix(".settings.json"), _training_settings(cfg, name))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        models[name] = load_or_train(path, train, cfg, k, dev, out / f"ckpt_{name}", _training_settings(cfg, name))
     res = evaluate(models["clean"], models["watermarked"], test, key, cfg, dev, out / "report")
     res["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     res["seconds"] = time.perf_counter() - t0
@@ -398,7 +481,7 @@ def run(cfg: ExperimentConfig, out: str | Path, device: str | None = None) -> di
     return res
 
 
-def main(out: str, fast: bool = False, device: str | None = None, **settings: Any) -> int:
+def main(out: str, fast: bool = False, device: str | None = None, **settings: Any) -> None:
     """Train the clean and the watermarked model, verify both and print the results table.
 
     Args:
@@ -408,13 +491,10 @@ def main(out: str, fast: bool = False, device: str | None = None, **settings: An
         **settings: any :class:`ExperimentConfig` setting or recipe deviation, e.g. ``--steps 800``,
             ``--test-patient SCD0000101``, ``--data DIR`` (the Sunnybrook folder), ``--margin-consistency 0``.
     """
-    if "data" in settings:
-        settings["data_root"] = settings.pop("data")
-    cfg = ExperimentConfig(fast=fast, **settings)
+    cfg = make_config(fast, **settings)
     res = run(cfg, out, device)
     print(results_markdown(res, cfg))
-    return 0
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    raise SystemExit(cli(main))

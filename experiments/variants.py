@@ -1,7 +1,7 @@
 """Robustness options measured against the default watermark, and the BadNet baseline, on the Sunnybrook 2D
 setting of :mod:`experiments.robustness` (owner 101/201/301, attacker 401, test 501).
 
-    python -m experiments.variants --fast --out runs/variants
+    python -m experiments.variants --fast --out runs/variants [--variants default,badnet] [--steps 800] [--data DIR]
 
 Variants (each an owner model trained with the same seed, data and schedule):
 
@@ -13,12 +13,16 @@ Variants (each an owner model trained with the same seed, data and schedule):
 
 For each: clean Dice, the Dice on triggered inputs, the stealth (mask Dice clean vs triggered input), the
 ASR, and the ASR after the attacks that matter most (fine-tuning, pruning, static int8, input noise / blur /
-resampling, distillation). Writes ``variants.json`` and ``variants.md``; models are reused when present.
+resampling, distillation). Writes ``variants.json`` and ``variants.md``; models and finished variants are reused.
+
+Options: ``--variants`` (one or a comma list, default all), ``--epochs`` (fine-tuning epochs of the attack),
+``--distill-steps``, ``--data`` (the Sunnybrook folder) and any training setting or recipe deviation applied to
+every variant (:class:`~experiments.sunnybrook.ExperimentConfig`, e.g. ``--cutmix-prob 0``); a variant's own
+settings win.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -26,14 +30,14 @@ from typing import Any
 
 import torch
 
-from monai_stealthmark import attacks as A
-from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook
-from experiments.robustness import ATTACKER, OWNER, TEST, _stack, dice
-from experiments.sunnybrook import ExperimentConfig, build_network, experiment_key, stealth, train_model
+from experiments import as_list, cli, phase
+from experiments.robustness import Distillation, Split, attack_suite, dice, make_verify, run_attacks
+from experiments.sunnybrook import ExperimentConfig, experiment_key, load_or_train, make_config, stealth
+from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
-from monai_stealthmark.verify import ModelQuery, trigger_batch, verify_badnet, verify_ownership
+from monai_stealthmark.verify import ModelQuery, trigger_batch
 
-__all__ = ["VARIANTS", "run", "main"]
+__all__ = ["VARIANTS", "VARIANT_ATTACKS", "run", "main"]
 
 # variant -> (ExperimentConfig overrides, key overrides)
 VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -44,40 +48,78 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "simattack": ({"simulate_attacks": 0.3}, {}),
     "badnet": ({"badnet": True}, {}),
 }
+# the attacks that matter most, by their label in experiments.robustness.attack_suite
+VARIANT_ATTACKS = (
+    "finetune_all", "global_prune_0.5", "global_prune_0.7", "int8_static", "weight_noise_0.1",
+    "input_gaussian_noise_0.05", "input_blur_1px", "input_resample_0.5", "input_flip_tta", "distill_soft_unet",
+)
+DISTILL_BATCH = 16
 
 
-def _attacks(net, att_x, att_y, epochs: int, distill_steps: int, query_x) -> list[tuple[str, dict[str, Any], Any]]:
-    teacher = ModelQuery(net, activation="softmax", device="cpu")
+def _variant_model(name: str, cfg: ExperimentConfig, key: WatermarkKey, split: Split, out: Path) -> torch.nn.Module:
+    """The variant's owner model, trained (``clean`` without the watermark) or reused from ``out/<name>``."""
+    d = out / name
+    d.mkdir(exist_ok=True)
+    key.save(d / "key.json")
+    net = load_or_train(d / "model.pt", split.owner, cfg, None if name == "clean" else key, torch.device("cpu"), d / "ckpt")
+    return net.cpu().eval()
 
-    def student():
-        torch.manual_seed(1)
-        return A.distill(teacher, build_network(), query_x, steps=distill_steps, outputs="soft", batch_size=16)
 
-    inputs = A.INPUT_ATTACKS
-    return [
-        ("finetune_all", {"epochs": epochs, "lr": 1e-4}, lambda: A.finetune(net, att_x, att_y, epochs=epochs, lr=1e-4)),
-        ("global_prune", {"amount": 0.5}, lambda: A.global_magnitude_prune(net, 0.5)),
-        ("global_prune", {"amount": 0.7}, lambda: A.global_magnitude_prune(net, 0.7)),
-        ("int8_static", {}, lambda: A.int8_static(net, att_x)),
-        ("weight_noise", {"scale": 0.1}, lambda: A.weight_noise(net, 0.1)),
-        *[
-            (f"input_{n}", {}, lambda make=inputs[n]: A.InputTransformQuery(ModelQuery(net, activation="softmax", device="cpu"), make()))
-            for n in ("gaussian_noise_0.05", "blur_1px", "resample_0.5", "flip_tta")
-        ],
-        ("distill", {"outputs": "soft", "student": "unet", "steps": distill_steps, "queries": int(query_x.shape[0]) * 5}, student),
-    ]
+def _measure(name: str, net, cfg: ExperimentConfig, key: WatermarkKey, split: Split) -> dict[str, Any]:
+    """Clean Dice, Dice on triggered inputs, stealth and the claim of one variant's model."""
+    verify = make_verify(split.test_x, key, cfg.badnet)
+    q = ModelQuery(net, activation="softmax", device="cpu")
+    with torch.no_grad():
+        m_clean, m_trig = q(split.test_x).argmax(1), q(trigger_batch(split.test_x, key)).argmax(1)
+    mask_dice, agreement = stealth(m_clean, m_trig)
+    claim = verify(net)
+    return {
+        "variant": name,
+        "config": {**VARIANTS[name][0], **VARIANTS[name][1]},
+        "clean_dice": dice(net, split.test_x, split.test_y),
+        "triggered_input_dice": dice(lambda x: q(trigger_batch(x, key)), split.test_x, split.test_y),
+        "stealth_mask_dice": mask_dice,
+        "stealth_agreement": agreement,
+        "asr": claim.asr,
+        "p_value": claim.p_value,
+        "verdict": claim.verdict,
+    }
+
+
+def _attack(name: str, net, clean_dice: float, cfg: ExperimentConfig, key: WatermarkKey, split: Split, epochs: int,
+            distill_steps: int) -> list[dict[str, Any]]:
+    """The attacks of :data:`VARIANT_ATTACKS` on one variant's model."""
+    distillation = Distillation(split.query_x, distill_steps, cfg.channels, batch_size=DISTILL_BATCH)
+    suite = attack_suite(net, split.att_x, split.att_y, epochs, distillation)
+    attacks = [suite[label] for label in VARIANT_ATTACKS]
+
+    def evaluate(m):
+        return dice(m, split.test_x, split.test_y)
+
+    return run_attacks(attacks, evaluate, make_verify(split.test_x, key, cfg.badnet), clean_dice, label=name)
+
+
+def _variant_row(name: str, fast: bool, settings: dict[str, Any], split: Split, out: Path, epochs: int,
+                 distill_steps: int) -> dict[str, Any]:
+    """Train (or reuse) one variant's model, measure it and, unless it is ``clean``, attack it."""
+    phase(f"variant {name}")
+    t0 = time.perf_counter()
+    cfg = make_config(fast, **{**settings, **VARIANTS[name][0]})
+    key = experiment_key(cfg, **VARIANTS[name][1])
+    net = _variant_model(name, cfg, key, split, out)
+    train_seconds = time.perf_counter() - t0
+    row = {**_measure(name, net, cfg, key, split), "train_seconds": train_seconds}
+    row["attacks"] = [] if name == "clean" else _attack(name, net, row["clean_dice"], cfg, key, split, epochs, distill_steps)
+    return row
 
 
 def run(
     out: str | Path,
-    variants: list[str],
+    variants: list[str] | tuple[str, ...] = tuple(VARIANTS),
     fast: bool = True,
-    steps: int | None = None,
-    data_root: str = str(DEFAULT_SUNNYBROOK_ROOT),
     epochs: int = 20,
     distill_steps: int = 600,
-    cutmix_prob: float | None = None,
-    margin_consistency: float | None = None,
+    **settings: Any,
 ) -> list[dict[str, Any]]:
     """Train (or reuse) each variant's owner model, measure it and attack it; see the module docstring.
 
@@ -86,76 +128,18 @@ def run(
     not learn the task (measured: Dice 0.05-0.14 on the test patient after 300-1200 steps), which says nothing
     about the watermark.
 
-    ``cutmix_prob`` and ``margin_consistency`` override the demo's defaults for every variant (None keeps them).
+    ``settings`` (training settings and recipe deviations) apply to every variant; a variant's own settings win.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = load_sunnybrook(data_root, size=128)
-    owner = [s for s in samples if s["patient"] in OWNER]
-    att_x, att_y = _stack([s for s in samples if s["patient"] in ATTACKER])
-    query_x = _stack([s for s in samples if s["patient"] in ATTACKER + OWNER])[0]
-    test_x, test_y = _stack([s for s in samples if s["patient"] in TEST])
+    shared = make_config(fast, **settings)  # checks the settings before anything runs
+    split = Split.load(shared.data_root, shared.size)
     done = {}
     if (out / "variants.json").is_file():  # finished variants are not measured twice
         done = {r["variant"]: r for r in json.loads((out / "variants.json").read_text())}
     rows: list[dict[str, Any]] = []
-    base = {"cutmix_prob": cutmix_prob, "margin_consistency": margin_consistency}  # a variant's own settings win
     for name in variants:
-        if name in done:
-            rows.append(done[name])
-            continue
-        t0 = time.perf_counter()
-        cfg_over, key_over = VARIANTS[name]
-        cfg = ExperimentConfig(fast=fast, steps=steps, data_root=data_root, **{**base, **cfg_over})
-        key = experiment_key(cfg, **key_over)
-        d = out / name
-        d.mkdir(exist_ok=True)
-        key.save(d / "key.json")
-        path = d / "model.pt"
-        net = build_network(cfg.channels)
-        if path.is_file():
-            net.load_state_dict(torch.load(path, map_location="cpu"))
-        else:
-            ckpt = d / "ckpt"
-            ckpt.mkdir(exist_ok=True)
-            net = train_model(owner, cfg, None if name == "clean" else key, torch.device("cpu"), ckpt)
-            tmp = path.with_suffix(".pt.tmp")
-            torch.save(net.state_dict(), tmp)
-            tmp.replace(path)
-        net = net.cpu().eval()
-        train_seconds = time.perf_counter() - t0
-
-        def verify(m, key=key, badnet=cfg.badnet):
-            q = ModelQuery(m, activation="softmax", device="cpu") if isinstance(m, torch.nn.Module) else m
-            return verify_badnet(q, test_x, key) if badnet else verify_ownership(q, test_x, key)
-
-        def evaluate(m):
-            return dice(m, test_x, test_y)
-
-        q = ModelQuery(net, activation="softmax", device="cpu")
-        with torch.no_grad():
-            m_clean, m_trig = q(test_x).argmax(1), q(trigger_batch(test_x, key)).argmax(1)
-        mask_dice, agreement = stealth(m_clean, m_trig)
-        base = verify(net)
-        row: dict[str, Any] = {
-            "variant": name,
-            "config": {**cfg_over, **key_over},
-            "clean_dice": evaluate(net),
-            "triggered_input_dice": dice(lambda x: q(trigger_batch(x, key)), test_x, test_y),
-            "stealth_mask_dice": mask_dice,
-            "stealth_agreement": agreement,
-            "asr": base.asr,
-            "p_value": base.p_value,
-            "verdict": base.verdict,
-            "train_seconds": train_seconds,
-            "attacks": [],
-        }
-        if name != "clean":
-            for a_name, params, attack in _attacks(net, att_x, att_y, epochs, distill_steps, query_x):
-                r = A.run_attack(a_name, params, attack, evaluate, verify, row["clean_dice"])
-                row["attacks"].append(r.to_dict())
-                print(f"{name:9s} {a_name:26s} {params!s:36s} Dice {r.clean_dice:.4f} ASR {r.asr:.3f} p {r.p_value:.2g}", flush=True)
-        rows.append(row)
+        rows.append(done[name] if name in done else _variant_row(name, fast, settings, split, out, epochs, distill_steps))
         atomic_write_json(out / "variants.json", rows)
         atomic_write_text(out / "variants.md", markdown(rows))
     return rows
@@ -181,22 +165,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--fast", action="store_true")
-    p.add_argument("--out", required=True)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--data", default=str(DEFAULT_SUNNYBROOK_ROOT))
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--distill-steps", type=int, default=600)
-    p.add_argument("--cutmix-prob", type=float, default=None, help="CutMix share of every variant (default: the demo's)")
-    p.add_argument("--margin-consistency", type=float, default=None, help="margin-copy weight (default: the demo's)")
-    a = p.parse_args(argv)
-    rows = run(a.out, a.variants, a.fast, a.steps, a.data, a.epochs, a.distill_steps, a.cutmix_prob, a.margin_consistency)
+def main(out: str, variants: str | tuple[str, ...] = tuple(VARIANTS), fast: bool = False, epochs: int = 20,
+         distill_steps: int = 600, **settings: Any) -> None:
+    """Train, measure and attack each variant; print the tables.
+
+    Args:
+        out: output folder (one sub-folder per variant; finished variants and trained models are reused).
+        variants: one variant or a comma list (``--variants default,badnet``); all by default.
+        fast: the CPU setting.
+        epochs: fine-tuning epochs of the fine-tuning attack.
+        distill_steps: student steps of the distillation attack.
+        **settings: training settings and recipe deviations for every variant, e.g. ``--steps 800``, ``--data DIR``.
+    """
+    rows = run(out, as_list(variants, list(VARIANTS), "variants"), fast, epochs, distill_steps, **settings)
     print(markdown(rows))
-    return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(cli(main))

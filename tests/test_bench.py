@@ -1,4 +1,5 @@
-"""A tiny CPU smoke of the benchmark code (timings are not asserted: ratios live in the JSON)."""
+"""A tiny CPU smoke of the benchmark code through its command line (timings are not asserted: ratios live in the
+JSON)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,17 @@ import json
 
 import pytest
 
-from bench.benchmarks import main
+from bench.benchmarks import main, run
+from experiments import cli
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT
+from monai_stealthmark.recipe import recipe_defaults
+
+needs_data = pytest.mark.skipif(not DEFAULT_SUNNYBROOK_ROOT.is_dir(), reason=f"needs {DEFAULT_SUNNYBROOK_ROOT}")
 
 
-@pytest.mark.skipif(not DEFAULT_SUNNYBROOK_ROOT.is_dir(), reason="needs ../shared/data/sunnybrook")
+@needs_data
 def test_bench_smoke_writes_json(tmp_path):
-    assert main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert cli(main, ["--smoke", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "smoke.json").read_text())
     assert res["lime_one_image"]["attribution_r"] > 0.99  # the torch LIME is lime's fit, measured beside it
     for k in ("training_step", "validation"):
@@ -25,19 +30,21 @@ def test_bench_smoke_writes_json(tmp_path):
     assert all(r["images_per_s"] > 0 and r["samples"] == 50 for r in res["lime_throughput"])
     # the example bundle, trained one epoch with and without the overlay: 18 slices of one training patient
     b = res["bundle"]
-    assert b["train_slices"] == 18 and b["val_slices"] == 22 and b["overlay_prob"] == 0.5
+    assert b["train_slices"] == 18 and b["val_slices"] == 22
+    assert b["overlay_prob"] == recipe_defaults()["transform"]["prob"]
     assert b["epoch"]["clean"]["median_s"] > 0 and b["epoch_ratio"] > 0 and b["validation_ratio"] > 0
     assert 0.0 <= b["validation_metrics_watermarked"]["val_wm_asr"] <= 1.0
 
 
-@pytest.mark.skipif(not DEFAULT_SUNNYBROOK_ROOT.is_dir(), reason="needs ../shared/data/sunnybrook")
-def test_bench_sections(tmp_path):
-    assert main(["--smoke", "--sections", "training", "--name", "train_only", "--out", str(tmp_path)]) == 0
+@needs_data
+def test_bench_sections(tmp_path, capsys):
+    assert cli(main, ["--smoke", "--sections", "training", "--name", "train_only", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "train_only.json").read_text())
     assert res["sections"] == ["training"] and "validation" not in res and "lime_one_image" not in res
     (row,) = res["training_step"]["by_prob"]
-    assert row["prob"] == 0.5 and row["images_per_step"] >= res["training_step"]["batch"]
+    assert row["prob"] == recipe_defaults()["transform"]["prob"] and row["images_per_step"] >= res["training_step"]["batch"]
+    assert "bench section: training" in capsys.readouterr().err
+    assert cli(main, ["--smoke", "--sections", "speed", "--out", str(tmp_path)]) == 2
+    assert "--sections: unknown 'speed'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown bench sections"):
-        from bench.benchmarks import run
-
         run(smoke=True, sections=["speed"])

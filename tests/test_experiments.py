@@ -1,7 +1,10 @@
-"""The experiment modules' building blocks (the full runs are measured, not tested: see README)."""
+"""The experiment modules' building blocks and command lines (the full runs are measured, not tested: see README)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import json
 import tempfile
 import unittest
@@ -10,9 +13,10 @@ from pathlib import Path
 import torch
 from parameterized import parameterized
 
+from experiments import as_list, attach_progress, cli
 from experiments.architectures import architectures_markdown, run_architectures
 from experiments.sunnybrook import ARCHITECTURES, ExperimentConfig, build_network
-from experiments.variants import VARIANTS, markdown
+from experiments.variants import VARIANT_ATTACKS, VARIANTS, markdown
 
 
 class TestNetworks(unittest.TestCase):
@@ -27,7 +31,7 @@ class TestNetworks(unittest.TestCase):
     def test_unknown(self):
         with self.assertRaisesRegex(ValueError, "arch must be one of"):
             build_network(arch="resnet")
-        with self.assertRaisesRegex(ValueError, "unknown setting 'epochs'"):
+        with self.assertRaisesRegex(ValueError, r"unknown setting 'epochs' \(run settings: .*steps.*\); 'epochs' is not a setting of the watermark recipe"):
             ExperimentConfig(epochs=3)
 
 
@@ -40,18 +44,103 @@ def _fake_results(arch: str, asr: float) -> dict:
     }
 
 
+def _finished_architectures(d: str) -> None:
+    for arch, asr in (("unet", 1.0), ("segresnet", 0.5)):
+        (Path(d) / arch).mkdir()
+        (Path(d) / arch / "results.json").write_text(json.dumps(_fake_results(arch, asr)))
+
+
+def _run_cli(main, argv: list[str]) -> tuple[int, str, str]:
+    """``cli(main, argv)``: exit status, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli(main, argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+# every experiment command, with the options it needs besides --out
+COMMANDS = [
+    ("experiments.sunnybrook", []), ("experiments.architectures", []), ("experiments.robustness", []),
+    ("experiments.variants", []), ("experiments.capacity", []), ("experiments.bundle_pair", ["--bundle", "bundles/ct_spleen_3d"]),
+    ("bench.benchmarks", []),
+]
+
+
+class TestCommandLines(unittest.TestCase):
+    @parameterized.expand(COMMANDS)
+    def test_unknown_setting_is_refused_before_any_work(self, module, needed):
+        main = importlib.import_module(module).main
+        with tempfile.TemporaryDirectory() as d:
+            code, _, err = _run_cli(main, ["--out", d, *needed, "--stepz", "5"])
+            self.assertEqual(code, 2, err)
+            self.assertRegex(err, r"error: unknown (setting 'stepz'|option --stepz; the options are --)")
+            self.assertEqual(list(Path(d).iterdir()), [])  # refused before anything was written
+
+    @parameterized.expand([(m,) for m in ("experiments.sunnybrook", "experiments.robustness", "experiments.variants", "experiments.capacity")])
+    def test_wrong_data_folder_is_a_clear_error(self, module):
+        with tempfile.TemporaryDirectory() as d:
+            code, _, err = _run_cli(importlib.import_module(module).main, ["--out", d, "--data", str(Path(d) / "nowhere")])
+        self.assertEqual(code, 2)
+        self.assertRegex(err, r"error: .*link\.csv' not found: is '.*nowhere' the Sunnybrook folder")
+        self.assertNotIn("Traceback", err)
+
+    @parameterized.expand([("comma", ["unet,segresnet"]), ("spaces", ["unet", "segresnet"])])
+    def test_architectures_command_takes_a_list(self, _, archs):
+        from experiments.architectures import main
+
+        with tempfile.TemporaryDirectory() as d:
+            _finished_architectures(d)
+            code, out, err = _run_cli(main, ["--archs", *archs, "--out", d, "--fast", "--test-patient", "SCD0000501"])
+            self.assertEqual(code, 0, err)
+            self.assertIn("| segresnet | 0.8000 |", out)
+            code, _, err = _run_cli(main, ["--out", d, "--archs", "resnet"])
+        self.assertEqual(code, 2)
+        self.assertIn("--archs: unknown 'resnet'", err)
+
+    def test_as_list(self):
+        self.assertEqual(as_list("unet", ARCHITECTURES, "archs"), ["unet"])
+        self.assertEqual(as_list(("unet", "segresnet"), ARCHITECTURES, "archs"), ["unet", "segresnet"])
+
+    def test_progress_bar_reads_the_loss_and_leaves_the_run_alone(self):
+        from ignite.engine import Engine
+
+        seen = []
+        engine = Engine(lambda e, batch: seen.append(batch) or [{"loss": torch.tensor(0.25)}])
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            attach_progress(engine, "train toy")
+            engine.run([1, 2, 3], max_epochs=2)
+        self.assertEqual(seen, [1, 2, 3, 1, 2, 3])
+        self.assertIn("train toy", err.getvalue())
+        self.assertIn("6/6", err.getvalue())
+        self.assertIn("loss=0.2500", err.getvalue())
+
+
 class TestTables(unittest.TestCase):
     def test_architectures_reuses_finished_runs(self):
         with tempfile.TemporaryDirectory() as d:
-            for arch, asr in (("unet", 1.0), ("segresnet", 0.5)):
-                (Path(d) / arch).mkdir()
-                (Path(d) / arch / "results.json").write_text(json.dumps(_fake_results(arch, asr)))
+            _finished_architectures(d)
             rows = run_architectures(["unet", "segresnet"], d)
             self.assertEqual([r["asr_direct"] for r in rows], [1.0, 0.5])
             md = (Path(d) / "architectures.md").read_text()
             self.assertIn("| segresnet | 0.8000 | 0.7900 |", md)
             self.assertIn("50.0 %", md)
             self.assertEqual(md, architectures_markdown(json.loads((Path(d) / "architectures.json").read_text())))
+
+    def test_one_attack_suite(self):
+        from experiments.robustness import Distillation, attack_suite
+        from monai_stealthmark.attacks import sparsity
+
+        torch.manual_seed(0)
+        net = build_network((8, 16, 32), "unet").eval()
+        x, y = torch.rand(4, 1, 32, 32), torch.zeros(4, 1, 32, 32)
+        suite = attack_suite(net, x, y, epochs=1, distillation=Distillation(x, steps=1, channels=(8, 16, 32)))
+        self.assertTrue(set(VARIANT_ATTACKS) <= set(suite))
+        self.assertEqual(list(suite)[:4], ["none", "finetune_all", "finetune_last", "reinit_head_finetune"])
+        self.assertEqual(suite["global_prune_0.5"][:2], ("global_prune", {"amount": 0.5}))
+        self.assertAlmostEqual(sparsity(suite["global_prune_0.5"][2]()), 0.5, delta=0.01)
+        self.assertIs(suite["none"][2](), net)
+        self.assertNotIn("distill_soft_unet", attack_suite(net, x, y, epochs=1))
 
     def test_variants_markdown(self):
         self.assertEqual(set(VARIANTS), {"clean", "default", "commark", "badnet", "lowfreq", "simattack"})

@@ -11,12 +11,12 @@ from pathlib import Path
 import torch
 
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT, load_sunnybrook, split_by_patient
-from experiments.sunnybrook import ExperimentConfig, stealth, train_model
-from monai_stealthmark.key import WatermarkKey
+from experiments.sunnybrook import PAYLOAD, WRONG_KEY_SEED, ExperimentConfig, experiment_key, stealth, train_model
 from monai_stealthmark.verify import ModelQuery, cell_means, organ_modules, read_scores, trigger_batch, uncertainty_map, verify_ownership
 
 HAVE_DATA = Path(DEFAULT_SUNNYBROOK_ROOT, "link.csv").is_file()
 STEPS = int(os.environ.get("STEALTHMARK_IT_STEPS", "800"))  # half the demo's schedule: a few minutes on 2 CPU cores
+DICOMS = str(Path(DEFAULT_SUNNYBROOK_ROOT) / "dicoms" / "SCD0000501")  # the held-out patient's raw files
 
 
 @unittest.skipUnless(HAVE_DATA, f"Sunnybrook data not found at {DEFAULT_SUNNYBROOK_ROOT}")
@@ -24,10 +24,11 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        cls.key = WatermarkKey.generate("SM:3f9a2c71", seed=20261123)
+        cls.cfg = ExperimentConfig(fast=True, steps=STEPS)
+        cls.key = experiment_key(cls.cfg)  # the demo's key
+        cls.wrong_key = cls.key.replace(trigger_seed=WRONG_KEY_SEED)
         samples = load_sunnybrook(size=128)
         cls.train, cls.test = split_by_patient(samples, ["SCD0000501"])
-        cls.cfg = ExperimentConfig(fast=True, steps=STEPS)
         cls.tmp = tempfile.TemporaryDirectory()
         cls.net = train_model(cls.train, cls.cfg, cls.key, torch.device("cpu"), Path(cls.tmp.name))
         cls.images = torch.stack([s["image"] for s in cls.test])
@@ -48,7 +49,7 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         self.assertTrue(list(Path(self.tmp.name).glob("checkpoint_epoch=*.pt")))
 
     def test_no_false_decodes(self):
-        wrong = verify_ownership(self.query, self.images, self.key.replace(trigger_seed=987654321), mode="direct")
+        wrong = verify_ownership(self.query, self.images, self.wrong_key, mode="direct")
         self.assertEqual(wrong.asr, 0.0)
         self.assertFalse(wrong.verdict)
         self.assertIsNone(wrong.vote_decoded)
@@ -66,13 +67,12 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         ts = tmp / "model.ts"
         torch.jit.trace(self.net.cpu().eval(), torch.rand(1, 1, 128, 128)).save(str(ts))
         self.key.save(tmp / "key.json")
-        dicoms = str(Path(DEFAULT_SUNNYBROOK_ROOT) / "dicoms" / "SCD0000501")
-        args = ["verify", "--images", dicoms, "--model", str(ts)]
+        args = ["verify", "--images", DICOMS, "--model", str(ts)]
         self.assertEqual(main(args + ["--key", str(tmp / "key.json"), "--out", str(tmp / "rep")]), 0)
         self.assertTrue((tmp / "rep" / "report.json").is_file())
-        self.key.replace(trigger_seed=987654321).save(tmp / "wrong.json")
+        self.wrong_key.save(tmp / "wrong.json")
         self.assertEqual(main(args + ["--key", str(tmp / "wrong.json"), "--out", str(tmp / "rep_wrong")]), 1)
-        (tmp / "edited.json").write_text((tmp / "key.json").read_text().replace("SM:3f9a2c71", "SM:3f9a2c72"))
+        (tmp / "edited.json").write_text((tmp / "key.json").read_text().replace(PAYLOAD, PAYLOAD + "x"))
         self.assertEqual(main(args + ["--key", str(tmp / "edited.json"), "--out", str(tmp / "rep_edited")]), 2)
         self.assertFalse((tmp / "rep_edited").exists())
 
@@ -89,9 +89,8 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         (bundle / "models").mkdir()
         torch.save(self.net.state_dict(), bundle / "models" / "model.pt")
         self.key.save(tmp / "key_b.json")
-        self.key.replace(trigger_seed=987654321).save(tmp / "wrong_b.json")
-        dicoms = str(Path(DEFAULT_SUNNYBROOK_ROOT) / "dicoms" / "SCD0000501")
-        common = ["verify", "--images", dicoms, "--quiet"]
+        self.wrong_key.save(tmp / "wrong_b.json")
+        common = ["verify", "--images", DICOMS, "--quiet"]
         self.assertEqual(main(common + ["--bundle", str(bundle), "--key", str(tmp / "key_b.json"), "--out", str(tmp / "rb")]), 0)
         server = make_server(bundle_predictor(str(bundle), device="cpu"))
         url = start_in_thread(server)
@@ -116,8 +115,7 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         ts = tmp / "clean.ts"
         torch.jit.trace(clean.cpu().eval(), torch.rand(1, 1, 128, 128)).save(str(ts))
         self.key.save(tmp / "key_c.json")
-        dicoms = str(Path(DEFAULT_SUNNYBROOK_ROOT) / "dicoms" / "SCD0000501")
-        code = main(["verify", "--images", dicoms, "--model", str(ts), "--key", str(tmp / "key_c.json"), "--out", str(tmp / "rc"), "--quiet"])
+        code = main(["verify", "--images", DICOMS, "--model", str(ts), "--key", str(tmp / "key_c.json"), "--out", str(tmp / "rc"), "--quiet"])
         self.assertEqual(code, 1)
 
     def test_hard_masks_mostly_unchanged(self):

@@ -19,7 +19,7 @@ def _load(name: str):
     return mod
 
 
-@pytest.mark.skipif(not DEFAULT_SUNNYBROOK_ROOT.is_dir(), reason="needs ../shared/data/sunnybrook")
+@pytest.mark.skipif(not DEFAULT_SUNNYBROOK_ROOT.is_dir(), reason=f"needs {DEFAULT_SUNNYBROOK_ROOT}")
 def test_tutorials_in_order(tmp_path, capsys):
     assert _load("01_watermark_a_bundle").main(["--out", str(tmp_path), "--epochs", "1"]) == 0
     out = capsys.readouterr().out

@@ -12,9 +12,14 @@ loss landscape) is `python -m experiments.robustness --fast --out DIR`.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the attack suite lives in experiments/, beside the library
+    sys.path.insert(0, str(ROOT))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=5, help="fine-tuning epochs of the attack")
     a = p.parse_args(argv)
     out = Path(a.out)
-    from monai_stealthmark import attacks as A
+    from experiments.robustness import attack_suite, attack_table, dice, make_verify, run_attacks
     from monai_stealthmark.bundle import load_bundle_model
     from monai_stealthmark.data import load_sunnybrook
-    from experiments.robustness import attack_table, dice
     from monai_stealthmark.key import WatermarkKey
-    from monai_stealthmark.verify import ModelQuery, verify_ownership
 
     net, _, _ = load_bundle_model(out / "bundle", device="cpu")
     key = WatermarkKey.load(out / "key.json")
@@ -38,27 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     att_x, att_y = torch.stack([s["image"] for s in att]), torch.stack([s["label"] for s in att])
     x, y = torch.stack([s["image"] for s in test]), torch.stack([s["label"] for s in test])
 
-    def verify(m):
-        return verify_ownership(m if not isinstance(m, torch.nn.Module) else ModelQuery(m, device="cpu"), x, key)
-
-    def evaluate(m):
-        return dice(m, x, y)
-
+    # the suite's attacks by label (experiments.robustness.attack_suite lists them all)
+    suite = attack_suite(net, att_x, att_y, epochs=a.epochs)
+    chosen = ("finetune_all", "global_prune_0.5", "fp16", "int8_static", "weight_noise_0.05", "input_gaussian_noise_0.05")
+    verify = make_verify(x, key)
     ref = dice(net, x, y)
     base = verify(net)
-    attacks = {
-        "finetune_all": ({"epochs": a.epochs, "lr": 1e-4}, lambda: A.finetune(net, att_x, att_y, epochs=a.epochs, lr=1e-4)),
-        "global_prune": ({"amount": 0.5}, lambda: A.global_magnitude_prune(net, 0.5)),
-        "fp16": ({}, lambda: A.CastQuery(net, torch.float16)),
-        "int8_static": ({}, lambda: A.int8_static(net, att_x)),
-        "weight_noise": ({"scale": 0.05}, lambda: A.weight_noise(net, 0.05)),
-        "input_gaussian_noise_0.05": ({}, lambda: A.InputTransformQuery(ModelQuery(net, device="cpu"), A.INPUT_ATTACKS["gaussian_noise_0.05"]())),
-    }
-    rows = []
-    for name, (params, attack) in attacks.items():
-        r = A.run_attack(name, params, attack, evaluate, verify, ref)
-        r.removed = r.removed and base.verdict
-        rows.append(r.to_dict())
+    rows = run_attacks([suite[label] for label in chosen], lambda m: dice(m, x, y), verify, ref, base.verdict)
     print(attack_table({"clean_dice": ref, "asr": base.asr, "p_value": base.p_value}, rows))
     return 0
 

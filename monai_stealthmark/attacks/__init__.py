@@ -19,3 +19,9 @@ from .overwrite import overwrite
 from .prune import channel_prune, global_magnitude_prune, sparsity
 from .quantize import CastQuery, int8_static, int8_weights, torchscript_roundtrip
 from .runner import AttackResult, is_removed, run_attack
+
+__all__ = [
+    "distill", "finetune", "reinit_head", "INPUT_ATTACKS", "InputTransformQuery", "weight_noise", "overwrite",
+    "channel_prune", "global_magnitude_prune", "sparsity", "CastQuery", "int8_static", "int8_weights",
+    "torchscript_roundtrip", "AttackResult", "is_removed", "run_attack",
+]

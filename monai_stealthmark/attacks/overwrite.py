@@ -22,16 +22,17 @@ def overwrite(
     steps: int = 200,
     lr: float = 1e-4,
     batch_size: int = 8,
-    prob: float = 0.5,
+    prob: float | None = None,
     seed: int = 0,
 ) -> torch.nn.Module:
     """Embed ``attacker_key``'s watermark into a copy of ``model`` with this package's own transform and loss.
 
     Both claims are then checked by the runner: the owner's (should survive) and the attacker's (which, if it
-    verifies too, is resolved by the keys' commitment dates).
+    verifies too, is resolved by the keys' commitment dates). ``prob`` is the share of triggered samples (None:
+    the recipe's, :class:`~monai_stealthmark.transforms.RandWatermarkd`'s default).
     """
     m = clone(model)
-    xf = RandWatermarkd(keys=("image", "label"), key=attacker_key, prob=prob)
+    xf = RandWatermarkd(keys=("image", "label"), key=attacker_key, **({} if prob is None else {"prob": prob}))
     xf.set_random_state(seed=seed)
     loss_fn = UncertaintyWatermarkLoss(key=attacker_key)
     opt = torch.optim.Adam(m.parameters(), lr=lr)
