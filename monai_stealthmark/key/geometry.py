@@ -66,8 +66,13 @@ def module_index_map(spatial_shape: Sequence[int], grid_size: int) -> torch.Tens
         grid_size: modules per side.
 
     Returns:
-        a long tensor of ``spatial_shape``.
+        a long tensor of ``spatial_shape`` (shared between calls: read it, do not write into it).
     """
+    return _module_index_map(tuple(int(s) for s in spatial_shape), int(grid_size))
+
+
+@lru_cache(maxsize=64)
+def _module_index_map(spatial_shape: tuple[int, ...], grid_size: int) -> torch.Tensor:
     if len(spatial_shape) < 2:
         raise ValueError(f"the watermark needs at least 2 spatial dimensions, got {tuple(spatial_shape)}.")
     h, w = int(spatial_shape[0]), int(spatial_shape[1])
