@@ -65,7 +65,7 @@ class ExperimentConfig:
     """Settings of one run. ``fast`` is the CPU setting; the full setting trains longer on GPU when there is one.
 
     The watermark recipe is not set here: it is the defaults of :class:`~monai_stealthmark.key.WatermarkKey`,
-    :class:`~monai_stealthmark.transforms.RandWatermarkd` and :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`
+    :class:`~monai_stealthmark.transforms.WatermarkBatch` and :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`
     (:mod:`monai_stealthmark.recipe`). A run that deviates from it passes the settings it changes by their class
     argument names (e.g. ``ExperimentConfig(tau=0.2, margin_consistency=0)``); they are kept in ``recipe``.
 
@@ -111,7 +111,7 @@ class ExperimentConfig:
         self.badnet = False
         self.patients: list[str] | None = None
         self.data_root = str(DEFAULT_SUNNYBROOK_ROOT)
-        recipe = {k: v for k, v in overrides.items() if not hasattr(self, k) and v is not None}
+        recipe = {k: v for k, v in overrides.items() if k not in vars(self) and v is not None}
         try:
             split_recipe(recipe)
         except ValueError as e:
@@ -119,7 +119,7 @@ class ExperimentConfig:
             raise UsageError(f"unknown setting {bad!r} (run settings: {', '.join(sorted(vars(self)))}); {e}") from None
         self.recipe: dict[str, Any] = recipe
         for k, v in overrides.items():
-            if hasattr(self, k) and v is not None:
+            if k in vars(self) and v is not None:
                 setattr(self, k, v)
 
     def watermark(self) -> dict[str, dict[str, Any]]:

@@ -19,6 +19,7 @@ At ``initialize`` :func:`attach_watermark` wires the watermark to them:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,10 +77,10 @@ def bundle_parser(
     parser["bundle_root"] = str(bundle_root)
     if key_file is not None:
         parser["key_file"] = str(key_file)
-    if "stealthmark#engines" in parser and "stealthmark#engines" not in (overrides or {}):
+    if parser.get("stealthmark#engines") == [f"@{i}" for i in ENGINE_IDS[0]]:  # the overlay's default: find them
         parser["stealthmark#engines"] = [f"@{i}" if i in parser else None for i in find_engine_ids(parser)]
-    if "stealthmark#evaluator" in parser and "stealthmark#evaluator" not in (overrides or {}):
-        parser["stealthmark#evaluator"] = f"@{find_engine_ids(parser)[1]}"
+    if parser.get("stealthmark#evaluator") == f"@{ENGINE_IDS[0][1]}" and ENGINE_IDS[0][1] not in parser:
+        parser["stealthmark#evaluator"] = f"@{ENGINE_IDS[1][1]}"
     for k, v in (overrides or {}).items():
         parser[k] = v
     parser.parse()
@@ -142,6 +143,8 @@ def attach_watermark(
         True, so it can sit in a bundle's ``initialize`` list.
     """
     _require(trainer, ("prepare_batch", "loss_function", "network"), "trainer", "a SupervisedTrainer")
+    if isinstance(trainer.prepare_batch, WatermarkPrepareBatch):
+        raise BundleConfigError("the watermark is already attached to this trainer (the overlay was merged twice?).")
     key = key if isinstance(key, WatermarkKey) else load_bundle_key(key)
     base_seed = torch.initial_seed() if seed is None else int(seed)
     stage = WatermarkBatch(key).set_random_state((base_seed + idist.get_rank()) % (2**32))
@@ -150,8 +153,15 @@ def attach_watermark(
     StripWatermarkChannel(n_label_channels=None).attach(trainer)
     if evaluator is not None:
         attach_metrics(evaluator, key, activation, asr_mode, asr_max_images)
-        _attach_before_key_metric(evaluator, lambda e: _WatermarkScore(min_asr).attach(e))
-        evaluator.state.key_metric_name = _WatermarkScore.name
+        if getattr(evaluator.state, "key_metric_name", None) is None:
+            warnings.warn(
+                "the evaluator has no key metric (e.g. val_mean_dice): val_wm_score and the checkpoint rule are "
+                "skipped; check val_wm_asr at the epoch of the checkpoint you ship.",
+                stacklevel=2,
+            )
+        else:
+            _attach_before_key_metric(evaluator, lambda e: _WatermarkScore(min_asr).attach(e))
+            evaluator.state.key_metric_name = _WatermarkScore.name
     return True
 
 

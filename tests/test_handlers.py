@@ -281,3 +281,30 @@ class TestSimulatedAttacks(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class TestStripTriggeredCopies(unittest.TestCase):
+    """After the loss the batch stage's triggered copies and the watermark channel leave the trainer's output."""
+
+    def test_drops_triggered_rows_and_channel(self):
+        from ignite.engine import Engine
+        from monai.engines.utils import IterationEvents
+
+        from monai_stealthmark.key import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN
+        from monai_stealthmark.handlers import StripWatermarkChannel
+
+        flags = [WM_CLEAN, WM_TWIN, WM_DARK, WM_CLEAN, WM_TWIN, WM_LIGHT]
+        label = torch.zeros(6, 2, 8, 8)
+        for i, f in enumerate(flags):
+            label[i, 0] = i  # the row's own index, to check the order
+            label[i, 1, 0, 0] = f
+        engine = Engine(lambda e, b: None)
+        engine.register_events(*IterationEvents)
+        StripWatermarkChannel(n_label_channels=None).attach(engine)
+        engine.state.output = {"image": torch.arange(6.0).view(6, 1, 1, 1), "label": label, "pred": torch.rand(6, 3, 8, 8)}
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+        out = engine.state.output
+        self.assertEqual(out["label"].shape, (4, 1, 8, 8))
+        self.assertEqual(out["label"][:, 0, 0, 0].tolist(), [0.0, 1.0, 3.0, 4.0])  # the loaded batch, in order
+        self.assertEqual(out["image"].flatten().tolist(), [0.0, 1.0, 3.0, 4.0])
+        self.assertEqual(out["pred"].shape[0], 4)

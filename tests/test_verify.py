@@ -325,6 +325,8 @@ class TestQueryWindow(unittest.TestCase):
         self.assertEqual(float(out[:, :, :, 0].abs().sum()), 0.0)
         self.assertIs(fit_window(x, None), x)
         self.assertEqual(tuple(fit_window(x, (4, -1)).shape), (2, 1, 4, 9))
+        self.assertEqual(tuple(fit_window(x, 5).shape), (2, 1, 5, 5))  # a sliding window's scalar roi_size
+        self.assertIs(type(fit_window(x, 5)), torch.Tensor)
         with self.assertRaisesRegex(ValueError, "does not match"):
             fit_window(x, (4, 4, 4))
 

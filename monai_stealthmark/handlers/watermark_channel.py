@@ -1,13 +1,16 @@
-"""Trainer handler :class:`StripWatermarkChannel`: the label that
-:class:`~monai_stealthmark.transforms.RandWatermarkd` builds carries one extra watermark channel for the loss; right
-after the loss it is removed from ``engine.state.output``, so a stock bundle's own train post-processing and
-metrics see the plain label and its code stays unchanged."""
+"""Trainer handler :class:`StripWatermarkChannel`: the label that the watermark stage builds carries one extra
+watermark channel for the loss; right after the loss it is removed from ``engine.state.output`` (and, for the batch
+stage, so are the triggered copies it added), so a stock bundle's own train post-processing and metrics see the
+batch it loaded, with the plain label, and its code stays unchanged."""
 
 from __future__ import annotations
 
+import torch
 from ignite.engine import Engine
 from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys
+
+from monai_stealthmark.key import WM_DARK, WM_LIGHT
 
 __all__ = ["StripWatermarkChannel"]
 
@@ -18,8 +21,10 @@ class StripWatermarkChannel:
     Args:
         label_key: the label field of ``engine.state.output``.
         n_label_channels: channels of the plain label (1 for class indices). The watermark channel is the last.
-            None: the label always carries the watermark channel (the batch-level watermark stage appends it to
-            every batch), so the last channel is dropped whatever the label's channel count.
+            None: the batch-level watermark stage's output (:class:`~monai_stealthmark.transforms.WatermarkBatch`,
+            paired): the last channel is dropped whatever the label's channel count, and so are the triggered
+            copies the stage added after their clean twins, so image, label and prediction hold the loaded batch
+            again, in its order (MONAI's post-processing pairs them with it).
     """
 
     def __init__(self, label_key: str = CommonKeys.LABEL, n_label_channels: int | None = 1) -> None:
@@ -39,7 +44,12 @@ class StripWatermarkChannel:
         if label is None:
             raise RuntimeError(f"StripWatermarkChannel: engine.state.output has no {self.label_key!r} field.")
         if self.n_label_channels is None:
-            out[self.label_key] = label[:, :-1]
+            flags = label[:, -1].flatten(1).amax(1)
+            keep = (flags != WM_LIGHT) & (flags != WM_DARK)  # the clean samples and twins: the loaded batch
+            for k in (CommonKeys.IMAGE, CommonKeys.PRED):
+                if isinstance(out.get(k), torch.Tensor) and out[k].shape[0] == label.shape[0]:
+                    out[k] = out[k][keep]
+            out[self.label_key] = label[keep, :-1]
         elif label.shape[1] == self.n_label_channels + 1:
             out[self.label_key] = label[:, : self.n_label_channels]
         elif label.shape[1] != self.n_label_channels:

@@ -35,7 +35,7 @@ __all__ = [
     "float_tensor",
 ]
 
-# values of the watermark channel that RandWatermarkd appends to the label
+# values of the watermark channel that the watermark stage appends to the label
 WM_CLEAN = 0  # the sample is clean (or a decoy): train as usual
 WM_LIGHT = 1  # triggered sample, pixel outside the QR's dark modules: confident, as usual
 WM_DARK = 2  # triggered sample, pixel in a dark module: uncertainty tau

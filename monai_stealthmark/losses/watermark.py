@@ -25,7 +25,8 @@ def sample_flags(wm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class UncertaintyWatermarkLoss(_Loss):
     """Wrap any MONAI segmentation loss so that the network learns the owner's watermark.
 
-    The target is the label produced by :class:`~monai_stealthmark.transforms.RandWatermarkd`: the usual
+    The target is the label produced by the watermark stage (:class:`~monai_stealthmark.transforms.WatermarkBatch`
+    or its per-sample view ``RandWatermarkd``): the usual
     segmentation channel(s) plus one watermark channel (0 clean, 1 triggered + light module, 2 triggered + dark
     module, 3 clean twin of the next sample). A label without the watermark channel is passed to the base loss
     unchanged, so validation and clean-only training work as before.

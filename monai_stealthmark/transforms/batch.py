@@ -111,7 +111,8 @@ class WatermarkBatch(Randomizable):
         return self.apply(image, label, self.draws)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor, draws: WatermarkDraws) -> tuple[torch.Tensor, torch.Tensor]:
-        """Build the batch for given ``draws`` (see :meth:`__call__`); no host synchronisation."""
+        """Build the batch for given ``draws`` (see :meth:`__call__`). The draws are host arrays, sent to the device
+        once each; nothing is read back from the device."""
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
         label = label.as_tensor() if hasattr(label, "as_tensor") else label
         dev, spatial = image.device, tuple(int(s) for s in image.shape[2:])
@@ -131,7 +132,8 @@ class WatermarkBatch(Randomizable):
         clean_wm = torch.where(trig, WM_TWIN if self.paired else WM_CLEAN, WM_CLEAN).to(wm_dtype)
         clean_wm = clean_wm.expand(image.shape[0], 1, *spatial)
         lab = label.to(wm_dtype)
-        images = torch.cat([clean.float(), poisoned])
+        out_dtype = image.dtype if image.is_floating_point() else torch.float32  # e.g. a half-precision network
+        images = torch.cat([clean.float(), poisoned]).to(out_dtype)
         labels = torch.cat([torch.cat([lab, clean_wm], 1), torch.cat([lab[t_idx], codes], 1)])
         pick = torch.as_tensor(self._order(draws.triggered), device=dev)
         return images.index_select(0, pick), labels.index_select(0, pick)

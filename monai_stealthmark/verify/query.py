@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from monai.transforms import ResizeWithPadOrCrop
+from monai.utils import convert_to_tensor, ensure_tuple_rep
 
 from monai_stealthmark.utils import activate, check_activation
 
@@ -142,8 +143,7 @@ class ModelQuery:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         self.batch_size = int(batch_size)
         self.inferer = inferer
-        roi = getattr(inferer, "roi_size", None) if window is None else window
-        self.window = tuple(int(r) for r in roi) if roi is not None else None
+        self.window = getattr(inferer, "roi_size", None) if window is None else window
         self.n_queries = 0
 
     @torch.no_grad()
@@ -162,18 +162,20 @@ class ModelQuery:
         return torch.cat(outs)
 
 
-def fit_window(images: torch.Tensor, window: Sequence[int] | None) -> torch.Tensor:
-    """Centre-crop or zero-pad a ``(B, C, spatial...)`` batch to the network's input ``window`` (entries ``<= 0`` keep
-    that dimension), the rule by which verification queries a patch-trained network: the QR is laid over the window
-    the network was trained on, and a query of that size reaches it as one window of the suspect's own inferer."""
+def fit_window(images: torch.Tensor, window: Sequence[int] | int | None) -> torch.Tensor:
+    """Centre-crop or zero-pad a ``(B, C, spatial...)`` batch to the network's input ``window`` (one size for every
+    dimension, or one per dimension; entries ``<= 0`` keep that dimension), the rule by which verification queries a
+    patch-trained network: the QR is laid over the window the network was trained on, and a query of that size
+    reaches it as one window of the suspect's own inferer. Padding is zero, as a sliding window pads."""
     if window is None:
         return images
     spatial = images.shape[2:]
+    window = ensure_tuple_rep(window, len(spatial)) if isinstance(window, int) else tuple(window)
     if len(window) != len(spatial):
         raise ValueError(f"window {tuple(window)} does not match the images' spatial shape {tuple(spatial)}.")
     size = [int(w) if int(w) > 0 else int(s) for w, s in zip(window, spatial)]
     if list(spatial) == size:
         return images
     flat = images.reshape(-1, *spatial)  # every image and channel as one channel-first image
-    out = ResizeWithPadOrCrop(size, mode="constant")(flat)
-    return torch.as_tensor(out).reshape(*images.shape[:2], *size)
+    out = convert_to_tensor(ResizeWithPadOrCrop(size, mode="constant")(flat), track_meta=False)
+    return out.reshape(*images.shape[:2], *size)

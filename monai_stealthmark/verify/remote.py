@@ -58,7 +58,7 @@ class RemoteModelQuery:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"url must start with http:// or https://, got {url!r}.")
         self.url = url
-        self.window = tuple(int(w) for w in window) if window is not None else None
+        self.window = window
         self.timeout = float(timeout)
         self.retries = int(retries)
         self.budget = budget
