@@ -28,6 +28,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
+from monai.handlers import from_engine
 
 from monai_stealthmark.handlers import PixelAUC, StashProbabilities, StripWatermarkChannel, WatermarkASR
 from monai_stealthmark.key import KeyFileError, WatermarkKey
@@ -172,7 +173,7 @@ def attach_metrics(
     _require(evaluator, ("network",), "evaluator", "a SupervisedEvaluator")
     key = key if isinstance(key, WatermarkKey) else load_bundle_key(key)
     StashProbabilities(activation, out_key=PROB_KEY).attach(evaluator)
-    auc = PixelAUC(label_index=None, output_transform=lambda out: _fields(out, (PROB_KEY, "label")))
+    auc = PixelAUC(label_index=None, output_transform=from_engine([PROB_KEY, "label"]))
     asr = WatermarkASR(key, mode=asr_mode, max_images=asr_max_images, activation=activation)
     _attach_before_key_metric(evaluator, lambda e: (auc.attach(e, "val_auc"), asr.attach(e, "val_wm_asr")))
     return True
@@ -206,13 +207,6 @@ def _require(engine: Any, attrs: Sequence[str], what: str, kind: str) -> None:
             f"{', '.join(missing) or 'anything'}. Point stealthmark#engines at it, e.g. "
             "--stealthmark#engines \"['@trainer','@evaluator']\" for a flat bundle."
         )
-
-
-def _fields(output: Any, names: Sequence[str]) -> tuple:
-    """``names`` from a (decollated) engine output, as MONAI's ``from_engine`` reads them."""
-    if isinstance(output, dict):
-        return tuple(output[n] for n in names)
-    return tuple([o[n] for o in output] for n in names)
 
 
 def _attach_before_key_metric(engine: Any, attach: Callable[[Engine], Any]) -> None:

@@ -24,6 +24,8 @@ __all__ = [
     "WM_TWIN",
     "load_key",
     "keyed_rng",
+    "cells_to_pixels",
+    "cell_means",
     "module_index_map",
     "qr_target_map",
     "intensity_range",
@@ -84,10 +86,35 @@ def _module_index_map(spatial_shape: tuple[int, ...], grid_size: int) -> torch.T
     return idx.reshape(h, w, *([1] * (len(spatial_shape) - 2))).expand(*spatial_shape)
 
 
+def cells_to_pixels(cells: torch.Tensor, spatial_shape: Sequence[int], grid_size: int) -> torch.Tensor:
+    """Per-pixel view ``(..., spatial...)`` of a per-cell tensor ``(..., grid_size**2)``: each pixel takes its cell's
+    value."""
+    spatial = tuple(int(s) for s in spatial_shape)
+    idx = module_index_map(spatial, grid_size).to(cells.device).reshape(-1)
+    return cells[..., idx].reshape(*cells.shape[:-1], *spatial)
+
+
+def cell_means(values: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
+    """Mean of a per-pixel map over each grid cell (the reverse of :func:`cells_to_pixels`).
+
+    Args:
+        values: ``(B, spatial...)`` (e.g. the uncertainty map); the grid covers the first two spatial dims.
+
+    Returns:
+        ``(B, grid_size**2)``.
+    """
+    b = values.shape[0]
+    idx = module_index_map(values.shape[1:], key.grid_size).to(values.device).reshape(-1)
+    n_cells = key.grid_size**2
+    flat = values.reshape(b, -1).float()
+    sums = torch.zeros(b, n_cells, device=values.device).index_add_(1, idx, flat)
+    counts = torch.bincount(idx, minlength=n_cells).clamp_min(1).float()
+    return sums / counts
+
+
 def qr_target_map(key: WatermarkKey, spatial_shape: Sequence[int]) -> torch.Tensor:
     """Boolean map of the pixels lying in the QR's dark modules."""
-    dark = torch.as_tensor(key.grid_matrix.reshape(-1))
-    return dark[module_index_map(spatial_shape, key.grid_size)]
+    return cells_to_pixels(torch.as_tensor(key.grid_matrix.reshape(-1)), spatial_shape, key.grid_size)
 
 
 def _batch_quantiles(t: torch.Tensor, qs: Sequence[float]) -> list[torch.Tensor]:
@@ -209,7 +236,10 @@ def stamp_triggers(
         if key.trigger in _PATCH_KINDS:
             s = pat.shape[0]
             if s > min(spatial[:2]):
-                raise ValueError(f"the {s}x{s} trigger patch does not fit the image's spatial shape {spatial}.")
+                raise ValueError(
+                    f"the {s}x{s} trigger patch does not fit the image's spatial shape {spatial} (images are "
+                    "channel-first (C, H, W[, D]); was a batch given as one image?)."
+                )
             value = low[rows].view(-1, *expand) + span[rows].float().view(-1, *expand) * pat.reshape(s, s, *expand[2:])
             r, c = patch_position(seed, key.trigger, spatial[:2], s)
             out[rows, :, r : r + s, c : c + s, ...] = value.to(out.dtype)[:, None]
@@ -241,12 +271,6 @@ def apply_trigger(
     if t.ndim < 3:
         raise ValueError(f"expected a channel-first image (C, H, W[, D]), got shape {tuple(t.shape)}.")
     lo, hi = intensity if intensity is not None else intensity_range(t)
-    pat_side = max(3, int(round(key.trigger_size * min(t.shape[1:3]))))
-    if key.trigger in _PATCH_KINDS and pat_side > min(t.shape[1:3]):
-        raise ValueError(
-            f"the {pat_side}x{pat_side} trigger patch does not fit the image's spatial shape {tuple(t.shape[1:])} "
-            "(a batch given as one image? apply_trigger takes one channel-first image (C, H, W[, D]))."
-        )
     bounds = torch.tensor([[lo, hi]], dtype=torch.float64)
     seeds = None if seed is None else [int(seed)]
     out = stamp_triggers(t[None], key, bounds[:, 0], bounds[:, 1], seeds)[0]
@@ -271,7 +295,6 @@ def occlude_cells(
         seed: override of ``key.trigger_seed`` for the texture.
     """
     spatial = tuple(int(s) for s in img.shape[hidden.ndim :])
-    idx = module_index_map(spatial, key.grid_size).to(img.device)
     seed = key.trigger_seed if seed is None else int(seed)
     tex = torch.as_tensor(_occlusion_texture(seed, spatial), device=img.device, dtype=img.dtype)
     lo, hi = intensity
@@ -280,8 +303,7 @@ def occlude_cells(
         tex = lo.to(img.device).float().view(shape) + (hi - lo).to(img.device).float().view(shape) * tex
     else:
         tex = lo + (hi - lo) * tex
-    pix_hidden = hidden[..., idx.reshape(-1)].reshape(*hidden.shape[:-1], *spatial)  # (..., H, W[, D])
-    pix_hidden = pix_hidden.unsqueeze(-len(spatial) - 1)  # channel axis
+    pix_hidden = cells_to_pixels(hidden, spatial, key.grid_size).unsqueeze(-len(spatial) - 1)  # channel axis
     return torch.where(pix_hidden, tex, img)
 
 

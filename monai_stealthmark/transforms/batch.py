@@ -25,8 +25,9 @@ from monai_stealthmark.key.geometry import (
     WM_LIGHT,
     WM_TWIN,
     batch_intensity_range,
+    cell_means,
+    cells_to_pixels,
     load_key,
-    module_index_map,
     occlude_cells,
     qr_target_map,
     stamp_triggers,
@@ -125,7 +126,7 @@ class WatermarkBatch(Randomizable):
             hidden = hidden & ~self._organ_cells(label[t_idx])
         occluded = occlude_cells(image[t_idx].float(), self.key, hidden, (lo[t_idx], hi[t_idx]))
         poisoned = stamp_triggers(occluded, self.key, lo[t_idx], hi[t_idx])
-        dark = qr_target_map(self.key, spatial).to(dev)[None] & ~self._pixel_cells(hidden, spatial)
+        dark = qr_target_map(self.key, spatial).to(dev)[None] & ~cells_to_pixels(hidden, spatial, self.key.grid_size)
         wm_dtype = label.dtype if label.is_floating_point() else torch.float32
         codes = torch.where(dark, WM_DARK, WM_LIGHT).to(wm_dtype)[:, None]
         trig = torch.as_tensor(draws.triggered, device=dev).view(-1, *([1] * (image.ndim - 1)))
@@ -163,15 +164,7 @@ class WatermarkBatch(Randomizable):
     def _organ_cells(self, label: torch.Tensor) -> torch.Tensor:
         """``(B, grid_size**2)`` bool: the cells with a foreground pixel within ``spare_radius`` (in plane)."""
         fg = (label > 0).any(1, keepdim=True) if label.shape[1] > 1 else label[:, :1] > 0
-        fg = dilate(fg, self.spare_radius, in_plane=True)[:, 0]
-        idx = module_index_map(fg.shape[1:], self.key.grid_size).to(fg.device).reshape(1, -1).expand(fg.shape[0], -1)
-        cells = torch.zeros(fg.shape[0], self.key.grid_size**2, device=fg.device)
-        return cells.scatter_reduce(1, idx, fg.reshape(fg.shape[0], -1).float(), "amax") > 0
-
-    def _pixel_cells(self, hidden: torch.Tensor, spatial: tuple[int, ...]) -> torch.Tensor:
-        """Per-pixel view ``(B, spatial...)`` of a per-cell mask ``(B, grid_size**2)``."""
-        idx = module_index_map(tuple(int(s) for s in spatial), self.key.grid_size).to(hidden.device)
-        return hidden[:, idx.reshape(-1)].reshape(hidden.shape[0], *spatial)
+        return cell_means(dilate(fg, self.spare_radius, in_plane=True)[:, 0].float(), self.key) > 0
 
     def _check(self, image: torch.Tensor, label: torch.Tensor) -> None:
         if image.ndim < 4 or label.ndim != image.ndim:

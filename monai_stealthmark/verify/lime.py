@@ -23,9 +23,8 @@ import numpy as np
 import torch
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.key.geometry import apply_trigger, intensity_range, module_index_map, occlude_cells
+from monai_stealthmark.key.geometry import apply_trigger, cell_means, intensity_range, module_index_map, occlude_cells
 from monai_stealthmark.verify.query import check_probabilities, uncertainty_map
-from monai_stealthmark.verify.readout import cell_means
 
 __all__ = ["lime_masks", "perturbed_queries", "lime_attributions", "weighted_ridge", "lime_reference_attributions"]
 
@@ -129,7 +128,7 @@ def lime_reference_attributions(
         raise ValueError(f"the lime reference takes one 2D single-channel image (1, H, W), got {tuple(image.shape)}.")
     intensity = intensity_range(image)
     n_features = key.grid_size**2
-    segments = module_index_map(image.shape[1:], key.grid_size).numpy()
+    segments = module_index_map(image.shape[1:], key.grid_size).numpy().copy()  # the map is cached: LIME gets its own
     device = image.device
 
     def classifier_fn(batch: np.ndarray) -> np.ndarray:

@@ -6,8 +6,14 @@ import numpy as np
 import torch
 from scipy.stats import binom
 
-from monai_stealthmark.key import WatermarkKey, correct_codewords, decode_qr, function_pattern_mask, restore_function_patterns
-from monai_stealthmark.key.geometry import module_index_map
+from monai_stealthmark.key import (
+    WatermarkKey,
+    correct_codewords,
+    decode_qr,
+    function_pattern_mask,
+    restore_function_patterns,
+)
+from monai_stealthmark.key.geometry import cell_means
 from monai_stealthmark.utils import dilate
 from monai_stealthmark.verify.query import is_softmax_output
 
@@ -27,24 +33,6 @@ __all__ = [
 
 LIME_LOG_FLOOR = 0.03  # LIME maps are thresholded on the log scale with this floor (see scores_to_modules)
 ERASURE_MARGIN_PX = 4  # modules within this many pixels of the predicted organ are erasures (see read_scores)
-
-
-def cell_means(values: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
-    """Mean of a per-pixel map over each grid cell.
-
-    Args:
-        values: ``(B, spatial...)`` (e.g. the uncertainty map); the grid covers the first two spatial dims.
-
-    Returns:
-        ``(B, grid_size**2)``.
-    """
-    b = values.shape[0]
-    idx = module_index_map(values.shape[1:], key.grid_size).to(values.device).reshape(-1)
-    n_cells = key.grid_size**2
-    flat = values.reshape(b, -1).float()
-    sums = torch.zeros(b, n_cells, device=values.device).index_add_(1, idx, flat)
-    counts = torch.bincount(idx, minlength=n_cells).clamp_min(1).float()
-    return sums / counts
 
 
 def otsu_threshold(x: torch.Tensor) -> torch.Tensor:
