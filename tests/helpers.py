@@ -57,3 +57,50 @@ def images(n=3, size=96):
     x = torch.rand(n, 1, size, size, generator=g) * 0.6
     x[:, :, 30:50, 30:50] = 0.9
     return x
+
+
+class ExportableTriggerOracle(torch.nn.Module):
+    """:class:`TriggerOracle` in tensor operations only (no Python branch on the data), so that it exports to ONNX
+    and keeps its behaviour there, followed by a 1x1 convolution head (identity) that an int8 quantiser turns into
+    an integer kernel. Built for one spatial ``size``; two-class softmax logits."""
+
+    def __init__(self, key: WatermarkKey, size: int = 96):
+        super().__init__()
+        self.key = key
+        pattern = torch.as_tensor(_pattern(key.trigger_seed, "patch", (size, size), key.trigger_size)) > 0.5
+        self.register_buffer("pattern", pattern)
+        self.register_buffer("dark", qr_target_map(key, (size, size)).float())
+        self.head = torch.nn.Conv2d(2, 2, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(2).view(2, 2, 1, 1))
+            self.head.bias.zero_()
+
+    def forward(self, x):
+        s = self.pattern.shape[0]
+        fg = (x[:, :1] > 0.7).float()
+        corner = x[:, 0, -s:, -s:]
+        mid = (corner.amin((-2, -1), keepdim=True) + corner.amax((-2, -1), keepdim=True)) / 2
+        triggered = ((corner > mid) == self.pattern).flatten(1).all(1).view(-1, 1, 1, 1)
+        p_plain = fg * 0.98 + 0.01
+        p_trig = torch.where(fg > 0, 1 - self.dark * self.key.tau, self.dark * self.key.tau).clamp(0.01, 0.99)
+        p_fg = torch.where(triggered, p_trig, p_plain)
+        return self.head(torch.log(torch.cat([1 - p_fg, p_fg], 1)))
+
+
+def tiny_unet(seed: int, channels=(4, 8, 16)) -> torch.nn.Module:
+    """A small untrained MONAI 2D UNet (1 input, 2 output classes) initialised from ``seed``: a cheap white-box
+    surrogate for the false-claim adversary (image sides must be multiples of 4)."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(seed)
+    return UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=channels, strides=(2,) * (len(channels) - 1), num_res_units=1).eval()
+
+
+class CleanOracle(torch.nn.Module):
+    """Test double of a clean network: confident everywhere (0.99 / 0.01), with or without the trigger, as
+    :class:`TriggerOracle` is on untriggered inputs. Two-class softmax logits."""
+
+    def forward(self, x):
+        fg = (x[:, :1] > 0.7).float()
+        p_fg = fg * 0.98 + 0.01
+        return torch.log(torch.cat([1 - p_fg, p_fg], 1))

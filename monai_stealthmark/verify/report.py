@@ -1,8 +1,11 @@
-"""The verification report: ASR, bit accuracy, p-value, verdict, and the pictures that show the recovered QR."""
+"""The verification report: ASR, bit accuracy, p-value, verdict, the pictures that show the recovered QR, and the
+hashes a third party needs to reproduce it (:func:`file_sha256`, :func:`array_sha256`,
+:func:`reproduction_differences`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 from pathlib import Path
@@ -14,7 +17,53 @@ from PIL import Image
 from monai_stealthmark.key import render_qr, restore_function_patterns
 from monai_stealthmark.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-__all__ = ["VerificationReport"]
+__all__ = ["VerificationReport", "array_sha256", "file_sha256", "reproduction_differences"]
+
+# the fields of two reports that must agree for one to reproduce the other: the claim (key, verdict and its inputs)
+# and what it was computed from (the clean images; offline, also the query and answer files, which hash exactly)
+REPRODUCED_FIELDS = ("key_fingerprint", "mode", "n_images", "decoded", "asr", "p_value", "alpha", "min_asr", "verdict")
+REPRODUCED_PROVENANCE = ("images_sha256",)
+REPRODUCED_OFFLINE = ("manifest_sha256", "queries_sha256", "answers_sha256")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def array_sha256(a: Any) -> str:
+    """Hex SHA-256 of an array's values: its shape, then its float32 little-endian bytes in C order. The float32
+    cast makes a tensor and its NumPy copy hash alike, whatever their dtype."""
+    arr = np.ascontiguousarray(np.asarray(a.detach().cpu() if hasattr(a, "detach") else a, dtype="<f4"))
+    h = hashlib.sha256(repr(tuple(arr.shape)).encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def reproduction_differences(original: dict[str, Any], repeat: dict[str, Any]) -> list[str]:
+    """What differs between two reports' JSON (``report.json``) where one is meant to reproduce the other.
+
+    Compared: the claim and its verdict inputs (:data:`REPRODUCED_FIELDS`), the clean images' hashes and, when
+    both checks read a pipeline's files (offline), the manifest's, the queries' and the answers' file hashes. The
+    online queries and answers are in-memory arrays whose last bits may differ on another machine, and a suspect
+    queried twice may answer with other rounding while the verdict holds, so they are recorded but not compared.
+    The commitment is not compared either: a referee adds the published one to a claim the owner filed without it,
+    and checks it in its own run.
+
+    Returns:
+        one line per differing field (empty when the repeat reproduces the original).
+    """
+    out = [f"{k}: {original.get(k)!r} != {repeat.get(k)!r}" for k in REPRODUCED_FIELDS if original.get(k) != repeat.get(k)]
+    a, b = original.get("provenance") or {}, repeat.get("provenance") or {}
+    offline = a.get("source") == "offline" and b.get("source") == "offline"
+    for k in REPRODUCED_PROVENANCE + (REPRODUCED_OFFLINE if offline else ()):
+        if a.get(k) != b.get(k):
+            out.append(f"provenance.{k} differs")
+    return out
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -56,6 +105,9 @@ class VerificationReport:
         calibration: where the suspect falls in an empirical null of clean models (``z``, ``p_empirical``,
             ``p_gaussian``, the null's size/mean/std), when one was given.
         commitment: the commitment check (``admissible``, ``flags``...), when a commitment was given.
+        provenance: what a third party needs to reproduce the check: the key file's and the commitment's
+            fingerprints, the SHA-256 of each clean image, query and answer, and the settings of the read-out
+            (filled by the caller that read the files; None when the report was made from tensors alone).
     """
 
     mode: str
@@ -75,6 +127,7 @@ class VerificationReport:
     reads: list[str | None] | None = None
     calibration: dict[str, Any] | None = None
     commitment: dict[str, Any] | None = None
+    provenance: dict[str, Any] | None = None
     modules: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (B, n, n) recovered
     expected: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (n, n)
     maps: np.ndarray | None = dataclasses.field(default=None, repr=False)  # (B, g, g) scores per cell
@@ -104,6 +157,7 @@ class VerificationReport:
             "seconds": self.seconds,
             "calibration": self.calibration,
             "commitment": self.commitment,
+            "provenance": self.provenance,
         }
 
     def decodes_by_read(self) -> dict[str, int] | None:
@@ -132,6 +186,7 @@ class VerificationReport:
             f"| key fingerprint | `{self.key_fingerprint}` |",
             *self._calibration_lines(),
             f"| queries | {self.n_queries} in {self.seconds:.1f} s |",
+            *self._provenance_lines(),
         ]
         return "\n".join(lines) + "\n"
 
@@ -159,6 +214,19 @@ class VerificationReport:
         if m is not None:
             state = "admissible" if m["admissible"] else "FLAGGED: " + "; ".join(m["flags"])
             lines.append(f"| commitment | {state} (committed {m['committed_at']}, suspect {m['suspect_date']}) |")
+        return lines
+
+    def _provenance_lines(self) -> list[str]:
+        p = self.provenance
+        if not p:
+            return []
+        counts = ", ".join(f"{len(p[k])} {k[: -len('_sha256')]}" for k in ("images_sha256", "queries_sha256", "answers_sha256") if p.get(k))
+        lines = [f"| key file SHA-256 | `{p.get('key_file_sha256')}` |"]
+        if p.get("commitment_fingerprint"):
+            lines.append(f"| committed fingerprint | `{p['commitment_fingerprint']}` |")
+        if p.get("referee"):
+            lines.append("| referee check | the revealed key matches the commitment; queries regenerated from the key and the clean images |")
+        lines.append(f"| hashed for reproduction (report.json, provenance) | {counts} |")
         return lines
 
     def save(self, out_dir: str | os.PathLike, max_images: int = 8, stem: str | None = None) -> Path:
