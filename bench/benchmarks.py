@@ -14,17 +14,25 @@ LIME sample sweep), ``--sections``, ``--name`` (output file name; default the de
 3. Validation: time of a ``SupervisedEvaluator`` run with the ASR metric (direct / LIME) vs without.
 4. Verification throughput: images per second in direct mode and in LIME mode (1000 samples per image) for several
    query batch sizes (+ peak GPU memory).
-5. Bundle: the example bundle ``bundles/sunnybrook_lv_2d`` as a user runs it — one training epoch of its
-   ``SupervisedTrainer`` with ``train.json`` alone vs ``train.json`` + ``stealthmark_overlay.json`` (its data loader,
-   cached dataset and random transforms included), and one run of its evaluator with vs without the overlay's
-   AUC + ASR metrics. This is the issue's "time per epoch with the watermark vs the same bundle without it".
+5. Bundle: the example bundles ``bundles/sunnybrook_lv_2d`` and ``bundles/hippocampus_mr_3d`` (8 training and 4
+   validation subjects) as a user runs them — one training epoch of each one's ``SupervisedTrainer`` with
+   ``train.json`` alone vs ``train.json`` + ``stealthmark_overlay.json`` (its data loader, cached dataset and random
+   transforms included), and one run of its evaluator with vs without the overlay's AUC + ASR metrics. This is the
+   issue's "time per epoch with the watermark vs the same bundle without it".
+6. Loss: the watermark loss alone (forward + backward) on a batch the watermark stage built, 2D and 3D: aten
+   operations (``TorchDispatchMode``), host reads of device values (``aten._local_scalar_dense``, ``aten.nonzero``)
+   and time per call, next to the frozen reference implementation of ``tests/test_loss_equivalence.py`` when the
+   bench runs from a source checkout.
 Timings: warm-up, then the median (and min/max) of repeats, with CUDA synchronised.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import importlib
 import platform
+import sys
 import statistics
 import tempfile
 import time
@@ -40,6 +48,7 @@ from monai.handlers import MeanDice, from_engine
 from monai.inferers import SimpleInferer
 from monai.losses import DiceCELoss
 from monai.transforms import Activationsd, AsDiscreted, Compose
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from experiments import as_list, cli, phase, progress
 from experiments.bundle_pair import OVERLAY
@@ -48,10 +57,11 @@ from monai_stealthmark.bundle import bundle_parser
 from monai_stealthmark.data import load_sunnybrook
 from monai_stealthmark.handlers import WatermarkASR
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.losses import UncertaintyWatermarkLoss
+from monai_stealthmark.losses import UncertaintyWatermarkLoss, sample_flags
 from monai_stealthmark.recipe import recipe_defaults
 from monai_stealthmark.transforms import RandWatermarkd
 from monai_stealthmark.utils import atomic_write_json
+from monai_stealthmark.transforms import WatermarkBatch
 from monai_stealthmark.verify import ModelQuery, lime_attributions, lime_reference_attributions, verify_ownership
 
 __all__ = ["SECTIONS", "timeit", "run", "main"]
@@ -286,14 +296,110 @@ def bench_throughput(b: Bench) -> dict[str, Any]:
 
 
 def bench_bundle(b: Bench) -> dict[str, Any]:
-    """5. The example bundle with vs without the overlay (:func:`bundle_epochs`)."""
-    return {"bundle": bundle_epochs(b.dev, b.key, b.smoke, b.reps)}
+    """5. Each example bundle of :data:`BUNDLES` with vs without the overlay (:func:`bundle_epochs`), one after the
+    other in this run."""
+    return {"bundle": {name: bundle_epochs(b.dev, b.key, b.smoke, b.reps, name) for name in BUNDLES}}
 
 
-SECTIONS = ("lime", "training", "validation", "throughput", "bundle")
+class OpCounter(TorchDispatchMode):
+    """Count the aten operations that run inside the context (forward and backward alike), by name.
+
+    ``host_reads`` counts the operations that make the host wait for a device value: reading a scalar
+    (``aten._local_scalar_dense``: ``.item()``, ``bool(t)``, ``if t.any()``) and ``aten.nonzero`` (its output size
+    is read back). On a GPU each of them stalls the launch queue.
+    """
+
+    HOST_READS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())
+
+    @property
+    def host_reads(self) -> int:
+        return sum(n for op, n in self.ops.items() if any(op.startswith(h) for h in self.HOST_READS))
+
+
+def count_ops(fn: Callable[[], Any]) -> dict[str, Any]:
+    """aten operations and host reads of one call of ``fn``."""
+    with OpCounter() as counter:
+        fn()
+    return {"aten_ops": counter.total, "host_reads": counter.host_reads}
+
+
+def _reference_loss_class() -> type | None:
+    """The frozen reference implementation of the loss in ``tests/test_loss_equivalence.py`` (None outside a
+    source checkout)."""
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    if not (tests / "test_loss_equivalence.py").is_file():
+        return None
+    if str(tests) not in sys.path:
+        sys.path.insert(0, str(tests))
+    return importlib.import_module("test_loss_equivalence").ReferenceUncertaintyWatermarkLoss
+
+
+def _loss_inputs(b: Bench, spatial: tuple[int, ...], n: int, n_classes: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded logits and a target that the watermark stage built (twins, decoys, occlusion) from ``n`` samples."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(n, 1, *spatial, generator=g)
+    lab = torch.zeros(n, 1, *spatial)
+    lab[(slice(None), slice(None), slice(spatial[0] // 4, spatial[0] // 2), slice(spatial[1] // 4, spatial[1] // 2))] = 1
+    stage = WatermarkBatch(b.key).set_random_state(seed)
+    _, target = stage(img.to(b.dev), lab.to(b.dev))
+    logits = torch.randn(target.shape[0], n_classes, *spatial, generator=g).to(b.dev)
+    return logits, target
+
+
+SEED_2D, SEED_3D = 3, 5  # the stage's draws with the experiments' key: 8 of 16 and 2 of 4 samples triggered
+
+
+def bench_loss(b: Bench) -> dict[str, Any]:
+    """6. The watermark loss, forward + backward: aten operations, host reads and time per call, for the package's
+    loss (``loss``: the CPU's row selection; ``loss_dense``: every row weighted, as on an accelerator) and the
+    reference implementation, on a 2D batch (16 samples, 128x128, 2 classes) and a 3D one (4 samples,
+    64x64x32, 3 classes), both through the watermark stage at the recipe's defaults."""
+    # (spatial, samples, classes, seed): seeds whose draws trigger half of the samples, as the recipe's prob does
+    cases = {"2d": ((64, 64) if b.smoke else (128, 128), 16, 2, SEED_2D),
+             "3d": ((32, 32, 8) if b.smoke else (64, 64, 32), 4, 3, SEED_3D)}
+    ref_cls = _reference_loss_class()
+    out: dict[str, Any] = {"reference": "tests/test_loss_equivalence.py" if ref_cls is not None else None}
+    for name, (spatial, n, n_classes, seed) in cases.items():
+        logits, target = _loss_inputs(b, spatial, n, n_classes, seed)
+        dense = UncertaintyWatermarkLoss(key=b.key)
+        dense.host_subset = False  # every row weighted: the accelerator's path
+        losses = {"loss": UncertaintyWatermarkLoss(key=b.key), "loss_dense": dense}
+        if ref_cls is not None:
+            losses["reference"] = ref_cls(key=b.key)
+
+        def call(loss: torch.nn.Module) -> Callable[[], None]:
+            def f() -> None:
+                loss(logits.detach().requires_grad_(True), target).backward()
+            return f
+
+        calls = {k: call(v) for k, v in losses.items()}
+        times = timeit_interleaved(calls, b.dev, repeats=b.reps if b.smoke else 4 * b.reps)
+        row: dict[str, Any] = {"rows": int(target.shape[0]), "triggered_rows": int((~sample_flags(target[:, -1:])[1]).sum()),
+                               "spatial": list(spatial), "classes": n_classes}
+        for k, f in calls.items():
+            row[k] = {**count_ops(f), **times[k]}
+        if "reference" in row:
+            row["time_ratio_to_reference"] = row["loss"]["median_s"] / row["reference"]["median_s"]
+        out[name] = row
+    return {"loss": out}
+
+
+SECTIONS = ("lime", "training", "validation", "throughput", "bundle", "loss")
 _BENCHES: dict[str, Callable[[Bench], dict[str, Any]]] = {
     "lime": bench_lime, "training": bench_training, "validation": bench_validation, "throughput": bench_throughput,
-    "bundle": bench_bundle,
+    "bundle": bench_bundle, "loss": bench_loss,
 }
 
 
@@ -327,49 +433,75 @@ def _poisoning_ratio(trainer: Any) -> float | None:
     return float(stage.prob) if hasattr(stage, "prob") else None
 
 
-def bundle_epochs(dev: torch.device, key: Any, smoke: bool, reps: int) -> dict[str, Any]:
-    """5. The example 2D bundle, parsed twice (without / with the overlay): seconds per training epoch and per
+#: the example bundles the bench times, with the settings that keep one run short: 2D Sunnybrook as shipped,
+#: 3D hippocampus on 8 training and 4 validation subjects
+BUNDLES: dict[str, dict[str, Any]] = {
+    "sunnybrook_lv_2d": {},
+    "hippocampus_mr_3d": {"num_train": 8, "num_val": 4},
+}
+_SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
+    "sunnybrook_lv_2d": {
+        "image_size": 64,
+        "datalist": "$[d for d in monai_stealthmark.data.sunnybrook_datalist(@dataset_dir) if d['patient'] in ('SCD0000401', 'SCD0000501')]",
+        "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "network_def#num_res_units": 1,
+    },
+    "hippocampus_mr_3d": {
+        "num_train": 2, "num_val": 1, "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2],
+        "network_def#num_res_units": 1,
+    },
+}
+
+
+def bundle_epochs(dev: torch.device, key: Any, smoke: bool, reps: int, name: str = "sunnybrook_lv_2d") -> dict[str, Any]:
+    """5. One example bundle, parsed twice (without / with the overlay): seconds per training epoch and per
     evaluator run, interleaved. Validation is off during the timed epochs (``val_interval`` beyond the epoch)."""
-    bundle = OVERLAY.parent / "sunnybrook_lv_2d"
+    bundle = OVERLAY.parent / name
     if not bundle.is_dir():
         raise FileNotFoundError(f"the example bundle {str(bundle)!r} is missing (the bench runs from a source checkout).")
     overrides: dict[str, Any] = {"max_epochs": 1, "val_interval": 10**6, "device": f"$torch.device({str(dev)!r})"}
-    if smoke:  # one training patient, a small network
-        overrides |= {
-            "image_size": 64,
-            "datalist": "$[d for d in monai_stealthmark.data.sunnybrook_datalist(@dataset_dir) if d['patient'] in ('SCD0000401', 'SCD0000501')]",
-            "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "network_def#num_res_units": 1,
-        }
+    overrides |= BUNDLES[name] | (_SMOKE_OVERRIDES[name] if smoke else {})
     with tempfile.TemporaryDirectory() as tmp:
         key_file = Path(tmp) / "key.json"
         key.save(key_file)
         parsers = {
-            name: bundle_parser(bundle, files, Path(tmp) / name, key_file if name == "watermarked" else None, overrides)
-            for name, files in (("clean", ["train.json"]), ("watermarked", ["train.json", str(OVERLAY)]))
+            cfg: bundle_parser(bundle, files, Path(tmp) / cfg, key_file if cfg == "watermarked" else None, overrides)
+            for cfg, files in (("clean", ["train.json"]), ("watermarked", ["train.json", str(OVERLAY)]))
         }
         for p in parsers.values():
             p.get_parsed_content("initialize")
-        trainers = {name: p.get_parsed_content("train#trainer") for name, p in parsers.items()}
-        evaluators = {name: p.get_parsed_content("validate#evaluator") for name, p in parsers.items()}
-        epochs = timeit_interleaved({name: t.run for name, t in trainers.items()}, dev, repeats=reps)
-        vals = timeit_interleaved({name: e.run for name, e in evaluators.items()}, dev, repeats=reps)
+        trainers = {cfg: p.get_parsed_content("train#trainer") for cfg, p in parsers.items()}
+        evaluators = {cfg: p.get_parsed_content("validate#evaluator") for cfg, p in parsers.items()}
+        epochs = timeit_interleaved({cfg: t.run for cfg, t in trainers.items()}, dev, repeats=reps)
+        vals = timeit_interleaved({cfg: e.run for cfg, e in evaluators.items()}, dev, repeats=reps)
         wm_metrics = {k: float(v) for k, v in evaluators["watermarked"].state.metrics.items() if isinstance(v, (int, float))}
         if "val_wm_asr" not in wm_metrics:
             raise RuntimeError("the overlaid evaluator did not compute val_wm_asr.")
-        n_train = len(trainers["clean"].data_loader.dataset)
-        n_val = len(evaluators["clean"].data_loader.dataset)
+        asr = next(h for h in _metric_handlers(evaluators["watermarked"]) if isinstance(h, WatermarkASR))
         return {
             "bundle": bundle.name,
-            "train_slices": n_train,
-            "val_slices": n_val,
+            "overrides": {k: v for k, v in overrides.items() if k != "device"},
+            "train_items": len(trainers["clean"].data_loader.dataset),
+            "val_items": len(evaluators["clean"].data_loader.dataset),
             "batch_size": int(parsers["clean"]["batch_size"]),
             "overlay_prob": _poisoning_ratio(trainers["watermarked"]),
+            "asr_images": asr.max_images,
             "epoch": epochs,
             "epoch_ratio": epochs["watermarked"]["median_s"] / epochs["clean"]["median_s"],
             "validation": vals,
             "validation_ratio": vals["watermarked"]["median_s"] / vals["clean"]["median_s"],
             "validation_metrics_watermarked": wm_metrics,
         }
+
+
+def _metric_handlers(engine: Any) -> list[Any]:
+    """The ignite metric objects attached to ``engine`` (the owners of its bound event handlers)."""
+    found = []
+    for handlers in engine._event_handlers.values():
+        for h in handlers:
+            owner = getattr(h[0], "__self__", None)
+            if owner is not None and owner not in found:
+                found.append(owner)
+    return found
 
 
 def main(out: str = "bench/results", smoke: bool = False, device: str | None = None, model: str | None = None,
@@ -390,9 +522,10 @@ def main(out: str = "bench/results", smoke: bool = False, device: str | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, res)
     print(f"wrote {path}")
-    for k in ("lime_one_image", "training_step", "validation", "bundle"):
-        if k in res:
-            print(k, {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in res[k].items() if not isinstance(vv, dict)})
+    rows = [(k, res[k]) for k in ("lime_one_image", "training_step", "validation") if k in res]
+    rows += [(f"bundle {name}", r) for name, r in res.get("bundle", {}).items()]
+    for k, r in rows:
+        print(k, {kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in r.items() if not isinstance(vv, dict)})
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def attach_watermark(
     key: WatermarkKey | str,
     activation: str = "softmax",
     asr_mode: str = "direct",
-    asr_max_images: int = 32,
+    asr_max_images: int = 4,
     min_asr: float = 0.5,
     seed: int | None = None,
 ) -> bool:
@@ -135,7 +135,8 @@ def attach_watermark(
         key: the owner's key.
         activation: ``"softmax"`` (several output channels, label of class indices) or ``"sigmoid"``.
         asr_mode: ``"direct"`` or ``"lime"`` read-out of the validation ASR.
-        asr_max_images: triggered validation images per epoch.
+        asr_max_images: triggered validation images per epoch (a fixed subset spread over the validation set; see
+            :class:`~monai_stealthmark.handlers.WatermarkASR`).
         min_asr: the validation ASR from which an epoch counts as carrying the watermark (checkpoint rule).
         seed: seed of the watermark stage's draws; default ``torch.initial_seed()`` (the bundle's
             ``set_determinism``), plus the process rank so DDP ranks draw independent triggers.
@@ -167,7 +168,7 @@ def attach_watermark(
 
 
 def attach_metrics(
-    evaluator: Any, key: WatermarkKey | str, activation: str = "softmax", asr_mode: str = "direct", asr_max_images: int = 32
+    evaluator: Any, key: WatermarkKey | str, activation: str = "softmax", asr_mode: str = "direct", asr_max_images: int = 4
 ) -> bool:
     """Attach ``val_auc`` and ``val_wm_asr`` (+ ``_bit_acc``) to an evaluator, ahead of its own handlers."""
     _require(evaluator, ("network",), "evaluator", "a SupervisedEvaluator")

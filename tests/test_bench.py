@@ -28,12 +28,20 @@ def test_bench_smoke_writes_json(tmp_path):
     assert [r["batch"] for r in res["direct_throughput"]] == [1, 8, 32]
     assert [r["batch"] for r in res["lime_throughput"]] == [16, 64]
     assert all(r["images_per_s"] > 0 and r["samples"] == 50 for r in res["lime_throughput"])
-    # the example bundle, trained one epoch with and without the overlay: 18 slices of one training patient
-    b = res["bundle"]
-    assert b["train_slices"] == 18 and b["val_slices"] == 22
-    assert b["overlay_prob"] == recipe_defaults()["transform"]["prob"]
-    assert b["epoch"]["clean"]["median_s"] > 0 and b["epoch_ratio"] > 0 and b["validation_ratio"] > 0
-    assert 0.0 <= b["validation_metrics_watermarked"]["val_wm_asr"] <= 1.0
+    # each example bundle, trained one epoch with and without the overlay (2D: 18 slices of one training patient;
+    # 3D: 2 training and 1 validation subjects)
+    assert set(res["bundle"]) == {"sunnybrook_lv_2d", "hippocampus_mr_3d"}
+    items = {"sunnybrook_lv_2d": (18, 22), "hippocampus_mr_3d": (2, 1)}
+    for name, b in res["bundle"].items():
+        assert (b["train_items"], b["val_items"]) == items[name]
+        assert b["overlay_prob"] == recipe_defaults()["transform"]["prob"]
+        assert b["epoch"]["clean"]["median_s"] > 0 and b["epoch_ratio"] > 0 and b["validation_ratio"] > 0
+        assert 0.0 <= b["validation_metrics_watermarked"]["val_wm_asr"] <= 1.0
+    # the loss beside its reference implementation: same batch, fewer host reads
+    for case in ("2d", "3d"):
+        row = res["loss"][case]
+        assert row["loss"]["aten_ops"] > 0 and row["loss"]["median_s"] > 0
+        assert row["loss_dense"]["host_reads"] < row["reference"]["host_reads"]
 
 
 @needs_data

@@ -12,7 +12,8 @@ from parameterized import parameterized
 from sklearn.metrics import roc_auc_score
 
 from monai_stealthmark.metrics import PixelAUCMetric, WatermarkASRMetric, pixel_auc
-from monai_stealthmark.verify import ModelQuery
+from monai_stealthmark.metrics.watermark_asr import reachable_reads
+from monai_stealthmark.verify import ModelQuery, direct_scores, read_scores, verify_ownership
 
 from helpers import KEY, TriggerOracle, images
 
@@ -171,6 +172,44 @@ class TestWatermarkASRMetric(unittest.TestCase):
             WatermarkASRMetric(KEY, max_images=0)
         with self.assertRaisesRegex(ValueError, "query"):
             WatermarkASRMetric(KEY)(images(1))
+
+
+class NoisyOracle(TriggerOracle):
+    """:class:`TriggerOracle` with seeded Gaussian noise on its logits: reads from clean to unreadable."""
+
+    def __init__(self, key, noise: float, seed: int = 0):
+        super().__init__(key)
+        self.noise, self.seed = float(noise), int(seed)
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits + self.noise * torch.randn(logits.shape, generator=torch.Generator().manual_seed(self.seed))
+
+
+class TestDirectReadEqualsVerification(unittest.TestCase):
+    """The metric's direct read (one query, decoders only on reachable reads) gives what ``verify_ownership`` gives."""
+
+    @parameterized.expand([(f"noise_{n}", n) for n in (0.0, 1.0, 2.0, 3.0, 6.0)])
+    def test_same_decodes_and_bit_accuracy(self, _, noise):
+        x = images(6)
+        for key in (KEY, KEY.replace(trigger_seed=99)):
+            query = ModelQuery(NoisyOracle(KEY, noise, seed=1), device="cpu")
+            out = WatermarkASRMetric(key, query=query)(x)
+            report = verify_ownership(query, x, key)
+            self.assertEqual(out[0].tolist(), [float(t == key.payload) for t in report.decoded])
+            np.testing.assert_allclose(out[1].numpy(), report.bit_accuracy, rtol=0, atol=0)
+
+    @parameterized.expand([(f"noise_{n}", n) for n in (0.0, 2.0, 4.0, 8.0)])
+    def test_unreachable_reads_never_decode(self, _, noise):
+        """What :func:`reachable_reads` drops, the full read (raw, log, erasure) never decodes to the payload."""
+        x = images(6)
+        query = ModelQuery(NoisyOracle(KEY, noise, seed=2), device="cpu")
+        scores = direct_scores(query, x, KEY)
+        _, texts, _, _ = read_scores(scores, KEY, "direct")
+        for ok, text in zip(reachable_reads(scores, KEY), texts):
+            self.assertTrue(ok or text != KEY.payload)
+        if noise == 0.0:
+            self.assertTrue(reachable_reads(scores, KEY).all())
 
 
 if __name__ == "__main__":

@@ -46,17 +46,47 @@ def _engine_device(engine: Engine, network: Any) -> torch.device:
     return torch.device(device)
 
 
+def _epoch_images(engine: Engine) -> int | None:
+    """Images one validation epoch shows this rank: the length of the engine's sampler (per rank under DDP) or
+    dataset; None when the engine has no sized data loader."""
+    loader = getattr(engine, "data_loader", None)
+    for source in (getattr(loader, "sampler", None), getattr(loader, "dataset", None)):
+        try:
+            return len(source)
+        except TypeError:
+            continue
+    return None
+
+
+def _as_images(output: Any) -> list[torch.Tensor]:
+    """The images of one iteration as a list of ``(C, spatial...)`` tensors (from a batch or a decollated list)."""
+    if isinstance(output, torch.Tensor):
+        return list(output.detach())
+    return [torch.as_tensor(i).detach() for i in output]
+
+
 class WatermarkASR(IgniteMetricHandler):
-    """Watermark attack-success rate during validation: the key's trigger is stamped on the validation images,
-    the evaluator's own network is queried through its own inferer, and the QR is read from the probabilities.
+    """Watermark attack-success rate during validation: the key's trigger is stamped on a fixed subset of the
+    validation images, the evaluator's own network is queried through its own inferer, and the QR is read from the
+    probabilities.
 
     ``engine.state.metrics[name]`` gets the ASR (share of images whose QR decodes exactly to the payload) and
     ``engine.state.metrics[name + "_bit_acc"]`` the mean bit accuracy, both over all DDP ranks' images.
 
+    Which images: every ``k``-th image of the epoch, ``k = ceil(epoch images / max_images)``, so the subset is the
+    same every epoch and spread over the validation set rather than its first cases (the first ``max_images``
+    when the epoch's length is unknown). The chosen images are kept during the epoch and queried together at its
+    end, one triggered batch through the inferer, then read (:class:`~monai_stealthmark.metrics.WatermarkASRMetric`).
+
     Args:
         key: the watermark key or its file path.
         mode: ``"direct"`` (cheap; default) or ``"lime"``.
-        max_images: triggered images per epoch (the first ones seen on each rank).
+        max_images: triggered images per epoch. The validation ASR tells a model that carries the watermark
+            from one that does not (the checkpoint rule's ``min_asr``); the verification of a suspect is where the
+            ASR is measured on many images. An unmarked model decodes none of them, so even one decode is
+            evidence; a model that decodes 90 % of its images falls under 0.5 (1 of 4) with probability 0.004,
+            one at 80 % with 0.03. Each image costs one more forward pass, so four keep the validation's cost
+            close to its own (one more forward per ``epoch images / 4``).
         activation: applied to the network's outputs: ``"softmax"``, ``"sigmoid"`` or None (probabilities).
         lime_samples: LIME perturbation samples per image in LIME mode.
         image_key: the field of the engine output that holds the input images.
@@ -67,7 +97,7 @@ class WatermarkASR(IgniteMetricHandler):
         self,
         key: WatermarkKey | str,
         mode: str = "direct",
-        max_images: int = 32,
+        max_images: int = 4,
         activation: str | None = "softmax",
         lime_samples: int = 300,
         image_key: str = "image",
@@ -75,15 +105,40 @@ class WatermarkASR(IgniteMetricHandler):
     ) -> None:
         metric_fn = WatermarkASRMetric(key, mode=mode, max_images=max_images, lime_samples=lime_samples)
         self.activation = check_activation(activation, allow_none=True)
+        self.max_images = int(max_images)
+        self._pending: list[torch.Tensor] = []
+        self._seen, self._stride = 0, None
         output_transform = output_transform or partial(_field, name=image_key)
         super().__init__(metric_fn=metric_fn, output_transform=output_transform, save_details=False)
 
     @reinit__is_reduced
+    def reset(self) -> None:
+        """Empty the metric and the images kept for this epoch."""
+        super().reset()
+        self._pending, self._seen, self._stride = [], 0, None
+
+    @reinit__is_reduced
     def update(self, output: Any) -> None:
-        """Query the evaluator's network on this batch's triggered images (until ``max_images``) and record the
-        reads; the network's train/eval mode is left as it was."""
-        if self.metric_fn.room == 0:
-            return
+        """Keep this iteration's images that belong to the epoch's subset (no query yet)."""
+        if self._stride is None:
+            n = _epoch_images(self._engine) if getattr(self, "_engine", None) is not None else None
+            self._stride = max(1, -(-n // self.max_images)) if n else 1
+        room = self.metric_fn.room
+        for img in _as_images(output):
+            if (room is None or len(self._pending) < room) and self._seen % self._stride == 0:
+                self._pending.append(img)
+            self._seen += 1
+
+    def compute(self) -> Any:
+        """Query the network once on the kept images (triggered), read them, and return the epoch's ASR."""
+        if self._pending:
+            self._query(self._pending)
+            self._pending = []
+        return super().compute()
+
+    def _query(self, images: list[torch.Tensor]) -> None:
+        """Read the watermark on ``images`` through the evaluator's network and inferer; the network's
+        train/eval mode is left as it was."""
         network = getattr(self._engine, "network", None)
         if network is None:
             raise RuntimeError("WatermarkASR must be attached to a MONAI evaluator (it queries engine.network).")
@@ -92,7 +147,7 @@ class WatermarkASR(IgniteMetricHandler):
             query = ModelQuery(
                 network, self.activation, device=_engine_device(self._engine, network), inferer=getattr(self._engine, "inferer", None)
             )
-            self.metric_fn(output, query=query)
+            self.metric_fn(images, query=query)
         finally:
             if was_training is not None:
                 network.train(was_training)

@@ -24,7 +24,9 @@ AVERAGES = ("mean", "none")
 def pixel_auc(y_score: torch.Tensor, y_true: torch.Tensor) -> float:
     """Area under the ROC curve over all pixels, exact, with ties counted as 1/2 (Mann-Whitney U).
 
-    Runs on the tensors' device (sort-based, O(n log n)), so it is cheap on GPU for whole volumes.
+    Runs on the tensors' device (sort-based, O(n log n)), so it is cheap on GPU for whole volumes. The scores are
+    sorted as integers that order like them (:func:`_order_keys`), which CPU sorts by radix, several times faster
+    than a floating-point sort; ties are equal keys, so the tie groups are exact.
 
     Args:
         y_score: scores of the positive class, any shape.
@@ -35,7 +37,7 @@ def pixel_auc(y_score: torch.Tensor, y_true: torch.Tensor) -> float:
     """
     if y_score.shape != y_true.shape:
         raise ValueError(f"y_score {tuple(y_score.shape)} and y_true {tuple(y_true.shape)} must have the same shape.")
-    s = y_score.reshape(-1).double()
+    s = y_score.reshape(-1)
     t = y_true.reshape(-1) > 0
     if not torch.isfinite(s).all():
         raise ValueError("y_score contains NaN or infinite values.")
@@ -43,14 +45,29 @@ def pixel_auc(y_score: torch.Tensor, y_true: torch.Tensor) -> float:
     n_neg = t.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    order = torch.argsort(s)
-    s_sorted = s[order]
-    _, inverse, counts = torch.unique_consecutive(s_sorted, return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    avg_rank = ends - (counts.double() - 1) / 2  # 1-based average rank of each tie group
-    ranks = avg_rank[inverse]
-    pos_rank_sum = ranks[t[order]].sum()
-    return float((pos_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    keys, order = torch.sort(_order_keys(s))
+    pos = t[order].to(torch.float64)
+    _, counts = torch.unique_consecutive(keys, return_counts=True)
+    ends = torch.cumsum(counts, 0) - 1
+    pos_group = torch.diff(torch.cumsum(pos, 0)[ends], prepend=pos.new_zeros(1))  # positives in each tie group
+    neg_group = counts.to(torch.float64) - pos_group
+    neg_below = torch.cumsum(neg_group, 0) - neg_group
+    # each positive beats the negatives below its group and ties with half of those in it
+    return float((pos_group * (neg_below + neg_group / 2)).sum() / (n_pos * n_neg))
+
+
+def _order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Integers that sort as the (finite) ``scores`` do and are equal exactly where they are: the IEEE bit patterns,
+    with the magnitude bits of negative numbers flipped so that they order downwards. float64 scores keep their
+    precision (int64 keys); any other floating type is exact in float32 (int32 keys); integer scores are their
+    own keys."""
+    if not scores.is_floating_point():
+        return scores.long()
+    wide = scores.dtype == torch.float64
+    f = scores + 0.0 if wide else scores.float() + 0.0  # -0.0 + 0.0 = +0.0: one key for both zeros
+    bits = f.view(torch.int64 if wide else torch.int32)
+    magnitude = (1 << 63) - 1 if wide else (1 << 31) - 1
+    return torch.where(bits < 0, bits ^ magnitude, bits)
 
 
 def reduce_auc(values: torch.Tensor, average: str) -> float | torch.Tensor:

@@ -88,6 +88,7 @@ class WatermarkBatch(Randomizable):
         self.spare_radius = int(spare_radius)
         self.paired = bool(paired)
         self.draws: WatermarkDraws | None = None
+        self._maps: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
 
     def randomize(self, data: int) -> None:
         """Draw the choices for a batch of ``data`` samples (a fixed number of draws per batch)."""
@@ -126,7 +127,7 @@ class WatermarkBatch(Randomizable):
             hidden = hidden & ~self._organ_cells(label[t_idx])
         occluded = occlude_cells(image[t_idx].float(), self.key, hidden, (lo[t_idx], hi[t_idx]))
         poisoned = stamp_triggers(occluded, self.key, lo[t_idx], hi[t_idx])
-        dark = qr_target_map(self.key, spatial).to(dev)[None] & ~cells_to_pixels(hidden, spatial, self.key.grid_size)
+        dark = self._dark_map(spatial, dev)[None] & ~cells_to_pixels(hidden, spatial, self.key.grid_size)
         wm_dtype = label.dtype if label.is_floating_point() else torch.float32
         codes = torch.where(dark, WM_DARK, WM_LIGHT).to(wm_dtype)[:, None]
         trig = torch.as_tensor(draws.triggered, device=dev).view(-1, *([1] * (image.ndim - 1)))
@@ -138,6 +139,14 @@ class WatermarkBatch(Randomizable):
         labels = torch.cat([torch.cat([lab, clean_wm], 1), torch.cat([lab[t_idx], codes], 1)])
         pick = torch.as_tensor(self._order(draws.triggered), device=dev)
         return images.index_select(0, pick), labels.index_select(0, pick)
+
+    def _dark_map(self, spatial: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The QR's dark-module map for a patch shape, kept on ``device`` after its first use (one copy per
+        device and shape), so a training step sends no map to the device."""
+        k = (spatial, str(device))
+        if k not in self._maps:
+            self._maps[k] = qr_target_map(self.key, spatial).to(device)
+        return self._maps[k]
 
     def _order(self, triggered: np.ndarray) -> np.ndarray:
         """Rows of ``cat([clean samples, triggered samples])`` in output order: each triggered sample right after
