@@ -12,6 +12,11 @@ The owner trains the watermarked UNet on three patients (SCD0000101/201/301); th
 clean Dice of the attacked model and the black-box claim (direct read-out) on its triggered slices.
 Writes ``robustness.json`` (rows ``{"attack", "params", "clean_dice", "asr", "p_value", "removed", "seconds"}``),
 ``robustness.md``, ``persistence.json`` and the plots ``persistence.png`` and ``landscape.png``.
+
+    python -m experiments.robustness --formats runs/demo --out results/robustness
+
+measures only the deployment formats instead: the clean and the watermarked model of a finished demo run in torch
+and exported to ONNX, run by onnxruntime in fp32, fp16 and real int8 (``formats.json``, ``formats.md``).
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import json
 import sys
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,18 +37,18 @@ import numpy as np
 import torch
 from monai.metrics import DiceMetric
 
-from experiments import cli, phase, progress
+from experiments import UsageError, cli, phase, progress
 from experiments.sunnybrook import ExperimentConfig, build_network, experiment_key, load_or_train, make_config
 from monai_stealthmark import attacks as A
 from monai_stealthmark.attacks._common import train_steps
-from monai_stealthmark.data import load_sunnybrook
+from monai_stealthmark.data import load_sunnybrook, split_by_patient
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.key.geometry import WM_DARK, WM_LIGHT, qr_target_map
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
-from monai_stealthmark.verify import ModelQuery, trigger_batch, verify_badnet, verify_ownership
+from monai_stealthmark.verify import ModelQuery, OnnxModelQuery, trigger_batch, verify_badnet, verify_ownership
 
-__all__ = ["Split", "Distillation", "attack_suite", "run_attacks", "make_verify", "dice", "run", "markdown", "main"]
+__all__ = ["Split", "Distillation", "ONNX_ROWS", "onnx_attacks", "attack_suite", "run_attacks", "make_verify", "dice", "run", "deployment_formats", "formats_markdown", "runtime_ops", "markdown", "main"]
 
 OWNER = ["SCD0000101", "SCD0000201", "SCD0000301"]
 ATTACKER = ["SCD0000401"]
@@ -127,6 +135,28 @@ def _distillation_attacks(net, distillation: Distillation) -> dict[str, tuple]:
     return suite
 
 
+ONNX_ROWS = {
+    "fp32": ("onnxruntime_fp32", {"format": "ONNX", "runtime": "onnxruntime CPU"}),
+    "fp16": ("onnxruntime_fp16", {"format": "ONNX fp16 (onnxruntime.transformers.float16, fp32 I/O)", "runtime": "onnxruntime CPU"}),
+    "int8": ("onnxruntime_int8_static", {"format": "ONNX int8 static QDQ (per-channel int8 weights, uint8 activations)",
+                                         "runtime": "onnxruntime CPU", "calibration": "attacker slices"}),
+}
+
+
+def onnx_attacks(net: torch.nn.Module, att_x: torch.Tensor) -> dict[str, tuple[str, dict[str, Any], Callable[[], Any]]]:
+    """The deployment-format rows: the model exported to ONNX and queried through onnxruntime in fp32, fp16 and real
+    int8 (static, QDQ, calibrated on the attacker's clean slices ``att_x``), each a black box returning probabilities
+    (:class:`~monai_stealthmark.verify.OnnxModelQuery`, as many threads as torch uses)."""
+    suite = {}
+    for precision, (name, params) in ONNX_ROWS.items():
+        def deploy(p=precision):
+            proto = A.onnx_deployment(net, att_x[:1], p, calibration_images=att_x if p == "int8" else None)
+            return OnnxModelQuery(proto, activation="softmax", threads=torch.get_num_threads())
+
+        suite[name] = (name, dict(params), deploy)
+    return suite
+
+
 def attack_suite(
     net: torch.nn.Module,
     att_x: torch.Tensor,
@@ -162,6 +192,7 @@ def attack_suite(
     suite["int8_weights"] = ("int8_weights", {}, lambda: A.int8_weights(net))
     suite["int8_static"] = ("int8_static", {"calibration": "attacker slices"}, lambda: A.int8_static(net, att_x))
     suite["torchscript_roundtrip"] = ("torchscript_roundtrip", {}, lambda: A.torchscript_roundtrip(net, att_x[:1]))
+    suite.update(onnx_attacks(net, att_x))
     for s in (0.01, 0.05, 0.1):
         suite[f"weight_noise_{s}"] = ("weight_noise", {"scale": s}, lambda s=s: A.weight_noise(net, s))
     if distillation is not None:
@@ -381,6 +412,148 @@ def run(
     return res
 
 
+FORMAT_MODELS = ("watermarked", "clean")
+_RUN_SETTINGS = ("channels", "arch", "size", "test_patient", "patients")  # what rebuilds a saved demo network
+
+
+def _run_settings(run_dir: Path) -> dict[str, Any]:
+    """The network and data settings recorded beside a demo run's watermarked model (none when not recorded)."""
+    rec = run_dir / "watermarked.settings.json"
+    if not rec.is_file():
+        return {}
+    saved = json.loads(rec.read_text())
+    return {k: (tuple(v) if isinstance(v, list) and k == "channels" else v) for k, v in saved.items() if k in _RUN_SETTINGS}
+
+
+def _load_model(path: Path, cfg: ExperimentConfig) -> torch.nn.Module:
+    if not path.is_file():
+        raise UsageError(f"{path} not found: --formats takes a finished run of `python -m experiments.sunnybrook` "
+                         "(watermarked.pt, clean.pt, key.json).")
+    net = build_network(cfg.channels, cfg.arch)
+    net.load_state_dict(torch.load(path, map_location="cpu"))
+    return net.eval()
+
+
+def _format_row(model: str, net, label, params, build, x, y, verify, claim_shown: bool) -> dict[str, Any]:
+    """One model in one deployment format: the attack row, plus how far its probabilities are from the torch
+    model's on the clean held-out slices and its time per image."""
+    built = {}
+
+    def deploy():
+        built["q"] = build()
+        return built["q"]
+
+    reference = ModelQuery(net, activation="softmax", device="cpu")
+    ref_dice = dice(reference, x, y)
+    (row,) = run_attacks([(label, params, deploy)], lambda q: dice(q, x, y), verify, ref_dice, claim_shown, model)
+    q = built["q"] if not isinstance(built["q"], torch.nn.Module) else ModelQuery(built["q"], activation="softmax", device="cpu")
+    with torch.no_grad():
+        p_ref = reference(x)
+        t0 = time.perf_counter()
+        p = q(x)
+        ms = (time.perf_counter() - t0) * 1000 / x.shape[0]
+    diff = (p - p_ref).abs()
+    row["model"] = model
+    row["extra"] = {"max_prob_diff": float(diff.max()), "mean_prob_diff": float(diff.mean()),
+                    "argmax_agreement": float((p.argmax(1) == p_ref.argmax(1)).float().mean()), "ms_per_image": ms}
+    if isinstance(q, OnnxModelQuery):
+        row["extra"]["runtime_ops"] = runtime_ops(q.session.proto)
+    return row
+
+
+def runtime_ops(proto) -> dict[str, int]:
+    """How many nodes of each operator type onnxruntime's CPU provider runs for ``proto`` after its graph
+    optimisations (e.g. the ``QLinearConv`` integer kernels it fuses a QDQ graph into)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="stealthmark_ort_") as tmp:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(tmp) / "optimised.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    return dict(sorted(ops.items()))
+
+
+def deployment_formats(run_dir: str | Path, out: str | Path, fast: bool = True, **settings: Any) -> dict[str, Any]:
+    """The demo's two models in torch and as a thief deploys them, exported to ONNX and run by onnxruntime (CPU) in
+    fp32, fp16 and real int8 (static, QDQ, calibrated on another patient's clean slices), measured on the held-out
+    patient: clean Dice, ASR, bit accuracy and p-value (direct read-out), and the distance to the torch outputs.
+
+    Args:
+        run_dir: a finished ``python -m experiments.sunnybrook`` run (``watermarked.pt``, ``clean.pt``, ``key.json``;
+            the network's settings are read from ``watermarked.settings.json`` when it is there).
+        out: output folder for ``formats.json`` and ``formats.md``.
+        fast: the CPU setting.
+        **settings: run settings (e.g. ``data``, ``test_patient``, ``channels``) overriding the recorded ones.
+    """
+    t_start = time.perf_counter()
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "key.json").is_file():
+        raise UsageError(f"{run_dir / 'key.json'} not found: --formats takes a finished run of `python -m experiments.sunnybrook`.")
+    torch.manual_seed(0)
+    cfg = make_config(fast, **{**_run_settings(run_dir), **settings})
+    key = WatermarkKey.load(run_dir / "key.json")
+    nets = {name: _load_model(run_dir / f"{name}.pt", cfg) for name in FORMAT_MODELS}
+    phase(f"loading the Sunnybrook slices from {cfg.data_root}")
+    samples = load_sunnybrook(cfg.data_root, size=cfg.size, patients=cfg.patients)
+    train, test = split_by_patient(samples, [cfg.test_patient])
+    calib_patient = next(p for p in ATTACKER + sorted({s["patient"] for s in train}) if p != cfg.test_patient)
+    calib_x = torch.stack([s["image"] for s in train if s["patient"] == calib_patient])
+    x, y = _stack(test)
+    verify = make_verify(x, key)
+    rows = []
+    for name, net in nets.items():
+        shown = bool(verify(net).verdict)
+        suite = {"none": ("none", {}, lambda net=net: net), **onnx_attacks(net, calib_x)}
+        phase(f"{name} model: torch and onnxruntime fp32 / fp16 / int8")
+        rows += [_format_row(name, net, *entry, x, y, verify, shown) for entry in suite.values()]
+    res = {
+        "setting": {"run": str(run_dir), "test": cfg.test_patient, "n_images": int(x.shape[0]), "calibration": calib_patient,
+                    "n_calibration": int(calib_x.shape[0]), "network": f"{cfg.arch} {tuple(cfg.channels)}", "size": cfg.size,
+                    "threads": torch.get_num_threads(), "versions": _versions(), "key_fingerprint": key.fingerprint},
+        "rows": rows, "seconds": time.perf_counter() - t_start,
+    }
+    atomic_write_json(out / "formats.json", res)
+    atomic_write_text(out / "formats.md", formats_markdown(res))
+    return res
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def formats_markdown(res: dict[str, Any]) -> str:
+    """The deployment-format table: model x format -> clean Dice, ASR, bit accuracy, p-value, distance to torch."""
+    st = res["setting"]
+    lines = [
+        f"Deployment formats: {st['network']} at {st['size']}x{st['size']}, held-out patient {st['test']} "
+        f"({st['n_images']} slices), int8 calibrated on {st['calibration']} ({st['n_calibration']} slices), "
+        f"onnxruntime {st['versions']['onnxruntime']} CPU, {st['threads']} threads.",
+        "",
+        "| model | format | clean Dice | ASR | bit accuracy | p-value | verdict | max / mean abs. prob. diff to torch | argmax agreement | ms / image |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in res["rows"]:
+        e = r["extra"]
+        lines.append(
+            f"| {r['model']} | {r['attack']} | {r['clean_dice']:.4f} | {r['asr']:.3f} | {r['bit_accuracy']:.3f} | "
+            f"{r['p_value']:.2g} | {'shown' if r['verdict'] else 'not shown'} | {e['max_prob_diff']:.2g} / "
+            f"{e['mean_prob_diff']:.2g} | {e['argmax_agreement']:.5f} | {e['ms_per_image']:.1f} |"
+        )
+    shown = set()
+    for r in res["rows"]:
+        if "runtime_ops" in r["extra"] and r["attack"] not in shown:
+            shown.add(r["attack"])
+            ops = ", ".join(f"{k} {v}" for k, v in r["extra"]["runtime_ops"].items())
+            lines += ["", f"onnxruntime's optimised graph for {r['attack']}: {ops}."]
+    return "\n".join(lines) + "\n"
+
+
 def attack_table(watermarked: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """The attack x {clean Dice, ASR, p-value, verdict, removed} table in markdown."""
     w = watermarked
@@ -418,9 +591,12 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(
     out: str, fast: bool = False, epochs: int = 20, distill_steps: int | None = None, overwrite_steps: int | None = None,
-    **settings: Any,
+    formats: str | None = None, **settings: Any,
 ) -> None:
     """Attack the watermarked model, measure persistence, restoration and the loss landscape; print the tables.
+
+    With ``--formats RUN`` only the deployment formats are measured, on the models of a finished demo run
+    (:func:`deployment_formats`).
 
     Args:
         out: output folder (``watermarked.pt`` there is reused).
@@ -428,9 +604,14 @@ def main(
         epochs: fine-tuning epochs (attacks, persistence).
         distill_steps: student steps (default 300 fast / 1500 full).
         overwrite_steps: the attacker's embedding steps (default 150 fast / 600 full).
+        formats: a finished ``python -m experiments.sunnybrook`` run folder: measure its clean and watermarked
+            models in torch and through onnxruntime fp32 / fp16 / int8 instead (``formats.json``, ``formats.md``).
         **settings: the owner's training settings and recipe deviations, e.g. ``--steps 800``, ``--data DIR``,
             ``--cutmix-prob 0``, ``--margin-consistency 0``.
     """
+    if formats is not None:
+        print(formats_markdown(deployment_formats(formats, out, fast, **settings)))
+        return
     res = run(out, fast, epochs, distill_steps, overwrite_steps, **settings)
     print(markdown(res))
 

@@ -31,7 +31,16 @@ from tqdm import tqdm
 from monai_stealthmark.bundle import load_bundle_model
 from monai_stealthmark.data import DataFileError, read_error
 from monai_stealthmark.key import TRIGGER_KINDS, WatermarkKey
-from monai_stealthmark.verify import Commitment, ModelQuery, NullDistribution, calibrate_null, fit_window, trigger_batch, verify_ownership
+from monai_stealthmark.verify import (
+    Commitment,
+    ModelQuery,
+    NullDistribution,
+    calibrate_null,
+    fit_window,
+    load_suspect_query,
+    trigger_batch,
+    verify_ownership,
+)
 from monai_stealthmark.verify.offline import (
     MANIFEST_NAME,
     StoredAnswers,
@@ -45,7 +54,7 @@ from monai_stealthmark.verify.offline import (
 from monai_stealthmark.verify.remote import RemoteModelQuery
 from monai_stealthmark.verify.report import array_sha256, file_sha256, reproduction_differences
 
-__all__ = ["main", "build_parser", "add_key_image_options", "load_images", "null_summary"]
+__all__ = ["add_key_image_options", "build_parser", "load_images", "main", "null_summary"]
 
 IMAGE_SUFFIXES = (".dcm", ".nii", ".nii.gz", ".png", ".npy")
 MIN_NULL_MODELS = 2
@@ -82,18 +91,23 @@ def load_images(paths: list[str], size: int | None = 128, resize_first: bool = F
     return torch.stack(out)
 
 
-def load_bundle_images(paths: list[str], preprocessing) -> torch.Tensor:
-    """Read the images with the bundle's own inference preprocessing (``{"image": path}`` dicts)."""
+def load_bundle_images(paths: list[str], preprocessing, window=None) -> torch.Tensor:
+    """Read the images with the bundle's own inference preprocessing (``{"image": path}`` dicts).
+
+    With the network's input ``window`` (a patch-trained bundle's ``roi_size``) each image is centre-cropped or
+    padded to it, as the verifier queries, so volumes of different sizes make one batch.
+    """
     out = []
     for f in _collect(paths):
         try:
             img = preprocessing({"image": str(f)})["image"]
         except Exception as e:
             raise read_error(f, e, "image (bundle preprocessing)") from e
-        out.append(torch.as_tensor(img).float())
+        img = torch.as_tensor(img).as_subclass(torch.Tensor).float()
+        out.append(fit_window(img[None], window)[0] if window is not None else img)
     shapes = {tuple(i.shape) for i in out}
     if len(shapes) > 1:
-        raise DataFileError(f"the bundle's preprocessing gave images of different shapes {sorted(shapes)}.")
+        raise DataFileError(f"the bundle's preprocessing gave images of different shapes {sorted(shapes)} and its inferer has no roi_size to query with.")
     return torch.stack(out)
 
 
@@ -121,14 +135,15 @@ def _suspect_query(a: argparse.Namespace, activation: str | None):
     """The black box named by --model / --bundle / --url, and the images read for it."""
     if a.bundle:
         net, inferer, preprocessing = load_bundle_model(a.bundle)
-        images = load_bundle_images(a.images, preprocessing) if preprocessing is not None else load_images(a.images, a.size)
-        return ModelQuery(net, activation=activation, inferer=inferer), images
+        query = ModelQuery(net, activation=activation, inferer=inferer)
+        images = load_bundle_images(a.images, preprocessing, query.window) if preprocessing is not None else load_images(a.images, a.size)
+        return query, images
     if a.url:
         query = RemoteModelQuery(a.url, timeout=a.timeout, retries=a.retries, budget=a.budget, window=a.window)
         return query, load_images(a.images, a.size)
-    if a.model.endswith((".ts", ".pt", ".pth")):
-        return ModelQuery(a.model, activation=activation, window=a.window), load_images(a.images, a.size)
-    raise ValueError(f"--model must be a TorchScript file (.ts/.pt), got {a.model!r}.")
+    if a.model.endswith((".ts", ".pt", ".pth", ".onnx")):
+        return load_suspect_query(a.model, activation, window=a.window), load_images(a.images, a.size)
+    raise ValueError(f"--model must be a TorchScript (.ts/.pt/.pth) or ONNX (.onnx) file, got {a.model!r}.")
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
@@ -346,7 +361,7 @@ def _add_suspect_options(v: argparse.ArgumentParser) -> None:
         "--size, and DIR/manifest.json, for a pipeline to read",
     )
     src.add_argument("--answers", metavar="DIR", help="offline step two: the pipeline's DICOM SEGs (or NIfTI probability maps); needs --manifest")
-    src.add_argument("--model", help="TorchScript file of the suspect model")
+    src.add_argument("--model", help="TorchScript (.ts/.pt) or ONNX (.onnx) file of the suspect model")
     src.add_argument("--bundle", help="MONAI bundle folder (configs/inference.json + models/model.pt); its preprocessing, if any, reads the images")
     src.add_argument("--url", help="HTTP endpoint: POST .npy images -> .npy probabilities (see monai_stealthmark.serve)")
     v.add_argument("--timeout", type=float, default=30.0, help="seconds per HTTP request (--url)")
