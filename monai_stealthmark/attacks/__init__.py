@@ -13,6 +13,24 @@ clean Dice stays within 5 points).
 from __future__ import annotations
 
 from .distill import distill
+from .false_claim import (
+    ForgedTrigger,
+    ProtocolError,
+    check_referee_images,
+    claim_summary,
+    false_claim_upper_bound,
+    forge_trigger,
+    image_digest,
+    nearest_seeds,
+    optimise_images,
+    protocol_claim,
+    qr_cell_targets,
+    random_accuser_keys,
+    read_submitted_queries,
+    stamp_forged,
+    trigger_canvas,
+    uncertainty_loss,
+)
 from .finetune import finetune, reinit_head
 from .input import INPUT_ATTACKS, InputTransformQuery
 from .noise import weight_noise
@@ -28,4 +46,7 @@ __all__ = [
     "torchscript_roundtrip", "AttackResult", "is_removed", "run_attack",
     "ONNX_PRECISIONS", "ImageCalibrationReader", "export_onnx", "onnx_deployment", "onnx_fp16", "onnx_int8_static",
     "save_onnx",
+    "ForgedTrigger", "ProtocolError", "check_referee_images", "claim_summary", "false_claim_upper_bound", "forge_trigger",
+    "image_digest", "nearest_seeds", "optimise_images", "protocol_claim", "qr_cell_targets", "random_accuser_keys",
+    "read_submitted_queries", "stamp_forged", "trigger_canvas", "uncertainty_loss",
 ]
