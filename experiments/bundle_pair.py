@@ -3,16 +3,22 @@ with MONAI's ConfigParser, then measure both models on the bundle's validation d
 
     python -m experiments.bundle_pair --bundle bundles/ct_spleen_3d --out runs/ct_spleen_3d [--epochs N] [--seed S]
 
-This is the 3D row of the architectures table (the CT spleen NIfTI setting with a 3D UNet). Writes
-``DIR/results.json`` and ``DIR/results.md``; the two runs' bundle outputs go to ``DIR/clean`` and
+The watermark of a patch-trained bundle lives on the network's input window (the sliding window's ``roi_size``), so
+the verification queries are the held-out volumes centre-cropped or padded to that window
+(:func:`~monai_stealthmark.verify.fit_window`): ASR, stealth and the false-decode controls are measured on those
+queries, while Dice and AUC are measured as the bundle measures them, on the whole held-out volumes through its own
+inferer (mean Dice per volume over the foreground classes, pixel AUC over all voxels). Writes ``DIR/results.json``
+and ``DIR/results.md``; the two runs' bundle outputs (``models/model.pt``, logs) go to ``DIR/clean`` and
 ``DIR/watermarked``.
 
 Options: ``--epochs`` / ``--val-interval`` / ``--seed`` override the bundle's ``max_epochs`` / ``val_interval`` /
-``seed``; ``--lime-samples`` sets the LIME samples per image of the verification.
+``seed``; ``--lime-samples`` sets the LIME samples per image and ``--lime-images`` how many held-out images LIME
+reads (the direct read always reads all of them).
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,17 +28,23 @@ from monai.bundle import ConfigParser
 from monai.utils import set_determinism
 
 from experiments import attach_progress, cli, phase
-from experiments.sunnybrook import ExperimentConfig, evaluate, experiment_key
+from experiments.sunnybrook import ExperimentConfig, evaluate, experiment_key, segmentation_scores
 from monai_stealthmark.bundle import bundle_parser
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
+from monai_stealthmark.verify import ModelQuery, fit_window
 
-__all__ = ["OVERLAY", "train_bundle", "run", "main"]
+__all__ = ["OVERLAY", "main", "run", "train_bundle", "validation_volumes", "volume_scores"]
 
 OVERLAY = Path(__file__).resolve().parents[1] / "bundles" / "stealthmark_overlay.json"
 
 
 def train_bundle(bundle: Path, root: Path, key_file: str | None, overrides: dict[str, Any]) -> tuple[torch.nn.Module, ConfigParser]:
-    """Run the bundle's ``train`` (with the overlay when ``key_file`` is given); returns the trained network."""
+    """Run the bundle's ``train`` (with the overlay when ``key_file`` is given); returns the trained network.
+
+    ``root`` becomes a bundle of its own: the bundle's ``configs/`` are copied beside the ``models/model.pt`` that
+    training saves, so ``verify --bundle root`` queries the trained model through the bundle's inference config.
+    """
+    shutil.copytree(bundle / "configs", root / "configs", dirs_exist_ok=True)
     files = ["train.json"] + ([str(OVERLAY)] if key_file is not None else [])
     parser = bundle_parser(bundle, files, root, key_file, overrides)
     parser.get_parsed_content("initialize")
@@ -42,7 +54,36 @@ def train_bundle(bundle: Path, root: Path, key_file: str | None, overrides: dict
     return parser.get_parsed_content("network").eval(), parser
 
 
-def run(bundle: str | Path, out: str | Path, overrides: dict[str, Any] | None = None, lime_samples: int = 300) -> dict[str, Any]:
+def validation_volumes(parser: ConfigParser) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The bundle's validation images and labels, one ``(C, spatial...)`` tensor each, as its dataloader gives them."""
+    images, labels = [], []
+    for batch in parser.get_parsed_content("validate#dataloader"):
+        images += [torch.as_tensor(im).as_subclass(torch.Tensor) for im in batch["image"]]
+        labels += [torch.as_tensor(lb).as_subclass(torch.Tensor) for lb in batch["label"]]
+    return images, labels
+
+
+@torch.no_grad()
+def volume_scores(query: ModelQuery, images: list[torch.Tensor], labels: list[torch.Tensor]) -> dict[str, Any]:
+    """Dice (mean over volumes of the mean over foreground classes) and pixel AUC (over all voxels) of whole volumes
+    queried through the bundle's inferer, as the bundle's own validation measures them."""
+    dices, probs, truth = [], [], []
+    for im, lb in zip(images, labels):
+        p = query(im[None])
+        dices.append(segmentation_scores(p, lb[None].to(p.device))["dice"])
+        probs.append(p.reshape(p.shape[1], -1).cpu())
+        truth.append(lb.reshape(1, -1))
+    pooled = segmentation_scores(torch.cat(probs, 1)[None], torch.cat(truth, 1)[None])
+    return {**pooled, "dice": float(sum(dices) / len(dices))}
+
+
+def _as_windows(tensors: list[torch.Tensor], window: Any) -> torch.Tensor:
+    """Volumes centre-cropped or padded to the network's window, stacked (the verifier's queries)."""
+    return torch.cat([fit_window(t[None], window) for t in tensors])
+
+
+def run(bundle: str | Path, out: str | Path, overrides: dict[str, Any] | None = None, lime_samples: int = 300,
+        lime_images: int | None = None) -> dict[str, Any]:
     """Train the bundle clean and watermarked, measure both on its validation data, write the results.
 
     Args:
@@ -50,28 +91,40 @@ def run(bundle: str | Path, out: str | Path, overrides: dict[str, Any] | None = 
         out: output folder.
         overrides: bundle config overrides (e.g. ``{"max_epochs": 2}``).
         lime_samples: LIME samples per image of the verification.
+        lime_images: how many held-out images LIME reads (all when None).
     """
     t0 = time.perf_counter()
     bundle, out = Path(bundle), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
-    cfg = ExperimentConfig(lime_samples=lime_samples)
+    cfg = ExperimentConfig(lime_samples=lime_samples, lime_images=lime_images)
     key = experiment_key(cfg)
     key.save(out / "key.json")
     nets, parser = {}, None
-    for name, key_file in (("clean", None), ("watermarked", str(out / "key.json"))):
+    for name, key_file in (("watermarked", str(out / "key.json")), ("clean", None)):  # the watermark first: its log shows ASR early
         phase(f"training the {name} bundle")
         set_determinism(int(overrides.get("seed", 0)))
         nets[name], p = train_bundle(bundle, out / name, key_file, overrides)
         torch.save(nets[name].state_dict(), out / f"{name}.pt")
         parser = parser or p
     device = parser.get_parsed_content("device")
-    batches = list(parser.get_parsed_content("validate#dataloader"))
-    samples = [{"image": im, "label": lb} for b in batches for im, lb in zip(b["image"], b["label"])]
-    res = evaluate(nets["clean"], nets["watermarked"], samples, key, cfg, device, out / "report", inferer=parser.get_parsed_content("validate#inferer"))
+    inferer = parser.get_parsed_content("validate#inferer")
+    images, labels = validation_volumes(parser)
+    window = getattr(inferer, "roi_size", None)
+    if window is None and len({tuple(im.shape) for im in images}) > 1:
+        raise ValueError("the validation images differ in size and the bundle's inferer has no roi_size to query with.")
+    samples = _as_windows(images, window), _as_windows(labels, window)
+    res = evaluate(nets["clean"], nets["watermarked"], [{"image": i, "label": lb} for i, lb in zip(*samples)], key, cfg,
+                   device, out / "report", inferer=inferer)
+    if window is not None:  # task scores on whole volumes; the evaluation above saw the verifier's windows
+        phase(f"Dice and AUC of both models on {len(images)} whole held-out volumes")
+        res["window"] = {name: res[name] for name in ("clean", "watermarked", "watermarked_triggered_input")}
+        for name in ("clean", "watermarked"):
+            res[name] = volume_scores(ModelQuery(nets[name], device=device, inferer=inferer), images, labels)
     res["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     res["seconds"] = time.perf_counter() - t0
-    res["config"] = {"bundle": bundle.name, **overrides, "max_epochs": parser["max_epochs"], "lime_samples": lime_samples}
+    res["config"] = {"bundle": bundle.name, **overrides, "max_epochs": parser["max_epochs"], "lime_samples": lime_samples,
+                     "lime_images": lime_images, "window": list(window) if window is not None else None}
     res["key_fingerprint"] = key.fingerprint
     atomic_write_json(out / "results.json", res)
     atomic_write_text(out / "results.md", _markdown(res))
@@ -93,7 +146,7 @@ def _markdown(res: dict[str, Any]) -> str:
 
 
 def main(bundle: str, out: str, epochs: int | None = None, val_interval: int | None = None, seed: int | None = None,
-         lime_samples: int = 300) -> None:
+         lime_samples: int = 300, lime_images: int | None = None) -> None:
     """Train the bundle clean and watermarked, verify both and print the results table.
 
     Args:
@@ -103,9 +156,10 @@ def main(bundle: str, out: str, epochs: int | None = None, val_interval: int | N
         val_interval: the bundle's ``val_interval`` (default: its own).
         seed: the bundle's ``seed`` (default: its own).
         lime_samples: LIME samples per image of the verification.
+        lime_images: how many held-out images LIME reads (all when None).
     """
     settings = (("max_epochs", epochs), ("val_interval", val_interval), ("seed", seed))
-    res = run(bundle, out, {k: v for k, v in settings if v is not None}, lime_samples)
+    res = run(bundle, out, {k: v for k, v in settings if v is not None}, lime_samples, lime_images)
     print(_markdown(res))
 
 

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
@@ -27,6 +28,7 @@ from monai.engines import SupervisedTrainer
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
+from monai.networks import one_hot
 from monai.networks.nets import AttentionUnet, BasicUNet, SegResNet, SwinUNETR, UNet
 from monai.transforms import Compose, RandomizableTransform, RandScaleIntensityd
 from monai.utils import set_determinism
@@ -52,8 +54,16 @@ from monai_stealthmark.verify import (
 )
 
 __all__ = [
-    "ExperimentConfig", "make_config", "experiment_key", "build_network", "train_model", "load_or_train", "stealth",
-    "evaluate", "run", "main",
+    "ExperimentConfig",
+    "build_network",
+    "evaluate",
+    "experiment_key",
+    "load_or_train",
+    "main",
+    "make_config",
+    "run",
+    "stealth",
+    "train_model",
 ]
 
 PAYLOAD = "SM:3f9a2c71"
@@ -79,6 +89,8 @@ class ExperimentConfig:
         test_patient: the held-out patient.
         seed: seed of everything (data order, augmentation, triggers, initialisation).
         lime_samples: LIME perturbation samples per image.
+        lime_images: LIME reads the first this many held-out images (all when None); the direct read always reads
+            every image. LIME costs ``lime_samples`` queries per image, which on 3D windows is most of a run.
         arch: the network (see :func:`build_network`).
         cutmix_prob: share of training samples (both models) that get a box of another training slice pasted in,
             image and label (:class:`~monai_stealthmark.transforms.RandPoolCutMixd`), before the watermark transform;
@@ -105,6 +117,7 @@ class ExperimentConfig:
         self.test_patient = "SCD0000501"
         self.seed = 0
         self.lime_samples = 300 if fast else 1000
+        self.lime_images: int | None = None
         self.cutmix_prob = 0.5
         self.arch = "unet"
         self.simulate_attacks = 0.0
@@ -271,23 +284,44 @@ def load_or_train(
     return net
 
 
-def stealth(m_clean: torch.Tensor, m_trig: torch.Tensor) -> tuple[float, float]:
-    """``(mask Dice, pixel agreement)`` between the hard masks on clean and on triggered inputs (foreground = 1)."""
-    inter = ((m_clean == 1) & (m_trig == 1)).sum().item()
-    dice = 2 * inter / max(1, (m_clean == 1).sum().item() + (m_trig == 1).sum().item())
+def stealth(m_clean: torch.Tensor, m_trig: torch.Tensor, n_classes: int = 2) -> tuple[float, float]:
+    """``(mask Dice, pixel agreement)`` between the hard masks (class indices) on clean and on triggered inputs.
+
+    The mask Dice is the mean over the foreground classes (``1 .. n_classes - 1``) that either mask contains.
+    """
+    dices = []
+    for c in range(1, n_classes):
+        a, b = m_clean == c, m_trig == c
+        total = a.sum().item() + b.sum().item()
+        if total:
+            dices.append(2 * (a & b).sum().item() / max(1, total))
+    dice = sum(dices) / len(dices) if dices else 1.0
     return float(dice), float((m_clean == m_trig).float().mean())
 
 
-def _segmentation_scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Dice of the foreground class and pixel AUC of its probability."""
-    pred = probs.argmax(1, keepdim=True)
-    dm = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
-    dm(torch.cat([pred == 0, pred == 1], 1).float(), torch.cat([labels == 0, labels == 1], 1).float())
-    return {"dice": float(dm.aggregate()), "auc": pixel_auc(probs[:, 1], labels[:, 0])}
+def segmentation_scores(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Dice of the hard mask and pixel AUC of the probability, per foreground class and their means.
+
+    Args:
+        probs: ``(B, C, spatial...)`` per-class probabilities (class 0 the background).
+        labels: ``(B, 1, spatial...)`` class indices.
+    """
+    n = probs.shape[1]
+    dm = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
+    dm(one_hot(probs.argmax(1, keepdim=True), n), one_hot(labels.long(), n))
+    dice = [float(d) for d in dm.aggregate().reshape(-1)]
+    auc = [pixel_auc(probs[:, c], labels[:, 0] == c) for c in range(1, n)]
+    res: dict[str, Any] = {"dice": float(np.mean(dice)), "auc": float(np.nanmean(auc))}
+    if n > 2:
+        res.update(dice_per_class=dice, auc_per_class=auc)
+    return res
 
 
-def _verify(query: Any, images: torch.Tensor, key: WatermarkKey, mode: str, lime_samples: int, what: str) -> VerificationReport:
-    """:func:`verify_ownership` with a bar of the images sent to the model."""
+def _verify(query: Any, images: torch.Tensor, key: WatermarkKey, mode: str, cfg: ExperimentConfig, what: str) -> VerificationReport:
+    """:func:`verify_ownership` with a bar of the images sent to the model (LIME on the first ``cfg.lime_images``)."""
+    lime_samples = cfg.lime_samples
+    if mode == "lime" and cfg.lime_images is not None:
+        images = images[: cfg.lime_images]
     total = int(images.shape[0]) * (lime_samples + 1 if mode == "lime" else 1)
     counting = CountingQuery(query, total, f"verify {mode}: {what}")
     try:
@@ -303,11 +337,11 @@ def _task_and_stealth(q_clean: ModelQuery, q_wm: ModelQuery, images, labels, key
     p_wm = q_wm(images)
     p_wm_trig = q_wm(trigger_batch(images, key))
     res: dict[str, Any] = {
-        "clean": _segmentation_scores(p_clean, labels),
-        "watermarked": _segmentation_scores(p_wm, labels),
-        "watermarked_triggered_input": _segmentation_scores(p_wm_trig, labels),
+        "clean": segmentation_scores(p_clean, labels),
+        "watermarked": segmentation_scores(p_wm, labels),
+        "watermarked_triggered_input": segmentation_scores(p_wm_trig, labels),
     }
-    res["stealth_mask_dice"], res["stealth_agreement"] = stealth(p_wm.argmax(1), p_wm_trig.argmax(1))
+    res["stealth_mask_dice"], res["stealth_agreement"] = stealth(p_wm.argmax(1), p_wm_trig.argmax(1), p_wm.shape[1])
     return res, p_wm
 
 
@@ -315,7 +349,7 @@ def _ownership(q_wm: ModelQuery, images, key: WatermarkKey, cfg: ExperimentConfi
     """The claim on the watermarked model in both modes (reports saved under ``report_dir``)."""
     reports = {}
     for mode in ("direct", "lime"):
-        reports[mode] = _verify(q_wm, images, key, mode, cfg.lime_samples, "watermarked model")
+        reports[mode] = _verify(q_wm, images, key, mode, cfg, "watermarked model")
         if report_dir is not None:
             reports[mode].save(report_dir)
     res: dict[str, Any] = {"asr": {m: r.asr for m, r in reports.items()}}
@@ -338,8 +372,8 @@ def _controls(q_clean: ModelQuery, q_wm: ModelQuery, images, p_wm: torch.Tensor,
     controls: dict[str, dict[str, int]] = {"clean_inputs": {"direct": n_decodes(clean_input_decoded)}, "clean_model": {}, "wrong_key": {}}
     reports = {}
     for mode in ("direct", "lime"):
-        r_cm = _verify(q_clean, images, key, mode, cfg.lime_samples, "clean model")
-        r_wk = _verify(q_wm, images, wrong_key, mode, cfg.lime_samples, "wrong key")
+        r_cm = _verify(q_clean, images, key, mode, cfg, "clean model")
+        r_wk = _verify(q_wm, images, wrong_key, mode, cfg, "wrong key")
         controls["clean_model"][mode] = n_decodes(r_cm.decoded)
         controls["wrong_key"][mode] = n_decodes(r_wk.decoded)
         reports[mode] = {"clean_model": r_cm, "wrong_key": r_wk}
@@ -423,7 +457,7 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
 
 # settings that shape only the watermarked model (the clean one trains without them) or only the verification
 _WATERMARK_ONLY = ("simulate_attacks", "badnet", *(n for names in RECIPE_PARTS.values() for n in names))
-_VERIFY_ONLY = ("lime_samples",)
+_VERIFY_ONLY = ("lime_samples", "lime_images")
 
 
 def _training_settings(cfg: ExperimentConfig, name: str) -> dict[str, Any]:

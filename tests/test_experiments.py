@@ -167,6 +167,42 @@ class TestStealth(unittest.TestCase):
         self.assertAlmostEqual(agree, 0.96)
         self.assertEqual(stealth(a, a), (1.0, 1.0))
 
+    def test_mask_dice_is_the_mean_over_foreground_classes_present(self):
+        from experiments.sunnybrook import stealth
+
+        a = torch.zeros(1, 10, 10, dtype=torch.long)
+        a[0, 2:6, 2:6] = 1
+        a[0, 7:9, 7:9] = 2
+        b = a.clone()
+        b[0, 7:9, 7:9] = 0  # class 2 lost entirely; class 3 in neither mask
+        d, _ = stealth(a, b, n_classes=4)
+        self.assertAlmostEqual(d, (1.0 + 0.0) / 2)
+
+
+class TestSegmentationScores(unittest.TestCase):
+    def test_per_class_dice_and_auc(self):
+        from experiments.sunnybrook import segmentation_scores
+
+        labels = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+        labels[..., :4, :4] = 1
+        labels[..., 4:, 4:] = 2
+        probs = torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).float() * 0.8 + 0.2 / 3
+        probs[0, :, 4:, 4:6] = torch.tensor([0.6, 0.35, 0.05]).view(3, 1, 1)  # half of class 2 predicted background
+        res = segmentation_scores(probs, labels)
+        self.assertEqual(res["dice_per_class"][0], 1.0)
+        self.assertAlmostEqual(res["dice_per_class"][1], 2 * 8 / (16 + 8))
+        self.assertAlmostEqual(res["dice"], (1.0 + 2 / 3) / 2)
+        self.assertEqual(res["auc_per_class"][0], 1.0)
+        self.assertLess(res["auc_per_class"][1], 1.0)
+
+    def test_two_classes_match_the_foreground_dice(self):
+        from experiments.sunnybrook import segmentation_scores
+
+        labels = torch.zeros(2, 1, 6, 6, dtype=torch.long)
+        labels[:, :, 1:4, 1:4] = 1
+        probs = torch.cat([1 - labels.float() * 0.9, labels.float() * 0.9], 1)
+        self.assertEqual(segmentation_scores(probs, labels), {"dice": 1.0, "auc": 1.0})
+
 
 class TestReuseCheck(unittest.TestCase):
     def test_saved_model_reused_only_with_its_settings(self):
@@ -213,9 +249,9 @@ class TestReuseCheck(unittest.TestCase):
 
 class TestCapacityProbe(unittest.TestCase):
     def test_unet_draws_the_qr_on_real_slices(self):
-        from monai_stealthmark.data import load_sunnybrook
         from experiments.capacity import capacity_probe
         from experiments.sunnybrook import experiment_key
+        from monai_stealthmark.data import load_sunnybrook
 
         cfg = ExperimentConfig(fast=True)
         key = experiment_key(cfg)
@@ -238,3 +274,29 @@ class TestCapacityProbe(unittest.TestCase):
         key = experiment_key(ExperimentConfig(fast=True))
         with self.assertRaisesRegex(ValueError, "labels"):
             capacity_probe(build_network(arch="unet"), torch.zeros(2, 1, 128, 128), torch.zeros(2, 128, 128), key, steps=1)
+
+
+class TestBundlePairVolumes(unittest.TestCase):
+    def test_whole_volume_scores_and_window_queries(self):
+        """Volumes of different sizes: Dice per volume through the inferer, windows of one size for the verifier."""
+        from monai.inferers import SlidingWindowInferer
+
+        from experiments.bundle_pair import _as_windows, volume_scores
+        from monai_stealthmark.verify import ModelQuery
+
+        class Threshold(torch.nn.Module):  # two-class logits: foreground where the image is bright
+            def forward(self, x):
+                return torch.cat([-(x - 0.5), x - 0.5], 1) * 7.3
+
+        vols = [torch.zeros(1, 20, 18, 8), torch.zeros(1, 14, 24, 6)]
+        labels = [torch.zeros(1, 20, 18, 8, dtype=torch.long), torch.zeros(1, 14, 24, 6, dtype=torch.long)]
+        for v, lb in zip(vols, labels):
+            v[:, 4:8, 4:8, 2:4] = 1.0
+            lb[:, 4:8, 4:8, 2:4] = 1
+        labels[1][:, 8:10, 4:8, 2:4] = 1  # a missed part in the second volume: Dice 2*32/(32+48)
+        query = ModelQuery(Threshold(), device="cpu", inferer=SlidingWindowInferer((16, 16, 8)))
+        res = volume_scores(query, vols, labels)
+        self.assertAlmostEqual(res["dice"], (1.0 + 2 * 32 / 80) / 2, places=5)
+        self.assertAlmostEqual(res["auc"], (64 + 0.5 * 16) / 80)  # the 16 missed voxels tie with every negative
+        windows = _as_windows(vols, query.window)
+        self.assertEqual(tuple(windows.shape), (2, 1, 16, 16, 8))

@@ -106,6 +106,26 @@ class TestSunnybrookEndToEnd(unittest.TestCase):
         self.assertGreaterEqual(rep["asr"], 0.8)
         self.assertLess(rep["p_value"], 1e-6)
 
+    def test_dicom_round_trip_through_a_pipeline(self):
+        """Offline: triggered DICOM queries out, the reference pipeline's FRACTIONAL SEGs back: exit 0; with the
+        pipeline's BINARY SEGs: exit 2 (no probabilities to read)."""
+        from monai_stealthmark.__main__ import main
+        from monai_stealthmark.pipeline import main as pipeline_main
+
+        tmp = Path(self.tmp.name) / "offline"
+        tmp.mkdir()
+        ts = tmp / "model.ts"
+        torch.jit.trace(self.net.cpu().eval(), torch.rand(1, 1, 128, 128)).save(str(ts))
+        self.key.save(tmp / "key.json")
+        common = ["verify", "--key", str(tmp / "key.json"), "--images", DICOMS, "--quiet"]
+        self.assertEqual(main(common + ["--write-queries", str(tmp / "q")]), 0)
+        manifest = ["--manifest", str(tmp / "q" / "manifest.json")]
+        for seg_type, expected in (("fractional", 0), ("binary", 2)):
+            answers = tmp / f"answers_{seg_type}"
+            self.assertEqual(pipeline_main(["--model", str(ts), "--in", str(tmp / "q"), "--out", str(answers), "--seg-type", seg_type]), 0)
+            code = main(common + ["--answers", str(answers), *manifest, "--out", str(tmp / f"rep_{seg_type}")])
+            self.assertEqual(code, expected, seg_type)
+
     def test_cli_refuses_a_clean_model(self):
         """A clean UNet (same data, no watermark, 150 steps) as TorchScript: the claim is refused (exit 1)."""
         from monai_stealthmark.__main__ import main
