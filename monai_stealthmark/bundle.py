@@ -45,6 +45,7 @@ __all__ = [
     "attach_metrics",
     "run_ownership_check",
     "load_bundle_model",
+    "checkpoint_state_dict",
 ]
 
 # where bundles keep their trainer and evaluator: model-zoo's nested layout, and the flat one
@@ -99,7 +100,7 @@ def find_engine_ids(parser: ConfigParser) -> tuple[str, str]:
     )
 
 
-def _state_dict(path: Path, device: Any) -> dict:
+def checkpoint_state_dict(path: str | Path, device: Any = "cpu") -> dict:
     """A state dict from a checkpoint file: plain, or ``{"model": state_dict}`` as CheckpointSaver writes it."""
     state = torch.load(path, map_location=device, weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -279,7 +280,7 @@ def _load_checkpoint(network: torch.nn.Module, checkpoint: str | Path | None, de
         path = Path(checkpoint)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (train the bundle first or set ckpt_path).")
-        network.load_state_dict(_state_dict(path, device))
+        network.load_state_dict(checkpoint_state_dict(path, device))
     return network.to(device).eval()
 
 
@@ -327,7 +328,7 @@ def load_bundle_model(bundle_dir: str | Path, config: str = "configs/inference.j
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"bundle checkpoint {str(path)!r} does not exist.")
-    network.load_state_dict(_state_dict(path, device))
+    network.load_state_dict(checkpoint_state_dict(path, device))
     inferer = parser.get_parsed_content("inferer") if "inferer" in parser else None
     preprocessing = parser.get_parsed_content("preprocessing") if "preprocessing" in parser else None
     return network.eval(), inferer, preprocessing

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from monai_stealthmark.utils import atomic_write_bytes
 from monai_stealthmark.verify.offline import SEG_STORAGE, image_preprocessing, is_nifti
 
-__all__ = ["SEG_TYPES", "default_reader", "bundle_reader", "find_series", "segment_series", "write_nifti_probabilities", "run_pipeline", "main"]
+__all__ = ["SEG_TYPES", "default_reader", "bundle_reader", "find_series", "segment_series", "write_nifti_probabilities", "run_pipeline", "run_bundle_pipeline", "main"]
 
 SEG_TYPES = ("fractional", "binary")
 SOFTWARE = "monai-stealthmark reference pipeline"
@@ -214,6 +214,31 @@ def run_pipeline(
     if not written:
         raise FileNotFoundError(f"no DICOM series or NIfTI files under {str(in_dir)!r}.")
     return written
+
+
+def run_bundle_pipeline(
+    network: torch.nn.Module,
+    checkpoint: str | os.PathLike,
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    preprocessing: Callable | None = None,
+    inferer: Callable | None = None,
+    seg_type: str = "fractional",
+    activation: str = "softmax",
+    device: str | torch.device | None = None,
+) -> list[Path]:
+    """The reference pipeline inside a bundle's own ``inference.json``, merged with ``bundles/stealthmark_pipeline.json``:
+    the bundle's network with its trained checkpoint, preprocessing and inferer segments every series under
+    ``input_dir`` into DICOM SEGs under ``output_dir`` (see :func:`run_pipeline`)."""
+    from monai_stealthmark.bundle import checkpoint_state_dict
+    from monai_stealthmark.verify import ModelQuery
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"bundle checkpoint {str(path)!r} does not exist.")
+    network.load_state_dict(checkpoint_state_dict(path, next(network.parameters()).device))
+    query = ModelQuery(network.eval(), activation=activation, device=device, inferer=inferer)
+    return run_pipeline(query, input_dir, output_dir, seg_type, reader=bundle_reader(preprocessing) if preprocessing is not None else None)
 
 
 def _predictor(a: argparse.Namespace) -> tuple[Callable[[torch.Tensor], torch.Tensor], Reader | None]:

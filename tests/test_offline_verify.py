@@ -20,6 +20,7 @@ from monai.networks.nets import UNet
 from parameterized import parameterized
 
 from monai_stealthmark.__main__ import load_images, main
+from monai_stealthmark.bundle import bundle_parser
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.pipeline import main as pipeline_main
 from monai_stealthmark.pipeline import run_pipeline
@@ -103,7 +104,8 @@ class TestOfflineVerify(unittest.TestCase):
 
     def answers_for(self, name: str, seg_type: str) -> Path:
         """The pipeline's SEGs of the queries: the watermarked double in-process, or the pipeline's command line with
-        a clean TorchScript model or a clean bundle (the Sunnybrook bundle's configs, untrained UNet weights)."""
+        a clean TorchScript model or a clean bundle (the Sunnybrook bundle's configs, untrained UNet weights) through
+        the pipeline's command line or its own inference.json merged with bundles/stealthmark_pipeline.json."""
         d = self.d
         if name == "watermarked":
             return d / "wm"
@@ -114,18 +116,24 @@ class TestOfflineVerify(unittest.TestCase):
         if name == "clean_torchscript":
             model = ["--model", str(clean_torchscript(d / "clean.ts"))]
         else:
-            bundle = d / "clean_bundle"
+            bundle = d / name
             shutil.copytree(Path("bundles/sunnybrook_lv_2d/configs"), bundle / "configs")
             (bundle / "models").mkdir()
             torch.manual_seed(0)
             torch.save(UNet(2, 1, 2, (16, 32, 64, 128, 256), (2, 2, 2, 2), num_res_units=2).state_dict(), bundle / "models" / "model.pt")
             model = ["--bundle", str(bundle), "--device", "cpu"]
+        if name == "clean_bundle_config":  # the bundle's own inference.json with bundles/stealthmark_pipeline.json
+            parser = bundle_parser(bundle, ["inference.json", str(Path("bundles/stealthmark_pipeline.json").resolve())], bundle)
+            parser["pipeline#input_dir"], parser["pipeline#output_dir"], parser["device"] = str(d / "q"), str(answers), "cpu"
+            parser.get_parsed_content("run")
+            return answers
         with redirect_stdout(io.StringIO()):
             self.assertEqual(pipeline_main([*model, "--in", str(d / "q"), "--out", str(answers), "--seg-type", seg_type]), 0)
         return answers
 
     @parameterized.expand(
-        [("watermarked", "fractional", 0), ("clean_torchscript", "fractional", 1), ("clean_bundle", "fractional", 1), ("binary_seg", "binary", 2)]
+        [("watermarked", "fractional", 0), ("clean_torchscript", "fractional", 1), ("clean_bundle", "fractional", 1),
+         ("clean_bundle_config", "fractional", 1), ("binary_seg", "binary", 2)]
     )
     def test_round_trip_exit_codes(self, name, seg_type, expected):
         d = self.d
