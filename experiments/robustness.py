@@ -457,7 +457,7 @@ def _format_row(model: str, net, label, params, build, x, y, verify, claim_shown
     row["extra"] = {"max_prob_diff": float(diff.max()), "mean_prob_diff": float(diff.mean()),
                     "argmax_agreement": float((p.argmax(1) == p_ref.argmax(1)).float().mean()), "ms_per_image": ms}
     if isinstance(q, OnnxModelQuery):
-        row["extra"]["runtime_ops"] = runtime_ops(q.session.proto)
+        row["extra"]["runtime_ops"] = runtime_ops(q.runtime.proto)
     return row
 
 

@@ -76,7 +76,7 @@ class TestOnnxUNet(unittest.TestCase):
         onnx.checker.check_model(proto, full_check=True)
         q = OnnxModelQuery(self.path)
         self.assertEqual(q.window, (SIZE, SIZE))  # the fixed spatial shape is the model's window
-        self.assertIsNone(q.session.input_shape[0])
+        self.assertIsNone(q.runtime.input_shape[0])
         self.assertEqual(tuple(q(self.x[:5]).shape), (5, 2, SIZE, SIZE))
         self.assertEqual(q.n_queries, 5)
 
@@ -124,7 +124,7 @@ class TestOnnxUNet(unittest.TestCase):
         self.assertIs(export.call_args.args[0], self.net)
         self.assertTrue(torch.equal(export.call_args.args[1], self.calib[:1]))
         self.assertIsInstance(q, OnnxModelQuery)
-        self.assertIn("QuantizeLinear", {n.op_type for n in q.session.proto.graph.node})
+        self.assertIn("QuantizeLinear", {n.op_type for n in q.runtime.proto.graph.node})
         self.assertLess(float((q(self.x) - self.p_torch).abs().mean()), 0.05)
 
     def test_clean_model_makes_no_claim_through_onnx(self):

@@ -117,7 +117,8 @@ def onnx_fp16(model, keep_io_types: bool = True):
 
     What runs depends on the execution provider: a GPU provider computes in fp16. onnxruntime's CPU provider has
     no fp16 kernels for most operators (convolutions, instance normalisation on x86): it casts the fp16 graph back
-    to fp32 when it builds the session, so on a CPU the fp16 model is the fp32 model with fp16-rounded weights.
+    to fp32 when it builds its InferenceSession, so on a CPU the fp16 model is the fp32 model with fp16-rounded
+    weights.
 
     Args:
         model: an fp32 ``onnx.ModelProto``.
@@ -219,7 +220,7 @@ def onnx_int8_static(
     The graph is first pre-processed (ONNX shape inference and graph optimisation, as onnxruntime recommends), then
     ``onnxruntime.quantization.quantize_static`` records activation ranges on ``calibration_images`` and inserts
     QuantizeLinear/DequantizeLinear pairs; onnxruntime fuses them with their operators into integer kernels when the
-    session is built. The default (uint8 activations, int8 weights per output channel) is the combination
+    InferenceSession is built. The default (uint8 activations, int8 weights per output channel) is the combination
     onnxruntime's x86 and ARM CPU kernels run natively.
 
     Args:

@@ -12,7 +12,7 @@ from .badnet import BadNetReport, verify_badnet
 from .calibrate import calibrate_null
 from .claims import Commitment, NullDistribution, check_commitment, vote_agreement
 from .lime import lime_attributions, lime_masks, lime_reference_attributions, perturbed_queries, weighted_ridge
-from .onnx_query import OnnxModelQuery, OnnxSession, load_suspect_query
+from .onnx_query import OnnxModelQuery, OnnxRuntimeModel, load_suspect_query
 from .query import ModelQuery, NotProbabilitiesError, check_probabilities, fit_window, is_softmax_output, uncertainty_map
 from .readout import ERASURE_MARGIN_PX, binomial_p_value, bit_accuracy, cell_means, organ_modules, otsu_threshold, read_qr, read_scores, scores_to_modules, vote_modules
 from .report import VerificationReport
@@ -23,7 +23,7 @@ __all__ = [
     "calibrate_null",
     "Commitment", "NullDistribution", "check_commitment", "vote_agreement",
     "lime_attributions", "lime_masks", "lime_reference_attributions", "perturbed_queries", "weighted_ridge",
-    "OnnxModelQuery", "OnnxSession", "load_suspect_query",
+    "OnnxModelQuery", "OnnxRuntimeModel", "load_suspect_query",
     "ModelQuery", "NotProbabilitiesError", "fit_window", "check_probabilities", "is_softmax_output", "uncertainty_map",
     "ERASURE_MARGIN_PX", "binomial_p_value", "bit_accuracy", "cell_means", "organ_modules", "otsu_threshold", "read_qr",
     "read_scores", "scores_to_modules", "vote_modules",

@@ -1,6 +1,6 @@
 """A suspect deployed as an ONNX model, queried through onnxruntime as a black box returning probabilities.
 
-:class:`OnnxModelQuery` is a :class:`~monai_stealthmark.verify.ModelQuery` whose network is an onnxruntime session:
+:class:`OnnxModelQuery` is a :class:`~monai_stealthmark.verify.ModelQuery` whose network is an ONNX model run by onnxruntime:
 the same batching, inferer, window, activation and checks on what the suspect returns. :func:`load_suspect_query`
 picks the query for a model file by its suffix (``.onnx``: onnxruntime; ``.ts`` / ``.pt`` / ``.pth``: TorchScript).
 """
@@ -16,7 +16,7 @@ import torch
 
 from monai_stealthmark.verify.query import ModelQuery
 
-__all__ = ["ONNX_SUFFIXES", "TORCHSCRIPT_SUFFIXES", "OnnxSession", "OnnxModelQuery", "load_suspect_query"]
+__all__ = ["ONNX_SUFFIXES", "TORCHSCRIPT_SUFFIXES", "OnnxRuntimeModel", "OnnxModelQuery", "load_suspect_query"]
 
 ONNX_SUFFIXES = (".onnx",)
 TORCHSCRIPT_SUFFIXES = (".ts", ".pt", ".pth")
@@ -61,9 +61,9 @@ def _parse(data: bytes, name: str, onnx):
     return proto
 
 
-class OnnxSession:
-    """An onnxruntime session as a callable ``images (torch) -> outputs (torch, float32)``; ``proto`` holds the
-    checked model and ``session`` the ``onnxruntime.InferenceSession``.
+class OnnxRuntimeModel:
+    """An ONNX model run by onnxruntime, as a callable ``images (torch) -> outputs (torch, float32)``; ``proto`` holds the
+    checked model and ``engine`` the ``onnxruntime.InferenceSession``.
 
     Args:
         model: an ONNX file path, its bytes, or an ``onnx.ModelProto``.
@@ -85,10 +85,10 @@ class OnnxSession:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(data, options, providers=list(providers or ["CPUExecutionProvider"]))
+            self.engine = ort.InferenceSession(data, options, providers=list(providers or ["CPUExecutionProvider"]))
         except Exception as e:
             raise ValueError(f"onnxruntime cannot run {self.name}: {e}") from e
-        inputs = self.session.get_inputs()
+        inputs = self.engine.get_inputs()
         if len(inputs) != 1:
             raise ValueError(f"{self.name} must take one image input, it takes {[i.name for i in inputs]}.")
         self.input_name = inputs[0].name
@@ -117,7 +117,7 @@ class OnnxSession:
             )
 
     def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: x})[0]
+        return self.engine.run(None, {self.input_name: x})[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
@@ -136,7 +136,7 @@ class OnnxModelQuery(ModelQuery):
     """A suspect exported to ONNX, run by onnxruntime, as a black box returning probabilities.
 
     It behaves as :class:`~monai_stealthmark.verify.ModelQuery` (batching, optional MONAI inferer, the activation,
-    the refusal of hard masks and label maps); the network is an onnxruntime session. A model with a fixed spatial
+    the refusal of hard masks and label maps); the network is an ONNX model run by onnxruntime. A model with a fixed spatial
     input shape declares its window, so the verifier queries at that size unless ``window`` or the inferer's
     ``roi_size`` says otherwise.
 
@@ -144,7 +144,7 @@ class OnnxModelQuery(ModelQuery):
         model: an ONNX file path, its bytes, or an ``onnx.ModelProto``.
         activation: applied to the outputs: ``"softmax"``, ``"sigmoid"`` or None (already probabilities).
         batch_size: queries are sent in chunks of this size.
-        inferer: an optional MONAI inferer (e.g. ``SlidingWindowInferer``) called as ``inferer(images, session)``.
+        inferer: an optional MONAI inferer (e.g. ``SlidingWindowInferer``) called as ``inferer(images, runtime)``.
         window: the network's input window (default: the inferer's ``roi_size``, else the model's fixed spatial
             input shape, else None).
         providers: onnxruntime execution providers (default: the CPU provider).
@@ -161,11 +161,11 @@ class OnnxModelQuery(ModelQuery):
         providers: Sequence[str] | None = None,
         threads: int | None = None,
     ) -> None:
-        session = OnnxSession(model, providers, threads)
+        runtime = OnnxRuntimeModel(model, providers, threads)
         if window is None and getattr(inferer, "roi_size", None) is None:
-            window = session.spatial_shape
-        super().__init__(session, activation=activation, device="cpu", batch_size=batch_size, inferer=inferer, window=window)
-        self.session = session
+            window = runtime.spatial_shape
+        super().__init__(runtime, activation=activation, device="cpu", batch_size=batch_size, inferer=inferer, window=window)
+        self.runtime = runtime
 
 
 def load_suspect_query(
