@@ -394,11 +394,19 @@ class TestLossEquivalence(unittest.TestCase):
             torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
 
     @parameterized.expand([("2d", (4, 1, 20, 24)), ("3d", (3, 1, 16, 12, 7)), ("thin", (2, 1, 3, 40))])
-    def test_dilation_equals_utils(self, _, shape):
-        """The loss's separable dilation gives :func:`monai_stealthmark.utils.dilate`'s max pooling."""
+    def test_dilation_equals_max_pooling(self, _, shape):
+        """:func:`monai_stealthmark.utils.dilate`'s separable shifted ORs give the max pooling's dilation (whole box
+        and in plane), for float and boolean masks."""
         mask = (torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.97).float()
+        pool = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[mask.ndim - 2]
         for radius in (0, 1, 3, 5):
-            torch.testing.assert_close(watermark_module._dilate(mask, radius), dilate(mask, radius), rtol=0, atol=0)
+            for in_plane in (False, True):
+                size = [2 * radius + 1] * (mask.ndim - 2)
+                if in_plane:
+                    size[2:] = [1] * (mask.ndim - 4)
+                expected = pool(mask, tuple(size), stride=1, padding=tuple(k // 2 for k in size))
+                torch.testing.assert_close(dilate(mask, radius, in_plane), expected, rtol=0, atol=0)
+                torch.testing.assert_close(dilate(mask > 0, radius, in_plane), expected > 0, rtol=0, atol=0)
 
     def test_argmax_onehot_ties(self):
         """Ties go to the first channel, as ``argmax`` does."""
