@@ -32,7 +32,7 @@ from monai_stealthmark.key.geometry import WM_CLEAN, WM_DARK, WM_LIGHT, qr_targe
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.recipe import RECIPE_PARTS, recipe_defaults
 from monai_stealthmark.utils import atomic_write_json
-from monai_stealthmark.verify import ModelQuery, cell_means, trigger_batch, uncertainty_map, verify_ownership
+from monai_stealthmark.verify import ModelQuery, trigger_batch, uncertainty_scores, verify_ownership
 
 __all__ = ["capacity_probe", "module_error_map", "main"]
 
@@ -44,7 +44,7 @@ def module_error_map(query: ModelQuery, images: torch.Tensor, key: WatermarkKey)
     modules' means. Also returns those two means.
     """
     with torch.no_grad():
-        cm = cell_means(uncertainty_map(query(trigger_batch(images, key))), key).mean(0)
+        cm = uncertainty_scores(query(trigger_batch(images, key)), key).mean(0)
     g = torch.as_tensor(key.grid_matrix.reshape(-1), device=cm.device)
     dark_mean, light_mean = float(cm[g].mean()), float(cm[~g].mean())
     read_dark = cm > (dark_mean + light_mean) / 2

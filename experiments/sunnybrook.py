@@ -25,6 +25,7 @@ import torch
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
+from monai.engines.utils import PrepareBatch, PrepareBatchDefault
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric
@@ -40,16 +41,15 @@ from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.metrics import pixel_auc
 from monai_stealthmark.recipe import RECIPE_PARTS, resolve_recipe, split_recipe
-from monai_stealthmark.transforms import RandBadNetd, RandPoolCutMixd, RandWatermarkd
+from monai_stealthmark.transforms import RandBadNetd, RandPoolCutMixd, WatermarkBatch, WatermarkPrepareBatch
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import (
     ModelQuery,
     VerificationReport,
-    cell_means,
     organ_modules,
     read_scores,
     trigger_batch,
-    uncertainty_map,
+    uncertainty_scores,
     verify_ownership,
 )
 
@@ -181,34 +181,38 @@ def build_network(channels=(16, 32, 64, 128, 256), arch: str = "unet") -> torch.
     raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}.")
 
 
-def _watermark_stage(
-    key: WatermarkKey, cfg: ExperimentConfig, net: torch.nn.Module
-) -> tuple[RandomizableTransform, torch.nn.Module]:
-    """The watermark's training transform and loss for ``cfg`` (the recipe with the run's deviations)."""
+def _watermark_stage(key: WatermarkKey, cfg: ExperimentConfig) -> tuple[RandomizableTransform | PrepareBatch, torch.nn.Module]:
+    """The watermark's training stage and loss for ``cfg`` (the recipe with the run's deviations): the batch-level
+    stage as the trainer's ``prepare_batch``, as the bundle overlay wires it (BadNet: a per-sample transform)."""
     if cfg.badnet:
         return RandBadNetd(keys=("image", "label"), key=key), DiceCELoss(to_onehot_y=True, softmax=True)
     wm = cfg.watermark()
-    transform = RandWatermarkd(keys=("image", "label"), key=key, **wm["transform"])
+    stage = WatermarkBatch(key, **wm["transform"]).set_random_state(cfg.seed)
     loss = UncertaintyWatermarkLoss(DiceCELoss(to_onehot_y=True, softmax=True), key=key, **wm["loss"])
-    return transform, loss
+    return WatermarkPrepareBatch(stage), loss
 
 
 def _training_loader(
-    train_samples: list[dict], cfg: ExperimentConfig, key: WatermarkKey | None, net: torch.nn.Module
-) -> tuple[DataLoader, torch.nn.Module]:
-    """The seeded training data loader (augmentation, CutMix, watermark transform) and the loss for ``cfg``."""
+    train_samples: list[dict], cfg: ExperimentConfig, key: WatermarkKey | None
+) -> tuple[DataLoader, torch.nn.Module, PrepareBatch]:
+    """The seeded training data loader (augmentation, CutMix, BadNet transform), the loss and the trainer's
+    ``prepare_batch`` (the watermark stage) for ``cfg``."""
     data = [{"image": s["image"], "label": s["label"]} for s in train_samples]
     xforms = [RandScaleIntensityd(keys="image", factors=0.1, prob=0.5)]
     if cfg.cutmix_prob > 0:  # added only when on, so that the other transforms' random streams stay as they are
         xforms.append(RandPoolCutMixd(("image", "label"), pool=data, prob=cfg.cutmix_prob))
-    loss = DiceCELoss(to_onehot_y=True, softmax=True)
+    loss: torch.nn.Module = DiceCELoss(to_onehot_y=True, softmax=True)
+    prepare: PrepareBatch = PrepareBatchDefault()
     if key is not None:
-        stage, loss = _watermark_stage(key, cfg, net)
-        xforms.append(stage)
+        stage, loss = _watermark_stage(key, cfg)
+        if isinstance(stage, PrepareBatch):
+            prepare = stage
+        else:
+            xforms.append(stage)
     transform = Compose(xforms).set_random_state(seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(Dataset(data, transform), batch_size=cfg.batch_size, shuffle=True, num_workers=0, generator=gen)
-    return loader, loss
+    return loader, loss, prepare
 
 
 def _attach_checkpoints(trainer: SupervisedTrainer, ckpt_dir: Path, objs: dict[str, Any], epochs: int, device: torch.device) -> None:
@@ -236,12 +240,13 @@ def train_model(
     """
     set_determinism(cfg.seed)
     net = build_network(cfg.channels, cfg.arch).to(device)
-    loader, loss = _training_loader(train_samples, cfg, key, net)
+    loader, loss, prepare = _training_loader(train_samples, cfg, key)
     epochs = math.ceil(cfg.steps / len(loader))
     opt = torch.optim.Adam(net.parameters(), cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * len(loader))
     trainer = SupervisedTrainer(
-        device=device, max_epochs=epochs, train_data_loader=loader, network=net, optimizer=opt, loss_function=loss, amp=False
+        device=device, max_epochs=epochs, train_data_loader=loader, network=net, optimizer=opt, loss_function=loss,
+        prepare_batch=prepare, amp=False,
     )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: sched.step())
     if key is not None and cfg.simulate_attacks > 0:
@@ -367,7 +372,7 @@ def _controls(q_clean: ModelQuery, q_wm: ModelQuery, images, p_wm: torch.Tensor,
     def n_decodes(decoded) -> int:
         return int(sum(t == key.payload for t in decoded))
 
-    clean_input_decoded = read_scores(cell_means(uncertainty_map(p_wm), key), key, "direct", organ_modules(p_wm, key))[1]  # every read
+    clean_input_decoded = read_scores(uncertainty_scores(p_wm, key), key, "direct", organ_modules(p_wm, key))[1]  # every read
     wrong_key = key.replace(trigger_seed=WRONG_KEY_SEED)
     controls: dict[str, dict[str, int]] = {"clean_inputs": {"direct": n_decodes(clean_input_decoded)}, "clean_model": {}, "wrong_key": {}}
     reports = {}

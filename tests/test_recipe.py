@@ -23,8 +23,12 @@ class TestRecipe(unittest.TestCase):
         d = recipe_defaults()
         key = WatermarkKey.generate("SM:1", seed=1)
         self.assertEqual({n: getattr(key, n) for n in RECIPE_PARTS["key"]}, d["key"])
-        for t in (WatermarkBatch(key), RandWatermarkd(key=key)):  # the per-sample transform takes the stage's
-            self.assertEqual({n: getattr(t, n) for n in RECIPE_PARTS["transform"]}, d["transform"])
+        stage = WatermarkBatch(key)
+        self.assertEqual({n: getattr(stage, n) for n in RECIPE_PARTS["transform"]}, d["transform"])
+        per_sample = RandWatermarkd(key=key)  # takes the stage's settings; it sees one sample, so it keeps no batch size
+        shared = [n for n in RECIPE_PARTS["transform"] if n != "keep_batch_size"]
+        self.assertEqual({n: getattr(per_sample, n) for n in shared}, {n: d["transform"][n] for n in shared})
+        self.assertFalse(per_sample.stage.keep_batch_size)
         loss = UncertaintyWatermarkLoss(key=key)
         self.assertEqual({n: getattr(loss, n) for n in RECIPE_PARTS["loss"]}, d["loss"])
 

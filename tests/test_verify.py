@@ -12,7 +12,8 @@ from parameterized import parameterized
 from sklearn.linear_model import Ridge
 
 import monai_stealthmark.verify as verify_package
-from monai_stealthmark.key import WatermarkKey, function_pattern_mask
+from monai_stealthmark.key import WatermarkKey, function_pattern_mask, qr_target_map
+from monai_stealthmark.utils import dilate
 from monai_stealthmark.key.geometry import _pattern
 from monai_stealthmark.verify import (
     ModelQuery,
@@ -26,8 +27,10 @@ from monai_stealthmark.verify import (
     read_qr,
     read_scores,
     scores_to_modules,
+    cell_means,
     trigger_batch,
     uncertainty_map,
+    uncertainty_scores,
     verify_ownership,
     vote_modules,
     weighted_ridge,
@@ -153,6 +156,31 @@ class TestDirectReadout(unittest.TestCase):
         self.assertTrue(wide.sum() > tight.sum() and (wide | tight).sum() == wide.sum())
         self.assertEqual(tight.shape, (n, n))
         self.assertFalse(organ_modules(torch.cat([1 - fg * 0.1, fg * 0.1], 1) if channels == 2 else fg * 0.1, KEY).any())
+
+    def test_scores_skip_the_organ_3d(self):
+        """3D: the grid repeats through the slices and the organ, moving from slice to slice, covers part of most
+        cells' columns. The direct read averages each cell off the predicted organ, so a dark cell reads tau however
+        much of its column the organ takes, and the QR decodes; a cell the organ covers whole keeps its plain mean."""
+        h, d, tau = 2 * KEY.grid_size, 24, KEY.tau
+        organ = torch.zeros(1, h, h, d, dtype=torch.bool)
+        for z in range(12):
+            organ[0, 8:50, 4 * z : 4 * z + 10, 2 * z] = True  # a band sweeping across the columns through the slices
+        organ[0, 27:31, 27:31, :] = True  # and a core present in every slice
+        band = dilate(organ[:, None], 3)[:, 0]  # the margin where the watermark keeps the organ's confidence
+        dark = qr_target_map(KEY, (h, h, d))[None]
+        p_fg = torch.where(organ, torch.tensor(0.98), torch.where(band, torch.tensor(0.01), dark.float() * tau + 0.01))
+        probs = torch.stack([1 - p_fg, p_fg], 1)
+        plain = cell_means(uncertainty_map(probs), KEY)
+        masked = uncertainty_scores(probs, KEY, margin_px=4)
+        covered = cell_means(dilate(organ[:, None].float(), 4)[:, 0], KEY)
+        partial = torch.as_tensor(KEY.grid_matrix.reshape(-1))[None] & (covered > 0.2) & (covered < 1)
+        self.assertGreater(int(partial.sum()), 50)
+        self.assertLess(float(plain[partial].min()), 0.5 * tau)  # diluted by the organ's share of the column
+        torch.testing.assert_close(masked[partial], torch.full_like(masked[partial], tau + 0.01), atol=1e-4, rtol=0)
+        whole = covered >= 1
+        self.assertTrue(bool(whole.any()))
+        torch.testing.assert_close(masked[whole], plain[whole])
+        self.assertEqual(read_scores(masked, KEY, "direct", organ_modules(probs, KEY))[1], [KEY.payload])
 
     def test_report_files(self):
         rep = verify_ownership(ModelQuery(TriggerOracle(KEY), device="cpu"), images(2), KEY)

@@ -35,7 +35,7 @@ def batch(n=6, spatial=(64, 64), channels=1, seed=0):
     img = torch.rand(n, channels, *spatial, generator=g) * torch.linspace(0.5, 300, n).view(-1, *([1] * (len(spatial) + 1)))
     lab = torch.zeros(n, 1, *spatial)
     lab[:, :, 20:34, 22:38] = 1
-    lab[1] = 0  # one sample without organ
+    lab[1:2] = 0  # one sample without organ (when there are two)
     return img, lab
 
 
@@ -72,7 +72,8 @@ class TestWatermarkBatch(unittest.TestCase):
         ("patch_3d", "patch", (48, 48, 8), 1),
     ])
     def test_equals_per_sample_reference(self, _, kind, spatial, channels):
-        stage = WatermarkBatch(KEY.replace(trigger=kind), prob=0.5, decoy_prob=0.5).set_random_state(3)
+        stage = WatermarkBatch(KEY.replace(trigger=kind), prob=0.5, decoy_prob=0.5, keep_batch_size=False)
+        stage.set_random_state(3)
         img, lab = batch(8, spatial, channels)
         for _ in range(3):  # several batches of one stream
             out_img, out_lab = stage(img, lab)
@@ -92,6 +93,25 @@ class TestWatermarkBatch(unittest.TestCase):
         self.assertTrue(bool((flags[torch.nonzero(trig).flatten() - 1] == WM_TWIN).all()))  # each follows its twin
         c = WatermarkBatch(KEY).set_random_state(2)(img, lab)
         self.assertFalse(a[0].shape == c[0].shape and torch.equal(a[0], c[0]))
+
+    @parameterized.expand([(1,), (5,), (8,), (13,)])
+    def test_keep_batch_size_is_the_grown_batch_cut(self, n):
+        """With keep_batch_size the batch is the grown one cut to the loaded size; a triggered sample whose copy
+        would not fit stays clean; about prob / (1 + prob) of the rows are triggered."""
+        img, lab = batch(n)
+        kept = WatermarkBatch(KEY, keep_batch_size=True).set_random_state(4)
+        grown = WatermarkBatch(KEY, keep_batch_size=False).set_random_state(4)
+        shares = []
+        for _ in range(20):
+            (ki, kl), (gi, gl) = kept(img, lab), grown(img, lab)
+            self.assertEqual(ki.shape[0], n)
+            torch.testing.assert_close(ki, gi[:n], rtol=0, atol=0)
+            torch.testing.assert_close(kl[:-1], gl[: n - 1], rtol=0, atol=0)
+            last_k, last_g = kl[-1, -1].amax(), gl[n - 1, -1].amax()
+            self.assertTrue(last_k == last_g or (last_k == WM_CLEAN and last_g == WM_TWIN))
+            shares.append(float((kl[:, -1].flatten(1).amax(1) == WM_DARK).float().mean()))
+        if n >= 8:
+            self.assertAlmostEqual(float(np.mean(shares)), 0.5 / 1.5, delta=0.08)
 
     def test_unpaired_keeps_batch_size(self):
         img, lab = batch(8)
@@ -120,7 +140,7 @@ class TestWatermarkBatch(unittest.TestCase):
         data = [{"image": img[i], "label": lab[i]} for i in range(4)]
         net = UNet(2, 1, 2, (8, 16, 32), (2, 2), num_res_units=0)
         seen = []
-        stage = WatermarkBatch(KEY, prob=1.0).set_random_state(0)
+        stage = WatermarkBatch(KEY, prob=1.0, keep_batch_size=False).set_random_state(0)
         prepare = WatermarkPrepareBatch(stage)
         trainer = SupervisedTrainer(
             device=torch.device("cpu"), max_epochs=1, train_data_loader=torch.utils.data.DataLoader(data, batch_size=4),

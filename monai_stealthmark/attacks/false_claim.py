@@ -43,6 +43,7 @@ from monai_stealthmark.verify import (
     read_scores,
     trigger_batch,
     uncertainty_map,
+    uncertainty_scores,
     verify_ownership,
 )
 
@@ -376,7 +377,7 @@ def read_submitted_queries(query: Callable[[torch.Tensor], torch.Tensor], querie
     """
     key = load_key(key)
     probs = check_probabilities(query(queries), queries)
-    scores = cell_means(uncertainty_map(probs), key)
+    scores = uncertainty_scores(probs, key)
     modules, decoded, vote, _ = read_scores(scores, key, "direct", organ_modules(probs, key))
     p, _, _ = binomial_p_value(modules, key)
     asr = float(np.mean([t == key.payload for t in decoded]))

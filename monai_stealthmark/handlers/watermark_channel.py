@@ -23,8 +23,9 @@ class StripWatermarkChannel:
         n_label_channels: channels of the plain label (1 for class indices). The watermark channel is the last.
             None: the batch-level watermark stage's output (:class:`~monai_stealthmark.transforms.WatermarkBatch`,
             paired): the last channel is dropped whatever the label's channel count, and so are the triggered
-            copies the stage added after their clean twins, so image, label and prediction hold the loaded batch
-            again, in its order (MONAI's post-processing pairs them with it).
+            copies the stage added after their clean twins, so image, label and prediction hold the loaded samples
+            the step trained on, in their order (MONAI's post-processing pairs them with it; with the stage's
+            ``keep_batch_size`` the loaded batch's last samples gave way to the copies).
     """
 
     def __init__(self, label_key: str = CommonKeys.LABEL, n_label_channels: int | None = 1) -> None:

@@ -94,11 +94,14 @@ def cells_to_pixels(cells: torch.Tensor, spatial_shape: Sequence[int], grid_size
     return cells[..., idx].reshape(*cells.shape[:-1], *spatial)
 
 
-def cell_means(values: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
+def cell_means(values: torch.Tensor, key: WatermarkKey, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of a per-pixel map over each grid cell (the reverse of :func:`cells_to_pixels`).
 
     Args:
         values: ``(B, spatial...)`` (e.g. the uncertainty map); the grid covers the first two spatial dims.
+        key: the key (grid geometry).
+        weights: optional ``(B, spatial...)`` 0/1 (or boolean) map of the pixels to average; a cell without any
+            such pixel takes the mean of all its pixels.
 
     Returns:
         ``(B, grid_size**2)``.
@@ -109,7 +112,13 @@ def cell_means(values: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
     flat = values.reshape(b, -1).float()
     sums = torch.zeros(b, n_cells, device=values.device).index_add_(1, idx, flat)
     counts = torch.bincount(idx, minlength=n_cells).clamp_min(1).float()
-    return sums / counts
+    means = sums / counts
+    if weights is None:
+        return means
+    w = weights.reshape(b, -1).float()
+    w_sums = torch.zeros(b, n_cells, device=values.device).index_add_(1, idx, flat * w)
+    w_counts = torch.zeros(b, n_cells, device=values.device).index_add_(1, idx, w)
+    return torch.where(w_counts > 0, w_sums / w_counts.clamp_min(1), means)
 
 
 def qr_target_map(key: WatermarkKey, spatial_shape: Sequence[int]) -> torch.Tensor:

@@ -25,14 +25,13 @@ from monai_stealthmark.key import WatermarkKey, load_key
 from monai_stealthmark.key.qr import ERROR_CORRECTION, data_module_order, qr_version_for_size
 from monai_stealthmark.verify import (
     bit_accuracy,
-    cell_means,
     check_probabilities,
     fit_window,
     organ_modules,
     read_scores,
     scores_to_modules,
     trigger_batch,
-    uncertainty_map,
+    uncertainty_scores,
     verify_ownership,
 )
 from monai_stealthmark.verify.readout import LIME_LOG_FLOOR
@@ -186,7 +185,7 @@ class WatermarkASRMetric(CumulativeIterationMetric):
         batch = fit_window(images.float(), getattr(query, "window", None))
         triggered = trigger_batch(batch, self.key)
         probs = check_probabilities(query(triggered), triggered)
-        scores = cell_means(uncertainty_map(probs), self.key)
+        scores = uncertainty_scores(probs, self.key)
         bits = bit_accuracy(scores_to_modules(scores, self.key), self.key)
         decoded = np.zeros(batch.shape[0], dtype=bool)
         rows = np.flatnonzero(reachable_reads(scores, self.key))

@@ -63,9 +63,13 @@ class WatermarkBatch(Randomizable):
         occlusion_ratio: probability that each cell is hidden in an occluded sample.
         spare_radius: occlusion never hides a cell with a foreground pixel of the label within this many pixels
             (in plane; -1 = off).
-        paired: put each triggered sample after its clean twin (the batch grows); False replaces the sample.
+        paired: put each triggered sample after its clean twin; False replaces the sample by its triggered version.
+        keep_batch_size: the batch keeps the size it was loaded with: the samples with their twins and triggered
+            copies, in order, up to the loaded size; the loaded batch's last samples give way to the copies. A step
+            then costs what a clean step costs, and about ``prob / (1 + prob)`` of its rows are triggered. False: the
+            triggered copies come on top (``1 + prob`` times the images per step).
 
-    The defaults are those of :class:`~monai_stealthmark.transforms.RandWatermarkd`: one recipe.
+    The defaults are the recommended recipe (:mod:`monai_stealthmark.recipe`).
     """
 
     def __init__(
@@ -77,6 +81,7 @@ class WatermarkBatch(Randomizable):
         occlusion_ratio: float = 0.5,
         spare_radius: int = 3,
         paired: bool = True,
+        keep_batch_size: bool = True,
     ) -> None:
         self.key = load_key(key)
         for name, v in {"prob": prob, "decoy_prob": decoy_prob, "occlusion_prob": occlusion_prob,
@@ -87,6 +92,7 @@ class WatermarkBatch(Randomizable):
         self.occlusion_prob, self.occlusion_ratio = float(occlusion_prob), float(occlusion_ratio)
         self.spare_radius = int(spare_radius)
         self.paired = bool(paired)
+        self.keep_batch_size = bool(keep_batch_size)
         self.draws: WatermarkDraws | None = None
         self._maps: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
 
@@ -117,6 +123,9 @@ class WatermarkBatch(Randomizable):
         once each; nothing is read back from the device."""
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
         label = label.as_tensor() if hasattr(label, "as_tensor") else label
+        m, draws = self._fit_to_batch(draws)
+        if m < image.shape[0]:
+            image, label = image[:m], label[:m]
         dev, spatial = image.device, tuple(int(s) for s in image.shape[2:])
         rows = np.flatnonzero(draws.triggered)
         t_idx = torch.as_tensor(rows, device=dev, dtype=torch.long)
@@ -150,7 +159,7 @@ class WatermarkBatch(Randomizable):
 
     def _order(self, triggered: np.ndarray) -> np.ndarray:
         """Rows of ``cat([clean samples, triggered samples])`` in output order: each triggered sample right after
-        its clean twin (paired), or in its place (unpaired)."""
+        its clean twin (paired), or in its place (unpaired); cut to the loaded size with ``keep_batch_size``."""
         n = triggered.shape[0]
         rank = np.cumsum(triggered) - 1  # position among the triggered samples
         if not self.paired:
@@ -159,6 +168,22 @@ class WatermarkBatch(Randomizable):
         second = np.zeros(src.shape[0], dtype=bool)
         second[np.cumsum(1 + triggered.astype(int))[triggered] - 1] = True
         return np.where(second, n + rank[src], src)
+
+    def _fit_to_batch(self, draws: WatermarkDraws) -> tuple[int, WatermarkDraws]:
+        """With ``keep_batch_size`` (and twins): the loaded samples that fit the batch with their triggered copies,
+        and their draws. The samples are taken in order, each with its copy when triggered, until the loaded size is
+        reached; a triggered sample that would overflow it by its copy stays clean. Host arithmetic only."""
+        n = draws.triggered.shape[0]
+        if not (self.keep_batch_size and self.paired):
+            return n, draws
+        ends = np.cumsum(1 + draws.triggered.astype(int))  # rows used up to and including each sample
+        m = int(np.searchsorted(ends, n, side="left")) + 1 if n else 0  # first sample whose rows reach n
+        m = min(m, n)
+        triggered = draws.triggered[:m].copy()
+        if m and ends[m - 1] > n:
+            triggered[m - 1] = False
+        hidden = draws.hidden[:m] & triggered[:, None]
+        return m, WatermarkDraws(triggered, hidden, draws.decoy_seeds[:m])
 
     def _with_decoys(self, image: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
         """The clean samples, with a decoy trigger stamped where one was drawn."""

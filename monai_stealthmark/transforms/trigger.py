@@ -115,7 +115,9 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         self.key = check_pair_transform(self, key)
-        self.stage = WatermarkBatch(self.key, paired=paired, **recipe)
+        if "keep_batch_size" in recipe:
+            raise ValueError("RandWatermarkd sees one sample at a time: keep_batch_size is a setting of WatermarkBatch.")
+        self.stage = WatermarkBatch(self.key, paired=paired, keep_batch_size=False, **recipe)
         RandomizableTransform.__init__(self, self.stage.prob)
         self.paired = bool(paired)
 

@@ -14,7 +14,20 @@ from .claims import Commitment, NullDistribution, check_commitment, vote_agreeme
 from .lime import lime_attributions, lime_masks, lime_reference_attributions, perturbed_queries, weighted_ridge
 from .onnx_query import OnnxModelQuery, OnnxRuntimeModel, load_suspect_query
 from .query import ModelQuery, NotProbabilitiesError, check_probabilities, fit_window, is_softmax_output, uncertainty_map
-from .readout import ERASURE_MARGIN_PX, binomial_p_value, bit_accuracy, cell_means, organ_modules, otsu_threshold, read_qr, read_scores, scores_to_modules, vote_modules
+from .readout import (
+    ERASURE_MARGIN_PX,
+    binomial_p_value,
+    bit_accuracy,
+    cell_means,
+    organ_mask,
+    organ_modules,
+    otsu_threshold,
+    read_qr,
+    read_scores,
+    scores_to_modules,
+    uncertainty_scores,
+    vote_modules,
+)
 from .report import VerificationReport
 from .verifier import direct_scores, trigger_batch, verify_ownership
 
@@ -25,7 +38,7 @@ __all__ = [
     "lime_attributions", "lime_masks", "lime_reference_attributions", "perturbed_queries", "weighted_ridge",
     "OnnxModelQuery", "OnnxRuntimeModel", "load_suspect_query",
     "ModelQuery", "NotProbabilitiesError", "fit_window", "check_probabilities", "is_softmax_output", "uncertainty_map",
-    "ERASURE_MARGIN_PX", "binomial_p_value", "bit_accuracy", "cell_means", "organ_modules", "otsu_threshold", "read_qr",
+    "ERASURE_MARGIN_PX", "binomial_p_value", "bit_accuracy", "cell_means", "organ_mask", "organ_modules", "uncertainty_scores", "otsu_threshold", "read_qr",
     "read_scores", "scores_to_modules", "vote_modules",
     "VerificationReport",
     "direct_scores", "trigger_batch", "verify_ownership",

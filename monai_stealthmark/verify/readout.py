@@ -15,12 +15,14 @@ from monai_stealthmark.key import (
 )
 from monai_stealthmark.key.geometry import cell_means
 from monai_stealthmark.utils import dilate
-from monai_stealthmark.verify.query import is_softmax_output
+from monai_stealthmark.verify.query import is_softmax_output, uncertainty_map
 
 __all__ = [
     "LIME_LOG_FLOOR",
     "ERASURE_MARGIN_PX",
     "organ_modules",
+    "organ_mask",
+    "uncertainty_scores",
     "cell_means",
     "otsu_threshold",
     "scores_to_modules",
@@ -32,7 +34,8 @@ __all__ = [
 ]
 
 LIME_LOG_FLOOR = 0.03  # LIME maps are thresholded on the log scale with this floor (see scores_to_modules)
-ERASURE_MARGIN_PX = 4  # modules within this many pixels of the predicted organ are erasures (see read_scores)
+ERASURE_MARGIN_PX = 4  # the predicted organ widened by this many pixels is not read (see uncertainty_scores)
+ORGAN_COVER = 0.5  # modules that the widened organ covers for at least this share are erasures (see organ_modules)
 
 
 def otsu_threshold(x: torch.Tensor) -> torch.Tensor:
@@ -91,29 +94,55 @@ def read_qr(modules: np.ndarray) -> list[str | None]:
     return out
 
 
-def organ_modules(probs: torch.Tensor, key: WatermarkKey, margin_px: int = ERASURE_MARGIN_PX) -> np.ndarray:
-    """The QR modules that the model's own predicted organ reaches, widened by ``margin_px`` pixels.
+def organ_mask(probs: torch.Tensor, margin_px: int = ERASURE_MARGIN_PX) -> torch.Tensor:
+    """``(B, spatial...)`` bool: the model's own predicted organ widened by ``margin_px`` pixels (in plane and
+    through slices for 3D). Foreground is any class but the first for softmax outputs, any channel above 0.5 for
+    sigmoid ones: no ground truth is needed."""
+    if probs.ndim not in (4, 5):
+        raise ValueError(f"probs must be (B, C, H, W[, D]), got shape {tuple(probs.shape)}.")
+    fg = (probs.argmax(1) > 0) if is_softmax_output(probs) else (probs > 0.5).any(1)
+    return dilate(fg[:, None], margin_px)[:, 0]
+
+
+def uncertainty_scores(probs: torch.Tensor, key: WatermarkKey, margin_px: int = ERASURE_MARGIN_PX) -> torch.Tensor:
+    """The direct read's per-cell scores ``(B, grid_size**2)``: each cell's mean uncertainty over its pixels off
+    the predicted organ (:func:`organ_mask`), where the watermark writes the QR; a cell the organ covers whole
+    takes the mean of all its pixels.
+
+    The QR lives in the background, so the organ's confident pixels would dilute a dark cell's mean in proportion
+    to how much of it the organ covers. In 3D the grid repeats through the slices and the organ covers part of
+    most cells' columns; averaging them whole reads many dark cells as light.
+    """
+    return cell_means(uncertainty_map(probs), key, weights=~organ_mask(probs, margin_px))
+
+
+def organ_modules(
+    probs: torch.Tensor, key: WatermarkKey, margin_px: int = ERASURE_MARGIN_PX, min_cover: float = ORGAN_COVER
+) -> np.ndarray:
+    """The QR modules that the model's own predicted organ, widened by ``margin_px`` pixels, covers for the most
+    part.
 
     The watermark carries no QR over the organ and the band around it (the hard mask must not move there), so a
-    reader should not trust those modules. The organ is what the queried model predicts (foreground = any class
+    reader should not trust a module whose pixels are mostly there; the direct read scores the rest of a module's
+    pixels (:func:`uncertainty_scores`). The organ is what the queried model predicts (foreground = any class
     but the first for softmax outputs, any channel above 0.5 for sigmoid ones): no ground truth is needed.
 
     Args:
         probs: the model's probability maps ``(B, C, spatial...)`` for the triggered query.
         key: the watermark key (grid geometry).
         margin_px: dilation of the predicted organ in pixels (in-plane and through slices for 3D).
+        min_cover: share of a module's pixels (its column through the slices in 3D) that the widened organ must
+            cover for the module to count; a small value marks every module the organ touches.
 
     Returns:
-        ``(B, n, n)`` boolean, the QR area's modules (quiet zone dropped) that the widened organ touches.
+        ``(B, n, n)`` boolean, the QR area's modules (quiet zone dropped) that the widened organ covers.
     """
-    if probs.ndim not in (4, 5):
-        raise ValueError(f"probs must be (B, C, H, W[, D]), got shape {tuple(probs.shape)}.")
-    fg = (probs.argmax(1) > 0) if is_softmax_output(probs) else (probs > 0.5).any(1)
-    fg = fg[:, None].float()
-    fg = dilate(fg, margin_px)
+    if not 0.0 < min_cover <= 1.0:
+        raise ValueError(f"min_cover must lie in (0, 1], got {min_cover}.")
+    fg = organ_mask(probs, margin_px).float()
     g, q = key.grid_size, key.quiet_zone
-    touched = cell_means(fg[:, 0], key).reshape(-1, g, g)[:, q : g - q, q : g - q] > 0
-    return touched.cpu().numpy()
+    covered = cell_means(fg, key).reshape(-1, g, g)[:, q : g - q, q : g - q] >= min_cover - 1e-6
+    return covered.cpu().numpy()
 
 
 def _erasure_read(modules: np.ndarray, unreliable: np.ndarray, key: WatermarkKey) -> str | None:

@@ -14,8 +14,15 @@ from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.key.geometry import batch_intensity_range, load_key, stamp_triggers
 from monai_stealthmark.verify.claims import Commitment, NullDistribution, check_commitment
 from monai_stealthmark.verify.lime import lime_attributions
-from monai_stealthmark.verify.query import check_probabilities, fit_window, uncertainty_map
-from monai_stealthmark.verify.readout import ERASURE_MARGIN_PX, binomial_p_value, bit_accuracy, cell_means, organ_modules, read_scores
+from monai_stealthmark.verify.query import check_probabilities, fit_window
+from monai_stealthmark.verify.readout import (
+    ERASURE_MARGIN_PX,
+    binomial_p_value,
+    bit_accuracy,
+    organ_modules,
+    read_scores,
+    uncertainty_scores,
+)
 from monai_stealthmark.verify.report import VerificationReport
 
 __all__ = ["trigger_batch", "direct_scores", "verify_ownership"]
@@ -49,8 +56,9 @@ def trigger_batch(images: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
 
 
 def direct_scores(query: Callable, images: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
-    """Per-cell mean uncertainty ``(B, grid_size**2)`` of the triggered images."""
-    return cell_means(uncertainty_map(_triggered_probs(query, images, key)), key)
+    """Per-cell mean uncertainty ``(B, grid_size**2)`` of the triggered images, off the predicted organ
+    (:func:`~monai_stealthmark.verify.uncertainty_scores`)."""
+    return uncertainty_scores(_triggered_probs(query, images, key), key)
 
 
 def _triggered_probs(query: Callable, images: torch.Tensor, key: WatermarkKey) -> torch.Tensor:
@@ -91,7 +99,7 @@ def _module_scores(query: Callable, batch: torch.Tensor, key: WatermarkKey, mode
     n = batch.shape[0]
     probs = _triggered_probs(query, batch, key) if mode == "direct" or need_probs else None
     if mode == "direct":
-        return cell_means(uncertainty_map(probs), key), probs, n
+        return uncertainty_scores(probs, key), probs, n
     scores = torch.stack(
         [lime_attributions(query, img, key, lime.samples, lime.seed, batch_size=lime.batch_size).to(batch.device) for img in batch]
     )
