@@ -10,6 +10,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
+import numpy as np
 import torch
 from parameterized import parameterized
 
@@ -62,7 +63,7 @@ def _run_cli(main, argv: list[str]) -> tuple[int, str, str]:
 COMMANDS = [
     ("experiments.sunnybrook", []), ("experiments.architectures", []), ("experiments.robustness", []),
     ("experiments.variants", []), ("experiments.capacity", []), ("experiments.bundle_pair", ["--bundle", "bundles/ct_spleen_3d"]),
-    ("bench.benchmarks", []),
+    ("bench.benchmarks", []), ("experiments.paired_seeds", []),
 ]
 
 
@@ -76,7 +77,8 @@ class TestCommandLines(unittest.TestCase):
             self.assertRegex(err, r"error: unknown (setting 'stepz'|option --stepz; the options are --)")
             self.assertEqual(list(Path(d).iterdir()), [])  # refused before anything was written
 
-    @parameterized.expand([(m,) for m in ("experiments.sunnybrook", "experiments.robustness", "experiments.variants", "experiments.capacity")])
+    @parameterized.expand([(m,) for m in ("experiments.sunnybrook", "experiments.robustness", "experiments.variants", "experiments.capacity",
+                                          "experiments.paired_seeds")])
     def test_wrong_data_folder_is_a_clear_error(self, module):
         with tempfile.TemporaryDirectory() as d:
             code, _, err = _run_cli(importlib.import_module(module).main, ["--out", d, "--data", str(Path(d) / "nowhere")])
@@ -152,6 +154,44 @@ class TestTables(unittest.TestCase):
         md = markdown(rows)
         self.assertIn("| badnet | 0.8000 | 0.5000 | 0.4000 |", md)
         self.assertIn("| global_prune amount=0.5 | 0.900 (0.810) | 0.900 (0.810) |", md)
+
+
+class TestPairedSeeds(unittest.TestCase):
+    def test_summary_of_paired_differences(self):
+        from scipy import stats
+
+        from experiments.paired_seeds import summarise
+
+        s = summarise([1.0, -1.0, 2.0, 0.5, -0.5])
+        self.assertAlmostEqual(s["mean"], 0.4)
+        self.assertAlmostEqual(s["sd"], float(np.std([1.0, -1.0, 2.0, 0.5, -0.5], ddof=1)))
+        low, high = stats.t.interval(0.95, 4, loc=0.4, scale=s["sd"] / np.sqrt(5))
+        self.assertAlmostEqual(s["ci95_low"], low)
+        self.assertAlmostEqual(s["ci95_high"], high)
+        self.assertEqual((s["n"], s["min"], s["max"]), (5, -1.0, 2.0))
+        with self.assertRaisesRegex(ValueError, "at least 2"):
+            summarise([1.0])
+
+    def test_row_takes_the_differences(self):
+        from experiments.paired_seeds import paired_row
+
+        res = {"clean": {"dice": 0.86, "auc": 0.99}, "watermarked": {"dice": 0.85, "auc": 0.98}, "stealth_mask_dice": 0.99,
+               "asr": {"direct": 1.0, "lime": 0.5}, "false_decodes": {"clean_inputs": 0, "clean_model": 1, "wrong_key": 0},
+               "seconds": 3.0}
+        row = paired_row(2, res)
+        self.assertAlmostEqual(row["dice_drop_points"], 1.0)
+        self.assertAlmostEqual(row["auc_drop_percent"], 100 * 0.01 / 0.99)
+        self.assertEqual((row["seed"], row["false_decodes"]), (2, 1))
+
+    @parameterized.expand([("seed", ["--seed", "3"], "--seed is what this command varies"), ("one", ["--seeds", "1"], "at least 2")])
+    def test_refused_settings(self, _, args, message):
+        from experiments.paired_seeds import main
+
+        with tempfile.TemporaryDirectory() as d:
+            code, _, err = _run_cli(main, ["--out", d, *args])
+            self.assertEqual(code, 2)
+            self.assertIn(message, err)
+            self.assertEqual(list(Path(d).iterdir()), [])
 
 
 class TestStealth(unittest.TestCase):
