@@ -59,9 +59,8 @@ from monai_stealthmark.handlers import WatermarkASR
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss, sample_flags
 from monai_stealthmark.recipe import recipe_defaults
-from monai_stealthmark.transforms import RandWatermarkd
-from monai_stealthmark.utils import atomic_write_json
 from monai_stealthmark.transforms import WatermarkBatch
+from monai_stealthmark.utils import atomic_write_json
 from monai_stealthmark.verify import ModelQuery, lime_attributions, lime_reference_attributions, verify_ownership
 
 __all__ = ["SECTIONS", "timeit", "run", "main"]
@@ -172,56 +171,60 @@ def bench_lime(b: Bench) -> dict[str, Any]:
     return res
 
 
-def _training_steps(b: Bench, bs: int, probs: Sequence[float], sizes: dict[float, list[int]]) -> dict[str, Callable[[], None]]:
-    """One clean training step and one watermarked step per poisoning ratio, on the same network and optimiser.
+def _training_steps(b: Bench, bs: int, variants: dict[str, dict[str, Any]], sizes: dict[str, list[int]]) -> dict[str, Callable[[], None]]:
+    """One clean training step and one watermarked step per stage variant, on the same network and optimiser.
 
-    A watermarked step runs its transform too (every step draws anew); the batch sizes it produced go to ``sizes``.
+    A watermarked step runs the batch-level watermark stage on the collated batch, as the overlay's
+    ``prepare_batch`` does (every step draws anew); the batch sizes it produced go to ``sizes``.
     """
     train_items = [{"image": s["image"], "label": s["label"]} for s in b.samples][:bs]
     loss_w = UncertaintyWatermarkLoss(key=b.key)
     tnet = build_network(b.channels).to(b.dev)
     opt = torch.optim.Adam(tnet.parameters(), 1e-4)
+    clean_batch, loss_c = list_data_collate(train_items), DiceCELoss(to_onehot_y=True, softmax=True)
+    image, label = (torch.as_tensor(clean_batch[k]).as_subclass(torch.Tensor).to(b.dev) for k in ("image", "label"))
 
-    def step(batch, loss_fn):
+    def step(x, y, loss_fn):
         opt.zero_grad(set_to_none=True)
-        loss_fn(tnet(batch["image"].to(b.dev)), batch["label"].to(b.dev)).backward()
+        loss_fn(tnet(x), y).backward()
         opt.step()
 
-    def wm_step(prob: float) -> Callable[[], None]:
-        wm_t = RandWatermarkd(keys=("image", "label"), key=b.key, prob=prob)
-        wm_t.set_random_state(seed=0)
+    def wm_step(name: str, settings: dict[str, Any]) -> Callable[[], None]:
+        stage = WatermarkBatch(b.key, **settings).set_random_state(0)
 
         def f():
-            batch = list_data_collate([wm_t(dict(d)) for d in train_items])
-            sizes[prob].append(int(batch["image"].shape[0]))  # triggered samples bring their clean twin
-            step(batch, loss_w)
+            x, y = stage(image, label)
+            sizes[name].append(int(x.shape[0]))
+            step(x, y, loss_w)
 
         return f
 
-    clean_batch, loss_c = list_data_collate(train_items), DiceCELoss(to_onehot_y=True, softmax=True)
-    return {"clean": lambda: step(clean_batch, loss_c)} | {f"prob_{pr}": wm_step(pr) for pr in probs}
+    return {"clean": lambda: step(image, label, loss_c)} | {name: wm_step(name, v) for name, v in variants.items()}
 
 
 def bench_training(b: Bench) -> dict[str, Any]:
-    """2. Time per training step with the watermark (transform + loss) vs without, at the recipe's poisoning ratio
-    and lower ones (a step's cost grows with its triggered images). Steps of all kinds run interleaved, with more
-    repeats than elsewhere: the batch size of a watermarked step varies."""
+    """2. Time per training step with the watermark (stage + loss) vs without: the recipe, the recipe with the
+    triggered copies on top of the batch (``keep_batch_size=False``) and lower poisoning ratios. Steps of all kinds
+    run interleaved, with more repeats than elsewhere: the triggered share of a step varies."""
     bs = 8 if b.smoke else 24
     default_prob = recipe_defaults()["transform"]["prob"]
-    probs = (default_prob,) if b.smoke else (default_prob, 0.25, 0.1)
-    sizes: dict[float, list[int]] = {pr: [] for pr in probs}
-    times = timeit_interleaved(_training_steps(b, bs, probs, sizes), b.dev, repeats=b.reps if b.smoke else 4 * b.reps)
+    variants: dict[str, dict[str, Any]] = {"recipe": {}}
+    if not b.smoke:
+        variants |= {"copies_on_top": {"keep_batch_size": False}, "prob_0.25": {"prob": 0.25}, "prob_0.1": {"prob": 0.1}}
+    sizes: dict[str, list[int]] = {name: [] for name in variants}
+    times = timeit_interleaved(_training_steps(b, bs, variants, sizes), b.dev, repeats=b.reps if b.smoke else 4 * b.reps)
     t_clean = times["clean"]
-    by_prob = []
-    for pr in probs:
-        t, n_img = times[f"prob_{pr}"]["median_s"], float(np.mean(sizes[pr]))
-        by_prob.append({"prob": pr, "ratio": t / t_clean["median_s"], "images_per_step": n_img,
-                        "ratio_per_image": (t / n_img) / (t_clean["median_s"] / bs), "median_s": t})
-    default = by_prob[0]
+    rows = []
+    for name, settings in variants.items():
+        t, n_img = times[name]["median_s"], float(np.mean(sizes[name]))
+        rows.append({"variant": name, "prob": settings.get("prob", default_prob),
+                     "keep_batch_size": settings.get("keep_batch_size", True), "ratio": t / t_clean["median_s"],
+                     "images_per_step": n_img, "ratio_per_image": (t / n_img) / (t_clean["median_s"] / bs), "median_s": t})
+    default = rows[0]
     return {"training_step": {
-        "batch": bs, "clean": t_clean, "watermarked": times[f"prob_{default['prob']}"], "ratio": default["ratio"],
+        "batch": bs, "clean": t_clean, "watermarked": times["recipe"], "ratio": default["ratio"],
         "watermarked_images_per_step": default["images_per_step"], "ratio_per_image": default["ratio_per_image"],
-        "by_prob": by_prob,
+        "by_variant": rows,
     }}
 
 
@@ -427,10 +430,9 @@ def run(
     return res
 
 
-def _poisoning_ratio(trainer: Any) -> float | None:
-    """The share of triggered samples of a trainer the overlay wired (None when it cannot be read)."""
-    stage = getattr(trainer.prepare_batch, "stage", None)
-    return float(stage.prob) if hasattr(stage, "prob") else None
+def _stage_setting(trainer: Any, name: str) -> Any:
+    """A setting of the watermark stage the overlay wired into a trainer (None when there is none)."""
+    return getattr(getattr(trainer.prepare_batch, "stage", None), name, None)
 
 
 #: the example bundles the bench times, with the settings that keep one run short: 2D Sunnybrook as shipped,
@@ -455,7 +457,8 @@ _SMOKE_OVERRIDES: dict[str, dict[str, Any]] = {
 
 def bundle_epochs(dev: torch.device, key: Any, smoke: bool, reps: int, name: str = "sunnybrook_lv_2d") -> dict[str, Any]:
     """5. One example bundle, parsed twice (without / with the overlay): seconds per training epoch and per
-    evaluator run, interleaved. Validation is off during the timed epochs (``val_interval`` beyond the epoch)."""
+    evaluator run, interleaved, median of ``4 * reps`` (``reps`` in smoke runs). Validation is off during the timed
+    epochs (``val_interval`` beyond the epoch)."""
     bundle = OVERLAY.parent / name
     if not bundle.is_dir():
         raise FileNotFoundError(f"the example bundle {str(bundle)!r} is missing (the bench runs from a source checkout).")
@@ -472,6 +475,7 @@ def bundle_epochs(dev: torch.device, key: Any, smoke: bool, reps: int, name: str
             p.get_parsed_content("initialize")
         trainers = {cfg: p.get_parsed_content("train#trainer") for cfg, p in parsers.items()}
         evaluators = {cfg: p.get_parsed_content("validate#evaluator") for cfg, p in parsers.items()}
+        reps = reps if smoke else 4 * reps  # a 2D epoch or evaluator run takes a fraction of a second on an idle CPU
         epochs = timeit_interleaved({cfg: t.run for cfg, t in trainers.items()}, dev, repeats=reps)
         vals = timeit_interleaved({cfg: e.run for cfg, e in evaluators.items()}, dev, repeats=reps)
         wm_metrics = {k: float(v) for k, v in evaluators["watermarked"].state.metrics.items() if isinstance(v, (int, float))}
@@ -484,7 +488,8 @@ def bundle_epochs(dev: torch.device, key: Any, smoke: bool, reps: int, name: str
             "train_items": len(trainers["clean"].data_loader.dataset),
             "val_items": len(evaluators["clean"].data_loader.dataset),
             "batch_size": int(parsers["clean"]["batch_size"]),
-            "overlay_prob": _poisoning_ratio(trainers["watermarked"]),
+            "overlay_prob": _stage_setting(trainers["watermarked"], "prob"),
+            "overlay_keep_batch_size": _stage_setting(trainers["watermarked"], "keep_batch_size"),
             "asr_images": asr.max_images,
             "epoch": epochs,
             "epoch_ratio": epochs["watermarked"]["median_s"] / epochs["clean"]["median_s"],
