@@ -116,16 +116,15 @@ class WatermarkBatch(Randomizable):
         """
         self._check(image, label)
         self.randomize(image.shape[0])
-        return self.apply(image, label, self.draws)
+        m, self.draws = self._fit_to_batch(self.draws)  # the draws of the loaded samples that this step trains on
+        return self.apply(image[:m], label[:m], self.draws)
 
     def apply(self, image: torch.Tensor, label: torch.Tensor, draws: WatermarkDraws) -> tuple[torch.Tensor, torch.Tensor]:
-        """Build the batch for given ``draws`` (see :meth:`__call__`). The draws are host arrays, sent to the device
-        once each; nothing is read back from the device."""
+        """Build the batch for given ``draws``, one per sample of ``image`` (see :meth:`__call__`; the batch grows by
+        the triggered samples). The draws are host arrays, sent to the device once each; nothing is read back from
+        the device."""
         image = image.as_tensor() if hasattr(image, "as_tensor") else image
         label = label.as_tensor() if hasattr(label, "as_tensor") else label
-        m, draws = self._fit_to_batch(draws)
-        if m < image.shape[0]:
-            image, label = image[:m], label[:m]
         dev, spatial = image.device, tuple(int(s) for s in image.shape[2:])
         rows = np.flatnonzero(draws.triggered)
         t_idx = torch.as_tensor(rows, device=dev, dtype=torch.long)
@@ -159,7 +158,7 @@ class WatermarkBatch(Randomizable):
 
     def _order(self, triggered: np.ndarray) -> np.ndarray:
         """Rows of ``cat([clean samples, triggered samples])`` in output order: each triggered sample right after
-        its clean twin (paired), or in its place (unpaired); cut to the loaded size with ``keep_batch_size``."""
+        its clean twin (paired), or in its place (unpaired)."""
         n = triggered.shape[0]
         rank = np.cumsum(triggered) - 1  # position among the triggered samples
         if not self.paired:
@@ -170,7 +169,7 @@ class WatermarkBatch(Randomizable):
         return np.where(second, n + rank[src], src)
 
     def _fit_to_batch(self, draws: WatermarkDraws) -> tuple[int, WatermarkDraws]:
-        """With ``keep_batch_size`` (and twins): the loaded samples that fit the batch with their triggered copies,
+        """With ``keep_batch_size`` (and twins): how many loaded samples fit the batch with their triggered copies,
         and their draws. The samples are taken in order, each with its copy when triggered, until the loaded size is
         reached; a triggered sample that would overflow it by its copy stays clean. Host arithmetic only."""
         n = draws.triggered.shape[0]
