@@ -50,8 +50,9 @@ def test_bench_sections(tmp_path, capsys):
     res = json.loads((tmp_path / "train_only.json").read_text())
     assert res["sections"] == ["training"] and "validation" not in res and "lime_one_image" not in res
     (row,) = res["training_step"]["by_variant"]
-    assert row["prob"] == recipe_defaults()["transform"]["prob"] and row["keep_batch_size"]
-    assert row["images_per_step"] == res["training_step"]["batch"]  # the stage keeps the loaded batch size
+    assert row["prob"] == recipe_defaults()["transform"]["prob"]
+    assert row["keep_batch_size"] == recipe_defaults()["transform"]["keep_batch_size"]
+    assert row["images_per_step"] >= res["training_step"]["batch"]
     assert "bench section: training" in capsys.readouterr().err
     assert cli(main, ["--smoke", "--sections", "speed", "--out", str(tmp_path)]) == 2
     assert "--sections: unknown 'speed'" in capsys.readouterr().err
