@@ -207,7 +207,7 @@ def bench_training(b: Bench) -> dict[str, Any]:
     batch kept at its loaded size (``keep_batch_size=True``) and lower poisoning ratios. Steps of all kinds
     run interleaved, with more repeats than elsewhere: the triggered share of a step varies."""
     bs = 8 if b.smoke else 24
-    default_prob = recipe_defaults()["transform"]["prob"]
+    defaults = recipe_defaults()["transform"]
     variants: dict[str, dict[str, Any]] = {"recipe": {}}
     if not b.smoke:
         variants |= {"keep_batch_size": {"keep_batch_size": True}, "prob_0.25": {"prob": 0.25}, "prob_0.1": {"prob": 0.1}}
@@ -217,8 +217,8 @@ def bench_training(b: Bench) -> dict[str, Any]:
     rows = []
     for name, settings in variants.items():
         t, n_img = times[name]["median_s"], float(np.mean(sizes[name]))
-        rows.append({"variant": name, "prob": settings.get("prob", default_prob),
-                     "keep_batch_size": settings.get("keep_batch_size", recipe_defaults()["transform"]["keep_batch_size"]), "ratio": t / t_clean["median_s"],
+        rows.append({"variant": name, "prob": settings.get("prob", defaults["prob"]),
+                     "keep_batch_size": settings.get("keep_batch_size", defaults["keep_batch_size"]), "ratio": t / t_clean["median_s"],
                      "images_per_step": n_img, "ratio_per_image": (t / n_img) / (t_clean["median_s"] / bs), "median_s": t})
     default = rows[0]
     return {"training_step": {

@@ -178,8 +178,7 @@ class WatermarkBatch(Randomizable):
         if not (self.keep_batch_size and self.paired):
             return n, draws
         ends = np.cumsum(1 + draws.triggered.astype(int))  # rows used up to and including each sample
-        m = int(np.searchsorted(ends, n, side="left")) + 1 if n else 0  # first sample whose rows reach n
-        m = min(m, n)
+        m = int(np.searchsorted(ends, n, side="left")) + 1 if n else 0  # ends[-1] >= n: the first sample reaching n
         triggered = draws.triggered[:m].copy()
         if m and ends[m - 1] > n:
             triggered[m - 1] = False
