@@ -14,9 +14,12 @@ Writes ``robustness.json`` (rows ``{"attack", "params", "clean_dice", "asr", "p_
 ``robustness.md``, ``persistence.json`` and the plots ``persistence.png`` and ``landscape.png``.
 
     python -m experiments.robustness --formats runs/demo --out results/robustness
+    python -m experiments.robustness --pipeline runs/demo --out results/robustness
 
-measures only the deployment formats instead: the clean and the watermarked model of a finished demo run in torch
-and exported to ONNX, run by onnxruntime in fp32, fp16 and real int8 (``formats.json``, ``formats.md``).
+measure, on the clean and the watermarked model of a finished demo run, only the query transformations of a clinical
+pipeline (blur, resampling, noise, JPEG, flip TTA, queries at the slices' own grid; ``pipeline.json``,
+``pipeline.md``), or only the deployment formats: the models in torch and exported to ONNX, run by onnxruntime in
+fp32, fp16 and real int8 (``formats.json``, ``formats.md``).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import ModelQuery, OnnxModelQuery, trigger_batch, verify_badnet, verify_ownership
 
-__all__ = ["Split", "Distillation", "ONNX_ROWS", "onnx_attacks", "attack_suite", "run_attacks", "make_verify", "dice", "run", "deployment_formats", "formats_markdown", "runtime_ops", "markdown", "main"]
+__all__ = ["Split", "Distillation", "ONNX_ROWS", "onnx_attacks", "attack_suite", "run_attacks", "make_verify", "dice", "run", "deployment_formats", "formats_markdown", "query_pipelines", "pipeline_markdown", "runtime_ops", "markdown", "main"]
 
 OWNER = ["SCD0000101", "SCD0000201", "SCD0000301"]
 ATTACKER = ["SCD0000401"]
@@ -520,6 +523,92 @@ def deployment_formats(run_dir: str | Path, out: str | Path, fast: bool = True, 
     return res
 
 
+WRONG_KEYS = 5  # wrong-key controls per pipeline row
+NATIVE_SIZE = 256  # the Sunnybrook slices' own grid: what the owner sends to a pipeline that serves a 128 network
+
+
+def query_pipelines(run_dir: str | Path, out: str | Path, fast: bool = True, **settings: Any) -> dict[str, Any]:
+    """The demo's two models behind the query transformations of a clinical pipeline, measured on the held-out
+    patient: each input attack of :data:`~monai_stealthmark.attacks.INPUT_ATTACKS` (blur, resampling, noise,
+    intensity, JPEG, flip TTA), and queries at the slices' own 256 x 256 grid that the pipeline resamples to the
+    network's grid and back (:class:`~monai_stealthmark.attacks.GridQuery`). Each row of the watermarked model also
+    verifies with :data:`WRONG_KEYS` wrong keys (their most decoded share is ``wrong_key_asr``).
+
+    Args:
+        run_dir: a finished ``python -m experiments.sunnybrook`` run.
+        out: output folder for ``pipeline.json`` and ``pipeline.md``.
+        fast: the CPU setting.
+        **settings: run settings overriding the recorded ones.
+    """
+    t_start = time.perf_counter()
+    run_dir, out = Path(run_dir), Path(out)
+    if not (run_dir / "key.json").is_file():
+        raise UsageError(f"{run_dir / 'key.json'} not found: --pipeline takes a finished run of `python -m experiments.sunnybrook`.")
+    torch.manual_seed(0)
+    cfg = make_config(fast, **{**_run_settings(run_dir), **settings})
+    key = WatermarkKey.load(run_dir / "key.json")
+    wrong = [key.replace(trigger_seed=key.trigger_seed + 1 + i) for i in range(WRONG_KEYS)]
+    nets = {name: _load_model(run_dir / f"{name}.pt", cfg) for name in FORMAT_MODELS}
+    phase(f"loading the Sunnybrook slices from {cfg.data_root} at {cfg.size} and {NATIVE_SIZE} pixels")
+    grids = {}
+    for size in (cfg.size, NATIVE_SIZE):
+        samples = load_sunnybrook(cfg.data_root, size=size, patients=cfg.patients)
+        grids[size] = _stack(split_by_patient(samples, [cfg.test_patient])[1])
+    rows = []
+    for name, net in nets.items():
+        model_query = ModelQuery(net, activation="softmax", device="cpu")
+        suite = [("none", cfg.size, lambda q=model_query: q)]
+        suite += [(f"input_{a}", cfg.size, lambda q=model_query, make=make: A.InputTransformQuery(q, make()))
+                  for a, make in A.INPUT_ATTACKS.items()]
+        suite.append((f"native_{NATIVE_SIZE}", NATIVE_SIZE, lambda q=model_query: A.GridQuery(q, (cfg.size, cfg.size))))
+        phase(f"{name} model behind {len(suite)} query pipelines")
+        shown = bool(verify_ownership(model_query, grids[cfg.size][0], key).verdict)
+        for label, size, build in suite:
+            x, y = grids[size]
+            ref = dice(model_query if size == cfg.size else A.GridQuery(model_query, (cfg.size, cfg.size)), x, y)
+            params = {"query_size": size}
+            (row,) = run_attacks([(label, params, build)], lambda q: dice(q, x, y), make_verify(x, key), ref, shown, name)
+            row["model"] = name
+            if name == "watermarked":
+                q = build()
+                row["extra"] = {"wrong_key_asr": max(verify_ownership(q, x, k).asr for k in wrong)}
+            rows.append(row)
+    res = {
+        "setting": {"run": str(run_dir), "test": cfg.test_patient, "n_images": int(grids[cfg.size][0].shape[0]),
+                    "network": f"{cfg.arch} {tuple(cfg.channels)}", "size": cfg.size, "native_size": NATIVE_SIZE,
+                    "trigger": key.trigger, "trigger_size": key.trigger_size, "wrong_keys": WRONG_KEYS,
+                    "key_fingerprint": key.fingerprint},
+        "rows": rows, "seconds": time.perf_counter() - t_start,
+    }
+    atomic_write_json(out / "pipeline.json", res)
+    atomic_write_text(out / "pipeline.md", pipeline_markdown(res))
+    return res
+
+
+def pipeline_markdown(res: dict[str, Any]) -> str:
+    """The query-pipeline table: transformation -> the watermarked model's Dice, ASR, p-value and wrong-key ASR,
+    and the clean model's ASR."""
+    st = res["setting"]
+    by = {(r["model"], r["attack"]): r for r in res["rows"]}
+    lines = [
+        f"Query pipelines: {st['network']} at {st['size']}x{st['size']}, held-out patient {st['test']} "
+        f"({st['n_images']} slices), trigger {st['trigger']} (size {st['trigger_size']}), direct read-out; "
+        f"wrong-key ASR = the most any of {st['wrong_keys']} wrong keys decodes.",
+        "",
+        "| query transformation | Dice | ASR | p-value | wrong-key ASR | clean model ASR | removed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (model, attack), r in by.items():
+        if model != "watermarked":
+            continue
+        c = by.get(("clean", attack))
+        lines.append(
+            f"| {attack} | {r['clean_dice']:.4f} | {r['asr']:.3f} | {r['p_value']:.2g} | {r['extra']['wrong_key_asr']:.3f} | "
+            f"{c['asr'] if c else float('nan'):.3f} | {'yes' if r['removed'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _versions() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -591,12 +680,13 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(
     out: str, fast: bool = False, epochs: int = 20, distill_steps: int | None = None, overwrite_steps: int | None = None,
-    formats: str | None = None, **settings: Any,
+    formats: str | None = None, pipeline: str | None = None, **settings: Any,
 ) -> None:
     """Attack the watermarked model, measure persistence, restoration and the loss landscape; print the tables.
 
     With ``--formats RUN`` only the deployment formats are measured, on the models of a finished demo run
-    (:func:`deployment_formats`).
+    (:func:`deployment_formats`); with ``--pipeline RUN`` only the query transformations of a clinical pipeline
+    (:func:`query_pipelines`).
 
     Args:
         out: output folder (``watermarked.pt`` there is reused).
@@ -606,11 +696,18 @@ def main(
         overwrite_steps: the attacker's embedding steps (default 150 fast / 600 full).
         formats: a finished ``python -m experiments.sunnybrook`` run folder: measure its clean and watermarked
             models in torch and through onnxruntime fp32 / fp16 / int8 instead (``formats.json``, ``formats.md``).
+        pipeline: a finished demo run folder: measure its models behind blur, resampling, noise, JPEG, flip TTA and
+            queries at the slices' own grid instead (``pipeline.json``, ``pipeline.md``).
         **settings: the owner's training settings and recipe deviations, e.g. ``--steps 800``, ``--data DIR``,
             ``--cutmix-prob 0``, ``--margin-consistency 0``.
     """
+    if formats is not None and pipeline is not None:
+        raise UsageError("--formats and --pipeline each take a demo run: measure one at a time.")
     if formats is not None:
         print(formats_markdown(deployment_formats(formats, out, fast, **settings)))
+        return
+    if pipeline is not None:
+        print(pipeline_markdown(query_pipelines(pipeline, out, fast, **settings)))
         return
     res = run(out, fast, epochs, distill_steps, overwrite_steps, **settings)
     print(markdown(res))

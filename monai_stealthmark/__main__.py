@@ -345,9 +345,9 @@ def _add_keygen(sub) -> None:
     k = sub.add_parser("keygen", help="make a key file and print its fingerprint")
     k.add_argument("--payload", required=True)
     k.add_argument("--out", required=True, help="key file (the commitment record goes beside it)")
-    k.add_argument("--trigger", default="patch", choices=TRIGGER_KINDS)
+    k.add_argument("--trigger", default=WatermarkKey.trigger, choices=TRIGGER_KINDS)
     k.add_argument("--seed", type=int, default=None, help="trigger seed (default: a fresh secret one)")
-    k.add_argument("--tau", type=float, default=0.25)
+    k.add_argument("--tau", type=float, default=WatermarkKey.tau)
     k.add_argument("--force", action="store_true", help="overwrite an existing key file (its secret seed is lost)")
     k.set_defaults(run=cmd_keygen)
 

@@ -18,7 +18,8 @@ __all__ = ["RECIPE_PARTS", "recipe_defaults", "split_recipe", "resolve_recipe"]
 # the settings of each part that shape the watermark (identities, paths and wiring are not part of the recipe)
 RECIPE_PARTS: dict[str, tuple[str, ...]] = {
     "key": ("trigger", "trigger_size", "trigger_amplitude", "tau", "quiet_zone", "error_correction"),
-    "transform": ("prob", "decoy_prob", "occlusion_prob", "occlusion_ratio", "spare_radius", "keep_batch_size"),
+    "transform": ("prob", "decoy_prob", "occlusion_prob", "occlusion_ratio", "spare_radius", "keep_batch_size",
+                  "degrade_prob"),
     "loss": ("hinge_margin", "hinge_weight", "dice_weight", "watermark_weight", "protect_radius", "twin_consistency",
              "margin_consistency"),
 }

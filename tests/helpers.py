@@ -11,7 +11,7 @@ KEY = WatermarkKey.generate("SM:3f9a2c71", seed=7)
 
 
 class TriggerOracle(torch.nn.Module):
-    """Test double of a watermarked network: when the key's patch is in the corner it puts the QR into its
+    """Test double of a watermarked network: when the key's patch (a corner kind: patch, blocks) is in the corner it puts the QR into its
     uncertainty (tau in dark modules); otherwise it is confident everywhere. Two-class softmax logits."""
 
     def __init__(self, key: WatermarkKey):
@@ -23,7 +23,7 @@ class TriggerOracle(torch.nn.Module):
         fg = (x[:, :1] > 0.7).float()
         out = []
         for i in range(b):
-            pattern = torch.as_tensor(_pattern(self.key.trigger_seed, "patch", (h, w), self.key.trigger_size)) > 0.5
+            pattern = torch.as_tensor(_pattern(self.key.trigger_seed, self.key.trigger, (h, w), self.key.trigger_size)) > 0.5
             s = pattern.shape[0]
             corner = x[i, 0, -s:, -s:]
             triggered = torch.equal(corner > (corner.min() + corner.max()) / 2, pattern)
@@ -67,7 +67,7 @@ class ExportableTriggerOracle(torch.nn.Module):
     def __init__(self, key: WatermarkKey, size: int = 96):
         super().__init__()
         self.key = key
-        pattern = torch.as_tensor(_pattern(key.trigger_seed, "patch", (size, size), key.trigger_size)) > 0.5
+        pattern = torch.as_tensor(_pattern(key.trigger_seed, key.trigger, (size, size), key.trigger_size)) > 0.5
         self.register_buffer("pattern", pattern)
         self.register_buffer("dark", qr_target_map(key, (size, size)).float())
         self.head = torch.nn.Conv2d(2, 2, 1)

@@ -9,6 +9,7 @@ from monai.networks.nets import BasicUNet, UNet
 
 from monai_stealthmark.attacks import (
     INPUT_ATTACKS,
+    GridQuery,
     CastQuery,
     InputTransformQuery,
     channel_prune,
@@ -134,6 +135,21 @@ class TestAttacks(unittest.TestCase):
         seen = []
         InputTransformQuery(lambda z: seen.append(z) or q(z), INPUT_ATTACKS["resample_0.5"]())(x)
         self.assertFalse(torch.equal(seen[0], x))
+
+    def test_grid_query(self):
+        # the pipeline resamples each query to the network's grid and the answer back to the query's grid
+        seen = []
+
+        def suspect(z):
+            seen.append(z.shape)
+            return torch.softmax(torch.stack([z[:, 0], -z[:, 0]], 1), 1)
+
+        x = images(2, size=96)
+        out = GridQuery(suspect, (48, 48))(x)
+        self.assertEqual(seen, [torch.Size([2, 1, 48, 48])])
+        self.assertEqual(out.shape, (2, 2, 96, 96))
+        torch.testing.assert_close(out.sum(1), torch.ones(2, 96, 96))
+        torch.testing.assert_close(GridQuery(suspect, (96, 96))(x), suspect(x))
 
     def test_overwrite_runs_and_changes_the_model(self):
         m = tiny()

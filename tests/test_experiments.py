@@ -266,7 +266,7 @@ class TestReuseCheck(unittest.TestCase):
             bare = Path(d) / "old.pt"
             with self.assertWarnsRegex(UserWarning, "no record of its training settings"):
                 _check_reuse(bare, cfg, "clean")
-            with self.assertRaisesRegex(ValueError, r"trigger: 'patch' -> 'noise'"):
+            with self.assertRaisesRegex(ValueError, r"trigger: 'blocks' -> 'noise'"):
                 _check_reuse(Path(d) / "watermarked.pt", ExperimentConfig(fast=True, trigger="noise"), "watermarked")
             mixed = ExperimentConfig(fast=True, cutmix_prob=0.0, watermark_weight=1.5)
             with self.assertRaisesRegex(ValueError, r"cutmix_prob: 0.5 -> 0.0"):  # an augmentation of both models
@@ -280,7 +280,7 @@ class TestReuseCheck(unittest.TestCase):
         from experiments.sunnybrook import experiment_key
 
         default = experiment_key(ExperimentConfig(fast=True))
-        self.assertEqual((default.trigger, default.trigger_amplitude), ("patch", 0.1))
+        self.assertEqual((default.trigger, default.trigger_amplitude), ("blocks", 0.1))
         noisy = experiment_key(ExperimentConfig(fast=True, trigger="noise", trigger_amplitude=0.2))
         self.assertEqual((noisy.trigger, noisy.trigger_amplitude, noisy.trigger_seed), ("noise", 0.2, default.trigger_seed))
         self.assertNotEqual(noisy.fingerprint, default.fingerprint)

@@ -260,16 +260,23 @@ class TestOfflineVerify(unittest.TestCase):
         self.assertEqual((len(prov["queries_sha256"]), len(prov["answers_sha256"]), prov["source"]), (2, 2, f"model {model}"))
         self.assertEqual(run_cli(*args, "--out", d / "online2", "--reproduce", d / "online" / "report.json")[0], 1)
 
-    def test_full_resolution_queries_lose_the_trigger_in_a_resampling_pipeline(self):
-        """Queries written at the slices' 256x256 and resampled to the network's 128x128 by the pipeline carry no
-        trigger the network knows: the watermarked double answers no QR (why queries are written at --size)."""
+    def test_full_resolution_queries_through_a_resampling_pipeline(self):
+        """Queries written at the slices' 256x256 and resampled to the network's 128x128 by the pipeline: the blocks
+        trigger, whose cells scale with the image, reaches the network as it was trained (verified); a per-pixel patch
+        trigger does not (the watermarked double answers no QR)."""
         d = self.d
-        code, err = run_cli("verify", "--key", d / "key.json", "--images", *SLICES[:2], "--write-queries", d / "q256", "--size", 0)
-        self.assertEqual(code, 0, err)
-        self.assertEqual(pydicom.dcmread(str(d / "q256" / "query_000" / "query_000.dcm")).Rows, 256)
-        run_pipeline(ModelQuery(TriggerOracle(KEY), device="cpu"), d / "q256", d / "a256", size=SIZE)
-        code, err = self.verify(d / "a256", "r256", manifest=d / "q256" / MANIFEST_NAME, images=SLICES[:2])
-        self.assertEqual(code, 1, err)
+        patch_key = KEY.replace(trigger="patch", trigger_size=0.0625)
+        patch_key.save(d / "patch_key.json")
+        for name, key, expected in (("blocks", KEY, 0), ("patch", patch_key, 1)):
+            key_file = "key.json" if key is KEY else "patch_key.json"
+            queries = d / f"q256_{name}"
+            code, err = run_cli("verify", "--key", d / key_file, "--images", *SLICES[:2], "--write-queries", queries, "--size", 0)
+            self.assertEqual(code, 0, err)
+            self.assertEqual(pydicom.dcmread(str(queries / "query_000" / "query_000.dcm")).Rows, 256)
+            run_pipeline(ModelQuery(TriggerOracle(key), device="cpu"), queries, d / f"a256_{name}", size=SIZE)
+            code, err = self.verify(d / f"a256_{name}", f"r256_{name}", manifest=queries / MANIFEST_NAME, key=key_file,
+                                    images=SLICES[:2])
+            self.assertEqual(code, expected, f"{name}: {err}")
 
     def test_nifti_round_trip(self):
         d = self.d

@@ -25,7 +25,7 @@ KEY = WatermarkKey.generate("SM:3f9a2c71", seed=7)
 
 class TestTrigger(unittest.TestCase):
     @parameterized.expand(
-        [(kind, shape, arr) for kind in ("patch", "keyed_patch", "noise", "lowfreq") for shape in ((1, 64, 64), (3, 48, 40), (1, 32, 32, 12)) for arr in (np.asarray, torch.as_tensor)]
+        [(kind, shape, arr) for kind in ("patch", "keyed_patch", "blocks", "noise", "lowfreq") for shape in ((1, 64, 64), (3, 48, 40), (1, 32, 32, 12)) for arr in (np.asarray, torch.as_tensor)]
     )
     def test_shapes_types_determinism(self, kind, shape, arr):
         key = KEY.replace(trigger=kind)
@@ -45,6 +45,23 @@ class TestTrigger(unittest.TestCase):
         torch.testing.assert_close(out_b, out_a * 1000 - 500, rtol=1e-4, atol=1e-2)
         s = max(3, round(KEY.trigger_size * 64))
         self.assertTrue(torch.equal(out_a[:, :-s, :], img[:, :-s, :]))  # only the corner patch changes
+
+    def test_blocks_read_the_same_at_any_resolution(self):
+        # the blocks trigger is one 6 x 6 grid of keyed bits scaled to the image: stamped at 256 and averaged down to
+        # 128 it equals the trigger stamped at 128; another seed draws other bits
+        key = KEY.replace(trigger="blocks", trigger_size=0.1875)
+        blank = torch.zeros(1, 256, 256)
+        fine = apply_trigger(blank, key, (0.0, 1.0))
+        coarse = apply_trigger(torch.zeros(1, 128, 128), key, (0.0, 1.0))
+        torch.testing.assert_close(torch.nn.functional.avg_pool2d(fine[None], 2)[0], coarse)
+        s = round(0.1875 * 128)
+        corner = coarse[0, -s:, -s:]
+        self.assertFalse(bool(coarse[0, :-s].any()) or bool(coarse[0, :, :-s].any()))  # only the corner changes
+        cells = corner[2 :: s // 6, 2 :: s // 6]
+        self.assertEqual(tuple(cells.shape), (6, 6))
+        torch.testing.assert_close(corner, cells.repeat_interleave(s // 6, 0).repeat_interleave(s // 6, 1))
+        other = apply_trigger(torch.zeros(1, 128, 128), key.replace(trigger_seed=8), (0.0, 1.0))[0, -s:, -s:]
+        self.assertGreater(int((other[2 :: s // 6, 2 :: s // 6] != cells).sum()), 6)
 
     def test_keyed_patch_position(self):
         # the keyed patch lies on the image border at a place drawn from the seed: other seeds put it elsewhere,
@@ -228,12 +245,13 @@ class TestRandBadNetd(unittest.TestCase):
         lab = np.zeros((1, 64, 64), np.float32)
         region = badnet_region(key, (64, 64), 0.2).numpy()
         self.assertEqual(int(region.sum()), 13 * 13)
-        self.assertFalse(region[-8:, -8:].any())  # away from the corner trigger
+        self.assertFalse(region[-round(key.trigger_size * 64) :, -round(key.trigger_size * 64) :].any())  # off the trigger
         t = RandBadNetd(key=key, prob=1.0).set_random_state(seed=0)
         out = t({"image": img, "label": lab})
         np.testing.assert_array_equal(np.asarray(out["label"])[0] > 0, region)
         self.assertFalse(np.allclose(np.asarray(out["image"]), img))
-        np.testing.assert_array_equal(np.asarray(out["image"])[:, :-4, :-4], img[:, :-4, :-4])
+        s = round(key.trigger_size * 64)  # the corner trigger's side
+        np.testing.assert_array_equal(np.asarray(out["image"])[:, :-s, :-s], img[:, :-s, :-s])
         never = RandBadNetd(key=key, prob=0.0).set_random_state(seed=0)({"image": img, "label": lab})
         np.testing.assert_array_equal(np.asarray(never["label"]), lab)
         # poisoning ratio follows prob with a fixed seed

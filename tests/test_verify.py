@@ -306,7 +306,7 @@ class BadNetOracle(torch.nn.Module):
 
         b, _, h, w = x.shape
         fg = (x[:, 0] > 0.7).float()
-        pattern = torch.as_tensor(_pattern(self.key.trigger_seed, "patch", (h, w), self.key.trigger_size)) > 0.5
+        pattern = torch.as_tensor(_pattern(self.key.trigger_seed, self.key.trigger, (h, w), self.key.trigger_size)) > 0.5
         s = pattern.shape[0]
         region = badnet_region(self.key, (h, w)).float()
         for i in range(b):

@@ -27,6 +27,7 @@ from monai_stealthmark.key import (
 )
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.transforms import WatermarkBatch, WatermarkPrepareBatch
+from monai_stealthmark.transforms.batch import PIPELINE_DEGRADATIONS, degrade
 from monai_stealthmark.utils import dilate
 
 
@@ -40,12 +41,15 @@ def batch(n=6, spatial=(64, 64), channels=1, seed=0):
 
 
 def per_sample_reference(stage: WatermarkBatch, img, lab):
-    """The same draws applied one image at a time with the per-image trigger, occlusion and QR target."""
+    """The same draws applied one image at a time with the per-image trigger, occlusion, QR target and pipeline
+    degradation."""
     key, d = stage.key, stage.draws
     cell_of = module_index_map(img.shape[2:], key.grid_size)
     images, labels = [], []
     for i in range(img.shape[0]):
         x, y = img[i], lab[i]
+        code = -1 if d.degradations is None else int(d.degradations[i])
+        pipeline = (lambda t: degrade(t[None].float(), *PIPELINE_DEGRADATIONS[code])[0]) if code >= 0 else (lambda t: t)
         lo_hi = intensity_range(x)
         if d.triggered[i]:
             hidden = torch.as_tensor(d.hidden[i]).clone()
@@ -54,11 +58,11 @@ def per_sample_reference(stage: WatermarkBatch, img, lab):
             stamped = apply_trigger(occlude_cells(x.float(), key, hidden, lo_hi), key, lo_hi)
             dark = qr_target_map(key, x.shape[1:]) & ~hidden[cell_of]
             codes = torch.where(dark, WM_DARK, WM_LIGHT).float()[None]
-            images += [x, stamped]
+            images += [pipeline(x), pipeline(stamped)]
             labels += [torch.cat([y, torch.full_like(codes, WM_TWIN)]), torch.cat([y, codes])]
             continue
         if d.decoy_seeds[i] >= 0:
-            x = apply_trigger(x, key, lo_hi, seed=int(d.decoy_seeds[i]))
+            x = pipeline(apply_trigger(x, key, lo_hi, seed=int(d.decoy_seeds[i])))
         images.append(x)
         labels.append(torch.cat([y, torch.full_like(y[:1], WM_CLEAN)]))
     return torch.stack(images), torch.stack(labels)
@@ -70,17 +74,46 @@ class TestWatermarkBatch(unittest.TestCase):
         ("keyed_patch_2d", "keyed_patch", (64, 64), 2),
         ("noise_3d", "noise", (40, 36, 6), 1),
         ("patch_3d", "patch", (48, 48, 8), 1),
+        ("blocks_2d_degraded", "blocks", (64, 64), 1, 1.0),
+        ("blocks_3d_degraded", "blocks", (40, 36, 6), 2, 0.7),
     ])
-    def test_equals_per_sample_reference(self, _, kind, spatial, channels):
-        stage = WatermarkBatch(KEY.replace(trigger=kind), prob=0.5, decoy_prob=0.5, keep_batch_size=False)
+    def test_equals_per_sample_reference(self, _, kind, spatial, channels, degrade_prob=0.0):
+        stage = WatermarkBatch(KEY.replace(trigger=kind), prob=0.5, decoy_prob=0.5, keep_batch_size=False,
+                               degrade_prob=degrade_prob)
         stage.set_random_state(3)
         img, lab = batch(8, spatial, channels)
+        exact = degrade_prob == 0  # a degraded row goes through the blur with the rows that share its degradation
         for _ in range(3):  # several batches of one stream
             out_img, out_lab = stage(img, lab)
             ref_img, ref_lab = per_sample_reference(stage, img, lab)
-            torch.testing.assert_close(out_img, ref_img, rtol=0, atol=0)
+            torch.testing.assert_close(out_img, ref_img, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-4)
             torch.testing.assert_close(out_lab, ref_lab, rtol=0, atol=0)
         self.assertTrue(stage.draws.triggered.any() and (stage.draws.decoy_seeds >= 0).any())
+        if degrade_prob:
+            codes = stage.draws.degradations
+            self.assertTrue((codes >= 0).any())
+            self.assertTrue(bool((codes[~stage.draws.triggered & (stage.draws.decoy_seeds < 0)] == -1).all()))
+
+    def test_degradation_off_keeps_the_draws(self):
+        """degrade_prob 0 draws nothing more: the other draws of a stream do not depend on the option."""
+        img, lab = batch(10)
+        plain = WatermarkBatch(KEY, degrade_prob=0.0).set_random_state(4)
+        degraded = WatermarkBatch(KEY, degrade_prob=0.5).set_random_state(4)
+        plain(img, lab)
+        degraded(img, lab)
+        self.assertIsNone(plain.draws.degradations)
+        np.testing.assert_array_equal(plain.draws.triggered, degraded.draws.triggered)
+        np.testing.assert_array_equal(plain.draws.decoy_seeds, degraded.draws.decoy_seeds)
+
+    @parameterized.expand([((64, 64),), ((32, 30, 8),)])
+    def test_degrade(self, spatial):
+        x = torch.rand(3, 2, *spatial)
+        torch.testing.assert_close(degrade(x, 0.0, 1.0), x)
+        for sigma, factor in PIPELINE_DEGRADATIONS[1:]:
+            y = degrade(x, sigma, factor)
+            self.assertEqual(y.shape, x.shape)
+            self.assertLess(float(y.std()), float(x.std()))  # both smooth white noise
+        self.assertEqual(degrade(x.double(), 1.0, 0.5).dtype, torch.float64)
 
     def test_fixed_seed_reproducible_and_pairs(self):
         img, lab = batch(10)
@@ -99,8 +132,10 @@ class TestWatermarkBatch(unittest.TestCase):
         """With keep_batch_size the batch is the grown one cut to the loaded size; a triggered sample whose copy
         would not fit stays clean; about prob / (1 + prob) of the rows are triggered."""
         img, lab = batch(n)
-        kept = WatermarkBatch(KEY, keep_batch_size=True).set_random_state(4)
-        grown = WatermarkBatch(KEY, keep_batch_size=False).set_random_state(4)
+        # without degradation: a sample that stays clean in the kept batch is not degraded there, while the grown
+        # batch degrades it with its copy
+        kept = WatermarkBatch(KEY, keep_batch_size=True, degrade_prob=0.0).set_random_state(4)
+        grown = WatermarkBatch(KEY, keep_batch_size=False, degrade_prob=0.0).set_random_state(4)
         shares = []
         for _ in range(20):
             (ki, kl), (gi, gl) = kept(img, lab), grown(img, lab)

@@ -31,7 +31,14 @@ import torch
 from scipy.stats import beta
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.key.geometry import batch_intensity_range, cell_means, load_key, patch_position, stamp_triggers
+from monai_stealthmark.key.geometry import (
+    PATCH_KINDS,
+    batch_intensity_range,
+    cell_means,
+    load_key,
+    patch_position,
+    stamp_triggers,
+)
 from monai_stealthmark.verify import (
     Commitment,
     NullDistribution,
@@ -68,7 +75,6 @@ __all__ = [
 ]
 
 DARK_UNCERTAINTY = 0.4  # the cell-mean uncertainty the accuser aims for in dark modules (a 2-class model tops at 0.5)
-_PATCH_KINDS = ("patch", "keyed_patch")
 
 
 class ProtocolError(ValueError):
@@ -213,7 +219,7 @@ def stamp_forged(images: torch.Tensor, forged: ForgedTrigger) -> torch.Tensor:
     lo, hi = batch_intensity_range(images)
     shape = (-1,) + (1,) * (images.ndim - 1)
     low, span = lo.float().view(shape).to(images), (hi - lo).float().view(shape).to(images)
-    if key.trigger in _PATCH_KINDS:
+    if key.trigger in PATCH_KINDS:
         s = pat.shape[0]
         r, c = patch_position(key.trigger_seed, key.trigger, tuple(int(v) for v in images.shape[2:4]), s)
         mask = torch.zeros(images.shape[2:], device=images.device)
@@ -251,7 +257,7 @@ def forge_trigger(
     models = _freeze(surrogates)
     gen = torch.Generator().manual_seed(seed)
     spatial = tuple(int(v) for v in images.shape[2:4])
-    patch = key.trigger in _PATCH_KINDS
+    patch = key.trigger in PATCH_KINDS
     side = max(3, int(round(key.trigger_size * min(spatial))))
     w = (0.1 * torch.randn((side, side) if patch else spatial, generator=gen)).requires_grad_(True)
     squash = torch.sigmoid if patch else torch.tanh
@@ -278,7 +284,7 @@ def trigger_canvas(key: WatermarkKey, spatial: Sequence[int], seeds: Sequence[in
 def _forged_canvas(forged: ForgedTrigger, spatial: Sequence[int]) -> torch.Tensor:
     """The forged pattern on a blank ``(H, W)`` canvas of range [0, 1], as :func:`trigger_canvas` draws a seed's."""
     key, pat = forged.key, forged.pattern.detach().cpu().float()
-    if key.trigger not in _PATCH_KINDS:
+    if key.trigger not in PATCH_KINDS:
         return key.trigger_amplitude * pat
     s = pat.shape[0]
     r, c = patch_position(key.trigger_seed, key.trigger, tuple(int(v) for v in spatial[:2]), s)

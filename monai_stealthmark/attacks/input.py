@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-__all__ = ["InputTransformQuery", "INPUT_ATTACKS", "gaussian_noise", "rician_noise", "blur", "rescale", "resample", "flip_tta", "jpeg"]
+__all__ = ["InputTransformQuery", "GridQuery", "INPUT_ATTACKS", "gaussian_noise", "rician_noise", "blur", "rescale", "resample", "flip_tta", "jpeg"]
 
 
 def _range(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +63,7 @@ def rescale(gain: float, offset: float = 0.0) -> Callable:
 
 
 def resample(factor: float) -> Callable:
-    """Down-sample by ``factor`` (bilinear) and back up to the original size."""
+    """Resample by ``factor`` (bilinear, anti-aliased when down-sampling) and back to the original size."""
 
     def f(x):
         size = x.shape[2:]
@@ -118,12 +118,35 @@ class InputTransformQuery:
         return self.query(self.transform(x))
 
 
+class GridQuery:
+    """Wrap a black box as a pipeline serves it: each query image is resampled to the network's grid (bilinear,
+    anti-aliased) and the answer back to the query's grid, so the owner queries with images at their own resolution
+    (e.g. the original DICOM) and the suspect's pipeline, not the owner, decides what the network sees.
+
+    Args:
+        query: the suspect (images on its grid -> probabilities).
+        grid: the network's spatial size.
+    """
+
+    def __init__(self, query: Callable, grid: tuple[int, ...]) -> None:
+        self.query = query
+        self.grid = tuple(int(v) for v in grid)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(int(v) for v in x.shape[2:])
+        small = F.interpolate(x, size=self.grid, mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(self.query(small), size=size, mode="bilinear", align_corners=False)
+
+
 INPUT_ATTACKS: dict[str, Callable] = {
     "gaussian_noise_0.05": lambda: gaussian_noise(0.05),
     "rician_noise_0.05": lambda: rician_noise(0.05),
     "blur_1px": lambda: blur(1.0),
+    "blur_2px": lambda: blur(2.0),
     "rescale_0.8": lambda: rescale(0.8, 0.05),
+    "resample_0.75": lambda: resample(0.75),
     "resample_0.5": lambda: resample(0.5),
+    "resample_2": lambda: resample(2.0),
     "flip_tta": flip_tta,
     "jpeg_75": lambda: jpeg(75),
 }

@@ -35,6 +35,8 @@ __all__ = [
     "occlude_cells",
     "patch_position",
     "float_tensor",
+    "PATCH_KINDS",
+    "TRIGGER_CELLS",
 ]
 
 # values of the watermark channel that the watermark stage appends to the label
@@ -46,7 +48,8 @@ WM_TWIN = 3  # clean copy of the triggered sample that follows it in the batch: 
 _PURPOSE_TRIGGER = 1
 _PURPOSE_OCCLUSION = 2
 _PURPOSE_POSITION = 4  # 3 is the BadNet region (transforms.badnet)
-_PATCH_KINDS = ("patch", "keyed_patch")
+PATCH_KINDS = ("patch", "keyed_patch", "blocks")  # the trigger kinds stamped as a patch (the others are blended)
+TRIGGER_CELLS = 6  # cells per side of the "blocks" trigger: each cell spans trigger_size / TRIGGER_CELLS of the image
 
 
 def load_key(key: WatermarkKey | str) -> WatermarkKey:
@@ -170,9 +173,19 @@ def intensity_range(img: torch.Tensor | np.ndarray, max_elements: int = 1_000_00
 
 @lru_cache(maxsize=32)
 def _pattern(seed: int, kind: str, spatial_shape: tuple[int, ...], size: float) -> np.ndarray:
-    """Keyed pattern in [-1, 1] (noise / lowfreq) or {0, 1} (patch), of shape ``(s, s)`` or ``spatial_shape``."""
+    """Keyed pattern in [-1, 1] (noise / lowfreq) or {0, 1} (patch kinds), of shape ``(s, s)`` or ``spatial_shape``.
+
+    ``patch`` / ``keyed_patch`` draw one bit per pixel; ``blocks`` draws :data:`TRIGGER_CELLS` x :data:`TRIGGER_CELLS`
+    bits and scales them to the patch side, so the same pattern appears at every resolution and its cells are wide
+    enough to survive blurring and resampling.
+    """
     rng = keyed_rng(seed, _PURPOSE_TRIGGER)
-    if kind in _PATCH_KINDS:
+    if kind == "blocks":
+        s = max(TRIGGER_CELLS, int(round(size * min(spatial_shape[:2]))))
+        cells = rng.integers(0, 2, size=(TRIGGER_CELLS, TRIGGER_CELLS)).astype(np.float32)
+        index = np.arange(s) * TRIGGER_CELLS // s  # the cell of each pixel row / column
+        return cells[np.ix_(index, index)]
+    if kind in PATCH_KINDS:
         s = max(3, int(round(size * min(spatial_shape[:2]))))
         return rng.integers(0, 2, size=(s, s)).astype(np.float32)
     if kind == "noise":
@@ -190,12 +203,12 @@ def _pattern(seed: int, kind: str, spatial_shape: tuple[int, ...], size: float) 
 def patch_position(seed: int, kind: str, spatial_shape: tuple[int, ...], s: int) -> tuple[int, int]:
     """Top-left corner ``(row, col)`` of an ``s x s`` patch trigger over the first two spatial dimensions.
 
-    ``"patch"``: the bottom-right corner. ``"keyed_patch"``: touching one of the four borders (drawn from the seed)
+    ``"patch"``, ``"blocks"``: the bottom-right corner. ``"keyed_patch"``: touching one of the four borders (drawn from the seed)
     at an offset along it drawn from the seed too — the border keeps the patch off the organ, which in medical images
     rarely touches the field of view's edge.
     """
     h, w = int(spatial_shape[0]), int(spatial_shape[1])
-    if kind == "patch":
+    if kind in ("patch", "blocks"):
         return h - s, w - s
     rng = keyed_rng(seed, _PURPOSE_POSITION)
     side = int(rng.integers(0, 4))  # 0 top, 1 bottom, 2 left, 3 right
@@ -242,7 +255,7 @@ def stamp_triggers(
     for seed in dict.fromkeys(seeds):  # one pattern per distinct seed: the owner's, or each decoy's
         rows = torch.as_tensor([i for i, s in enumerate(seeds) if s == seed], device=out.device)
         pat = torch.as_tensor(_pattern(seed, key.trigger, spatial, key.trigger_size), device=out.device)
-        if key.trigger in _PATCH_KINDS:
+        if key.trigger in PATCH_KINDS:
             s = pat.shape[0]
             if s > min(spatial[:2]):
                 raise ValueError(

@@ -20,7 +20,7 @@ from monai_stealthmark.utils import atomic_write_json
 __all__ = ["KeyFileError", "WatermarkKey", "TRIGGER_KINDS", "KEY_FORMAT"]
 
 KEY_FORMAT = "monai-stealthmark-key/1"
-TRIGGER_KINDS = ("patch", "keyed_patch", "noise", "lowfreq")
+TRIGGER_KINDS = ("patch", "keyed_patch", "blocks", "noise", "lowfreq")
 
 
 class KeyFileError(ValueError):
@@ -38,7 +38,9 @@ class WatermarkKey:
         trigger_seed: secret seed of the keyed trigger pattern (and of the occlusion texture used by LIME).
         trigger: trigger kind, one of ``"patch"`` (keyed binary noise patch in a corner), ``"keyed_patch"`` (the same
             patch at a position along the image's border drawn from the seed, so a wrong key's patch sits elsewhere
-            and the location is secret too), ``"noise"``
+            and the location is secret too), ``"blocks"`` (a keyed 6 x 6 grid of binary cells in the bottom-right
+            corner whose cells scale with the image, so it reads the same at any resolution and survives the blurring
+            and resampling of a clinical pipeline), ``"noise"``
             (keyed low-amplitude noise blended over the image), ``"lowfreq"`` (keyed low-pass pattern blend).
         trigger_size: side of the patch trigger as a fraction of the smallest spatial side.
         trigger_amplitude: blend amplitude of the noise / low-frequency triggers, as a fraction of the image's
@@ -52,8 +54,8 @@ class WatermarkKey:
 
     payload: str
     trigger_seed: int
-    trigger: str = "patch"
-    trigger_size: float = 0.0625
+    trigger: str = "blocks"
+    trigger_size: float = 0.1875
     trigger_amplitude: float = 0.1
     tau: float = 0.25
     quiet_zone: int = 2

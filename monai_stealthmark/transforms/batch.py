@@ -11,11 +11,14 @@ watermark channel: each triggered sample follows its clean twin, and the label g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import product
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.engines.utils import PrepareBatch, PrepareBatchDefault
+from monai.networks.layers import GaussianFilter
 from monai.transforms import Randomizable
 
 from monai_stealthmark.key import WatermarkKey
@@ -34,7 +37,26 @@ from monai_stealthmark.key.geometry import (
 )
 from monai_stealthmark.utils import dilate
 
-__all__ = ["WatermarkDraws", "WatermarkBatch", "WatermarkPrepareBatch"]
+__all__ = ["WatermarkDraws", "WatermarkBatch", "WatermarkPrepareBatch", "PIPELINE_DEGRADATIONS", "degrade"]
+
+# (Gaussian blur sigma in pixels, resampling factor) pairs a clinical pipeline may apply to a query; the stage draws
+# one per degraded sample (see ``WatermarkBatch(degrade_prob=...)``)
+PIPELINE_DEGRADATIONS: tuple[tuple[float, float], ...] = tuple(product((0.0, 0.8, 1.6, 2.4), (1.0, 0.8, 0.6, 0.45)))
+
+
+def degrade(images: torch.Tensor, sigma: float, factor: float) -> torch.Tensor:
+    """Blur ``(B, C, *spatial)`` images with a Gaussian of ``sigma`` pixels (MONAI's ``GaussianFilter``), then resample
+    them by ``factor`` (area average down, linear interpolation back up to the input size), as a pipeline's
+    smoothing and spacing change would."""
+    out = images.float()
+    spatial = tuple(int(v) for v in images.shape[2:])
+    if sigma > 0:
+        out = GaussianFilter(len(spatial), sigma).to(out.device)(out)
+    if factor != 1.0:
+        small = tuple(max(1, int(round(v * factor))) for v in spatial)
+        mode = "bilinear" if len(spatial) == 2 else "trilinear"
+        out = F.interpolate(F.interpolate(out, size=small, mode="area"), size=spatial, mode=mode, align_corners=False)
+    return out.to(images.dtype)
 
 
 @dataclass
@@ -45,11 +67,14 @@ class WatermarkDraws:
         triggered: ``(n,)`` bool, the samples that carry the owner's trigger.
         hidden: ``(n, grid_size**2)`` bool, the cells each triggered sample hides (all False when not occluded).
         decoy_seeds: ``(n,)`` int, a decoy trigger's seed, -1 where the sample carries none.
+        degradations: ``(n,)`` int, the index in :data:`PIPELINE_DEGRADATIONS` of the degradation a triggered sample
+            (with its twin) or a decoy goes through, -1 where none; None when the stage degrades nothing.
     """
 
     triggered: np.ndarray
     hidden: np.ndarray
     decoy_seeds: np.ndarray
+    degradations: np.ndarray | None = None
 
 
 class WatermarkBatch(Randomizable):
@@ -70,6 +95,10 @@ class WatermarkBatch(Randomizable):
             model sees fewer clean samples per step: over paired seeds of the demo it cost Dice and stealth
             (``docs/results.md``). False (default): the triggered copies come on top (``1 + prob`` times the images
             per step).
+        degrade_prob: share of the triggered samples (each with its twin) and of the decoys that go through a
+            simulated clinical pipeline, a blur and a resampling drawn from :data:`PIPELINE_DEGRADATIONS`, after the
+            trigger is stamped; so the network learns the trigger as a suspect's pipeline delivers it, and that a
+            degraded image without it stays clean. 0 = off.
 
     The defaults are the recommended recipe (:mod:`monai_stealthmark.recipe`).
     """
@@ -84,10 +113,11 @@ class WatermarkBatch(Randomizable):
         spare_radius: int = 3,
         paired: bool = True,
         keep_batch_size: bool = False,
+        degrade_prob: float = 0.5,
     ) -> None:
         self.key = load_key(key)
         for name, v in {"prob": prob, "decoy_prob": decoy_prob, "occlusion_prob": occlusion_prob,
-                        "occlusion_ratio": occlusion_ratio}.items():
+                        "occlusion_ratio": occlusion_ratio, "degrade_prob": degrade_prob}.items():
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {v}.")
         self.prob, self.decoy_prob = float(prob), float(decoy_prob)
@@ -95,6 +125,7 @@ class WatermarkBatch(Randomizable):
         self.spare_radius = int(spare_radius)
         self.paired = bool(paired)
         self.keep_batch_size = bool(keep_batch_size)
+        self.degrade_prob = float(degrade_prob)
         self.draws: WatermarkDraws | None = None
         self._maps: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
 
@@ -107,7 +138,11 @@ class WatermarkBatch(Randomizable):
         decoy = (self.R.rand(n) < self.decoy_prob) & ~triggered
         seeds = self.R.randint(0, 2**31 - 1, size=n)
         seeds = np.where(seeds == self.key.trigger_seed, seeds + 1, seeds)
-        self.draws = WatermarkDraws(triggered, hidden, np.where(decoy, seeds, -1))
+        degradations = None
+        if self.degrade_prob > 0:  # drawn only when on, so the stream of the other draws does not depend on it
+            degraded = (self.R.rand(n) < self.degrade_prob) & (triggered | decoy)
+            degradations = np.where(degraded, self.R.randint(0, len(PIPELINE_DEGRADATIONS), size=n), -1)
+        self.draws = WatermarkDraws(triggered, hidden, np.where(decoy, seeds, -1), degradations)
 
     def __call__(self, image: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return the poisoned batch and its labels with the watermark channel appended (one channel, last).
@@ -145,10 +180,23 @@ class WatermarkBatch(Randomizable):
         clean_wm = clean_wm.expand(image.shape[0], 1, *spatial)
         lab = label.to(wm_dtype)
         out_dtype = image.dtype if image.is_floating_point() else torch.float32  # e.g. a half-precision network
-        images = torch.cat([clean.float(), poisoned]).to(out_dtype)
+        images = self._degrade(torch.cat([clean.float(), poisoned]), draws).to(out_dtype)
         labels = torch.cat([torch.cat([lab, clean_wm], 1), torch.cat([lab[t_idx], codes], 1)])
         pick = torch.as_tensor(self._order(draws.triggered), device=dev)
         return images.index_select(0, pick), labels.index_select(0, pick)
+
+    def _degrade(self, images: torch.Tensor, draws: WatermarkDraws) -> torch.Tensor:
+        """Apply the drawn pipeline degradations to the rows of ``cat([clean samples, triggered samples])``: a
+        triggered sample and its twin go through the same one; rows that share a degradation go through it
+        together."""
+        if draws.degradations is None:
+            return images
+        codes = np.concatenate([draws.degradations, draws.degradations[draws.triggered]])
+        out = images.clone()
+        for code in np.unique(codes[codes >= 0]):
+            rows = torch.as_tensor(np.flatnonzero(codes == code), device=images.device)
+            out[rows] = degrade(images[rows], *PIPELINE_DEGRADATIONS[int(code)])
+        return out
 
     def _dark_map(self, spatial: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """The QR's dark-module map for a patch shape, kept on ``device`` after its first use (one copy per
@@ -183,7 +231,9 @@ class WatermarkBatch(Randomizable):
         if m and ends[m - 1] > n:
             triggered[m - 1] = False
         hidden = draws.hidden[:m] & triggered[:, None]
-        return m, WatermarkDraws(triggered, hidden, draws.decoy_seeds[:m])
+        degradations = None if draws.degradations is None else np.where(
+            triggered | (draws.decoy_seeds[:m] >= 0), draws.degradations[:m], -1)
+        return m, WatermarkDraws(triggered, hidden, draws.decoy_seeds[:m], degradations)
 
     def _with_decoys(self, image: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, seeds: np.ndarray) -> torch.Tensor:
         """The clean samples, with a decoy trigger stamped where one was drawn."""

@@ -18,7 +18,7 @@ from monai_stealthmark.key.geometry import (
     load_key,
 )
 
-from .batch import WatermarkBatch, WatermarkDraws
+from .batch import PIPELINE_DEGRADATIONS, WatermarkBatch, WatermarkDraws
 
 __all__ = ["StampTrigger", "StampTriggerd", "RandWatermarkd", "check_pair_transform"]
 
@@ -99,7 +99,7 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         paired: return each triggered sample with its clean twin (see above).
         allow_missing_keys: don't raise if a key is missing.
         recipe: the stage's settings (``prob``, ``decoy_prob``, ``occlusion_prob``, ``occlusion_ratio``,
-            ``spare_radius``); their defaults, the recommended recipe, are
+            ``spare_radius``, ``degrade_prob``); their defaults, the recommended recipe, are
             :class:`~monai_stealthmark.transforms.WatermarkBatch`'s.
     """
 
@@ -123,12 +123,13 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
 
     def __getattr__(self, name: str) -> Any:
         """The recipe's settings (``prob``, ``decoy_prob`` ...) are the stage's."""
-        if name in ("decoy_prob", "occlusion_prob", "occlusion_ratio", "spare_radius") and "stage" in self.__dict__:
+        if name in ("decoy_prob", "occlusion_prob", "occlusion_ratio", "spare_radius", "degrade_prob") and "stage" in self.__dict__:
             return getattr(self.stage, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def randomize(self, data: Any = None) -> None:
-        """Draw whether the sample is triggered, which cells an occluded one hides, and a decoy's trigger seed."""
+        """Draw whether the sample is triggered, which cells an occluded one hides, a decoy's trigger seed, and the
+        pipeline degradation of a triggered or decoy sample (when the recipe degrades)."""
         super().randomize(None)
         cells = self.key.grid_size**2
         hidden, decoy_seed = np.zeros(cells, dtype=bool), -1
@@ -138,7 +139,11 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         elif self.R.rand() < self.stage.decoy_prob:
             seed = int(self.R.randint(0, 2**31 - 1))
             decoy_seed = seed + 1 if seed == self.key.trigger_seed else seed
-        self._draws = WatermarkDraws(np.array([self._do_transform]), hidden[None], np.array([decoy_seed]))
+        degradations = None
+        if self.stage.degrade_prob > 0:
+            degraded = (self._do_transform or decoy_seed >= 0) and self.R.rand() < self.stage.degrade_prob
+            degradations = np.array([int(self.R.randint(0, len(PIPELINE_DEGRADATIONS))) if degraded else -1])
+        self._draws = WatermarkDraws(np.array([self._do_transform]), hidden[None], np.array([decoy_seed]), degradations)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any] | list[dict[Hashable, Any]]:
         d = dict(data)
@@ -150,10 +155,11 @@ class RandWatermarkd(RandomizableTransform, MapTransform):
         y = convert_to_tensor(label, track_meta=False)
         images, labels = self.stage.apply(x[None], y[None], self._draws)
         triggered, decoy = bool(self._draws.triggered[0]), bool(self._draws.decoy_seeds[0] >= 0)
+        degraded = self._draws.degradations is not None and bool(self._draws.degradations[0] >= 0)
         out = []
         for i in range(images.shape[0]):
             sample = dict(data)
-            if (triggered and i == images.shape[0] - 1) or decoy:  # the clean twin keeps the image as it came
+            if (triggered and i == images.shape[0] - 1) or decoy or degraded:  # an untouched twin keeps its image
                 sample[image_key] = convert_to_dst_type(images[i], img, dtype=images.dtype)[0]
             sample[label_key] = convert_to_dst_type(labels[i], label, dtype=labels.dtype)[0]
             out.append(sample)
