@@ -21,6 +21,7 @@ from monai_stealthmark.attacks import (
     trigger_canvas,
     uncertainty_loss,
 )
+from monai_stealthmark.key.geometry import PATCH_KINDS, _pattern, patch_position
 from monai_stealthmark.verify import ModelQuery, trigger_batch
 
 SIZE = 88  # 29 modules over 88 pixels: about 3 pixels per module, a multiple of 4 for the tiny UNets
@@ -58,33 +59,33 @@ def test_forged_trigger_lowers_the_accuser_loss():
     assert after < 0.8 * before
 
 
-@pytest.mark.parametrize("kind", ["patch", "keyed_patch", "noise", "lowfreq"])
+def _patch_of(canvas: torch.Tensor, key) -> torch.Tensor:
+    """The patch a patch-kind key stamps, cut from its canvas."""
+    s = _pattern(key.trigger_seed, key.trigger, (SIZE, SIZE), key.trigger_size).shape[0]
+    r, c = patch_position(key.trigger_seed, key.trigger, (SIZE, SIZE), s)
+    return canvas[r : r + s, c : c + s]
+
+
+@pytest.mark.parametrize("kind", ["patch", "keyed_patch", "blocks", "noise", "lowfreq"])
 def test_a_seeds_own_pattern_stamps_as_the_public_function(kind):
     """A forged trigger that happens to be a seed's pattern is stamped exactly as the verifier stamps the key."""
     key = KEY.replace(trigger=kind)
     x = images(3, SIZE)
     canvas = trigger_canvas(key, (SIZE, SIZE))[0]
-    if kind in ("patch", "keyed_patch"):
-        s = max(3, int(round(key.trigger_size * SIZE)))
-        nz = canvas.nonzero()
-        r, c = int(nz[:, 0].min()), int(nz[:, 1].min())
-        pattern = canvas[r : r + s, c : c + s]
+    if kind in PATCH_KINDS:
+        pattern = _patch_of(canvas, key)
     else:
         pattern = canvas / key.trigger_amplitude
     torch.testing.assert_close(stamp_forged(x, ForgedTrigger(pattern, key)), trigger_batch(x, key), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kind, runner_up", [("keyed_patch", 0.6), ("noise", 0.1), ("lowfreq", 0.9)])
+@pytest.mark.parametrize("kind, runner_up", [("keyed_patch", 0.6), ("blocks", 0.8), ("noise", 0.1), ("lowfreq", 0.9)])
 def test_nearest_seed_search_finds_only_the_generating_seed(kind, runner_up):
     """Searching seeds for a pattern: its own seed scores 1, every other seed less. A low-frequency trigger has
     few degrees of freedom (a 4x4 grid upsampled), so other seeds come closer to it than to a noise pattern."""
     key = KEY.replace(trigger=kind)
     canvas = trigger_canvas(key, (SIZE, SIZE))[0]
-    pattern = canvas / key.trigger_amplitude if kind != "keyed_patch" else None
-    if pattern is None:
-        s = max(3, int(round(key.trigger_size * SIZE)))
-        nz = canvas.nonzero()
-        pattern = canvas[int(nz[:, 0].min()) :, int(nz[:, 1].min()) :][:s, :s]
+    pattern = _patch_of(canvas, key) if kind in PATCH_KINDS else canvas / key.trigger_amplitude
     seeds = list(range(1000, 1300)) + [key.trigger_seed]
     best = nearest_seeds(ForgedTrigger(pattern, key), seeds, (SIZE, SIZE), top=2)
     assert best[0][0] == key.trigger_seed and best[0][1] == pytest.approx(1.0, abs=1e-4)
