@@ -203,14 +203,16 @@ def _training_steps(b: Bench, bs: int, variants: dict[str, dict[str, Any]], size
 
 
 def bench_training(b: Bench) -> dict[str, Any]:
-    """2. Time per training step with the watermark (stage + loss) vs without: the recipe, the recipe with the
-    batch kept at its loaded size (``keep_batch_size=True``) and lower poisoning ratios. Steps of all kinds
+    """2. Time per training step with the watermark (stage + loss) vs without: the recipe, the recipe without the
+    pipeline degradation (``degrade_prob=0``), the recipe with the batch kept at its loaded size
+    (``keep_batch_size=True``) and lower poisoning ratios. Steps of all kinds
     run interleaved, with more repeats than elsewhere: the triggered share of a step varies."""
     bs = 8 if b.smoke else 24
     defaults = recipe_defaults()["transform"]
     variants: dict[str, dict[str, Any]] = {"recipe": {}}
     if not b.smoke:
-        variants |= {"keep_batch_size": {"keep_batch_size": True}, "prob_0.25": {"prob": 0.25}, "prob_0.1": {"prob": 0.1}}
+        variants |= {"no_degradation": {"degrade_prob": 0.0}, "keep_batch_size": {"keep_batch_size": True},
+                     "prob_0.25": {"prob": 0.25}, "prob_0.1": {"prob": 0.1}}
     sizes: dict[str, list[int]] = {name: [] for name in variants}
     times = timeit_interleaved(_training_steps(b, bs, variants, sizes), b.dev, repeats=b.reps if b.smoke else 4 * b.reps)
     t_clean = times["clean"]
@@ -218,7 +220,8 @@ def bench_training(b: Bench) -> dict[str, Any]:
     for name, settings in variants.items():
         t, n_img = times[name]["median_s"], float(np.mean(sizes[name]))
         rows.append({"variant": name, "prob": settings.get("prob", defaults["prob"]),
-                     "keep_batch_size": settings.get("keep_batch_size", defaults["keep_batch_size"]), "ratio": t / t_clean["median_s"],
+                     "keep_batch_size": settings.get("keep_batch_size", defaults["keep_batch_size"]),
+                     "degrade_prob": settings.get("degrade_prob", defaults["degrade_prob"]), "ratio": t / t_clean["median_s"],
                      "images_per_step": n_img, "ratio_per_image": (t / n_img) / (t_clean["median_s"] / bs), "median_s": t})
     default = rows[0]
     return {"training_step": {

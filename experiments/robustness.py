@@ -437,6 +437,17 @@ def _load_model(path: Path, cfg: ExperimentConfig) -> torch.nn.Module:
     return net.eval()
 
 
+def _load_demo_run(run_dir: Path, option: str, fast: bool, settings: dict[str, Any]) -> tuple[ExperimentConfig, WatermarkKey, dict[str, torch.nn.Module]]:
+    """The settings, key and models (:data:`FORMAT_MODELS`) of a finished demo run; ``option`` names the command-line
+    option that was given the folder, for the message when it is not one."""
+    if not (run_dir / "key.json").is_file():
+        raise UsageError(f"{run_dir / 'key.json'} not found: {option} takes a finished run of `python -m experiments.sunnybrook`.")
+    torch.manual_seed(0)
+    cfg = make_config(fast, **{**_run_settings(run_dir), **settings})
+    key = WatermarkKey.load(run_dir / "key.json")
+    return cfg, key, {name: _load_model(run_dir / f"{name}.pt", cfg) for name in FORMAT_MODELS}
+
+
 def _format_row(model: str, net, label, params, build, x, y, verify, claim_shown: bool) -> dict[str, Any]:
     """One model in one deployment format: the attack row, plus how far its probabilities are from the torch
     model's on the clean held-out slices and its time per image."""
@@ -493,12 +504,7 @@ def deployment_formats(run_dir: str | Path, out: str | Path, fast: bool = True, 
     """
     t_start = time.perf_counter()
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "key.json").is_file():
-        raise UsageError(f"{run_dir / 'key.json'} not found: --formats takes a finished run of `python -m experiments.sunnybrook`.")
-    torch.manual_seed(0)
-    cfg = make_config(fast, **{**_run_settings(run_dir), **settings})
-    key = WatermarkKey.load(run_dir / "key.json")
-    nets = {name: _load_model(run_dir / f"{name}.pt", cfg) for name in FORMAT_MODELS}
+    cfg, key, nets = _load_demo_run(run_dir, "--formats", fast, settings)
     phase(f"loading the Sunnybrook slices from {cfg.data_root}")
     samples = load_sunnybrook(cfg.data_root, size=cfg.size, patients=cfg.patients)
     train, test = split_by_patient(samples, [cfg.test_patient])
@@ -542,13 +548,8 @@ def query_pipelines(run_dir: str | Path, out: str | Path, fast: bool = True, **s
     """
     t_start = time.perf_counter()
     run_dir, out = Path(run_dir), Path(out)
-    if not (run_dir / "key.json").is_file():
-        raise UsageError(f"{run_dir / 'key.json'} not found: --pipeline takes a finished run of `python -m experiments.sunnybrook`.")
-    torch.manual_seed(0)
-    cfg = make_config(fast, **{**_run_settings(run_dir), **settings})
-    key = WatermarkKey.load(run_dir / "key.json")
+    cfg, key, nets = _load_demo_run(run_dir, "--pipeline", fast, settings)
     wrong = [key.replace(trigger_seed=key.trigger_seed + 1 + i) for i in range(WRONG_KEYS)]
-    nets = {name: _load_model(run_dir / f"{name}.pt", cfg) for name in FORMAT_MODELS}
     phase(f"loading the Sunnybrook slices from {cfg.data_root} at {cfg.size} and {NATIVE_SIZE} pixels")
     grids = {}
     for size in (cfg.size, NATIVE_SIZE):

@@ -144,6 +144,34 @@ class TestTables(unittest.TestCase):
         self.assertIs(suite["none"][2](), net)
         self.assertNotIn("distill_soft_unet", attack_suite(net, x, y, epochs=1))
 
+    def test_query_pipelines_on_a_saved_run(self):
+        """``robustness --pipeline RUN``: both saved models behind every query transformation and at the slices'
+        own grid, a table row per transformation, wrong keys on the watermarked model's rows."""
+        from experiments.robustness import NATIVE_SIZE, pipeline_markdown, query_pipelines
+        from experiments.sunnybrook import experiment_key
+        from monai_stealthmark.attacks import INPUT_ATTACKS
+        from monai_stealthmark.utils import atomic_write_json
+
+        with tempfile.TemporaryDirectory() as d:
+            run, channels = Path(d) / "run", (4, 8)
+            run.mkdir()
+            cfg = ExperimentConfig(fast=True, channels=channels, patients=["SCD0000401", "SCD0000501"])
+            experiment_key(cfg).save(run / "key.json")
+            torch.manual_seed(0)
+            for name in ("clean", "watermarked"):
+                torch.save(build_network(channels).state_dict(), run / f"{name}.pt")
+            atomic_write_json(run / "watermarked.settings.json", {"channels": list(channels), "patients": cfg.patients})
+            res = query_pipelines(run, Path(d) / "out")
+            labels = ["none", *(f"input_{a}" for a in INPUT_ATTACKS), f"native_{NATIVE_SIZE}"]
+            self.assertEqual([r["attack"] for r in res["rows"]], labels * 2)
+            self.assertEqual([r["model"] for r in res["rows"]], ["watermarked"] * len(labels) + ["clean"] * len(labels))
+            wm = [r for r in res["rows"] if r["model"] == "watermarked"]
+            self.assertTrue(all(r["asr"] == 0 and r["extra"]["wrong_key_asr"] == 0 for r in wm))  # untrained: no QR
+            self.assertEqual(res["rows"][-1]["params"], {"query_size": NATIVE_SIZE})
+            md = (Path(d) / "out" / "pipeline.md").read_text()
+            self.assertEqual(md, pipeline_markdown(json.loads((Path(d) / "out" / "pipeline.json").read_text())))
+            self.assertEqual(md.count("\n| input_"), len(INPUT_ATTACKS))
+
     def test_variants_markdown(self):
         self.assertEqual(set(VARIANTS), {"clean", "default", "commark", "badnet", "lowfreq", "simattack"})
         att = {"attack": "global_prune", "params": {"amount": 0.5}, "asr": 0.9, "clean_dice": 0.81}
