@@ -44,7 +44,7 @@ from experiments import UsageError, cli, phase, progress
 from experiments.sunnybrook import ExperimentConfig, build_network, experiment_key, load_or_train, make_config
 from monai_stealthmark import attacks as A
 from monai_stealthmark.attacks._common import train_steps
-from monai_stealthmark.data import load_sunnybrook, split_by_patient
+from monai_stealthmark.data import load_sunnybrook, split_by_patient, sunnybrook_datalist
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.key.geometry import WM_DARK, WM_LIGHT, qr_target_map
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
@@ -437,7 +437,7 @@ def _load_model(path: Path, cfg: ExperimentConfig) -> torch.nn.Module:
     return net.eval()
 
 
-def _load_demo_run(run_dir: Path, option: str, fast: bool, settings: dict[str, Any]) -> tuple[ExperimentConfig, WatermarkKey, dict[str, torch.nn.Module]]:
+def load_demo_run(run_dir: Path, option: str, fast: bool, settings: dict[str, Any]) -> tuple[ExperimentConfig, WatermarkKey, dict[str, torch.nn.Module]]:
     """The settings, key and models (:data:`FORMAT_MODELS`) of a finished demo run; ``option`` names the command-line
     option that was given the folder, for the message when it is not one."""
     if not (run_dir / "key.json").is_file():
@@ -504,7 +504,7 @@ def deployment_formats(run_dir: str | Path, out: str | Path, fast: bool = True, 
     """
     t_start = time.perf_counter()
     run_dir, out = Path(run_dir), Path(out)
-    cfg, key, nets = _load_demo_run(run_dir, "--formats", fast, settings)
+    cfg, key, nets = load_demo_run(run_dir, "--formats", fast, settings)
     phase(f"loading the Sunnybrook slices from {cfg.data_root}")
     samples = load_sunnybrook(cfg.data_root, size=cfg.size, patients=cfg.patients)
     train, test = split_by_patient(samples, [cfg.test_patient])
@@ -531,13 +531,27 @@ def deployment_formats(run_dir: str | Path, out: str | Path, fast: bool = True, 
 
 WRONG_KEYS = 5  # wrong-key controls per pipeline row
 NATIVE_SIZE = 256  # the Sunnybrook slices' own grid: what the owner sends to a pipeline that serves a 128 network
+# a bundle pipeline's Spacingd targets (mm) around the network's training grid (2.58 and 2.73 mm: the patients' 256 px
+# fields of view at 128 px): the resampled query is larger than the window (tiled by the sliding window) or smaller
+# (padded); 2.7344 mm puts the held-out patient's slices on exactly 128 px
+PIPELINE_SPACINGS = (2.5, 2.6, 2.7344, 3.0)
+
+
+def _pixel_spacing(data_root: str | Path, patient: str) -> float:
+    """The in-plane pixel spacing (mm) of a Sunnybrook patient's DICOM slices."""
+    import pydicom
+
+    first = next(i for i in sunnybrook_datalist(data_root) if i["patient"] == patient)
+    return float(pydicom.dcmread(first["image"], stop_before_pixels=True).PixelSpacing[0])
 
 
 def query_pipelines(run_dir: str | Path, out: str | Path, fast: bool = True, **settings: Any) -> dict[str, Any]:
     """The demo's two models behind the query transformations of a clinical pipeline, measured on the held-out
     patient: each input attack of :data:`~monai_stealthmark.attacks.INPUT_ATTACKS` (blur, resampling, noise,
     intensity, JPEG, flip TTA), and queries at the slices' own 256 x 256 grid that the pipeline resamples to the
-    network's grid and back (:class:`~monai_stealthmark.attacks.GridQuery`). Each row of the watermarked model also
+    network's grid and back (:class:`~monai_stealthmark.attacks.GridQuery`) or that a bundle pipeline resamples to
+    each of :data:`PIPELINE_SPACINGS` and segments with a sliding window
+    (:class:`~monai_stealthmark.attacks.SpacingQuery`). Each row of the watermarked model also
     verifies with :data:`WRONG_KEYS` wrong keys (their most decoded share is ``wrong_key_asr``).
 
     Args:
@@ -548,9 +562,10 @@ def query_pipelines(run_dir: str | Path, out: str | Path, fast: bool = True, **s
     """
     t_start = time.perf_counter()
     run_dir, out = Path(run_dir), Path(out)
-    cfg, key, nets = _load_demo_run(run_dir, "--pipeline", fast, settings)
+    cfg, key, nets = load_demo_run(run_dir, "--pipeline", fast, settings)
     wrong = [key.replace(trigger_seed=key.trigger_seed + 1 + i) for i in range(WRONG_KEYS)]
     phase(f"loading the Sunnybrook slices from {cfg.data_root} at {cfg.size} and {NATIVE_SIZE} pixels")
+    query_mm = _pixel_spacing(cfg.data_root, cfg.test_patient)
     grids = {}
     for size in (cfg.size, NATIVE_SIZE):
         samples = load_sunnybrook(cfg.data_root, size=size, patients=cfg.patients)
@@ -562,6 +577,9 @@ def query_pipelines(run_dir: str | Path, out: str | Path, fast: bool = True, **s
         suite += [(f"input_{a}", cfg.size, lambda q=model_query, make=make: A.InputTransformQuery(q, make()))
                   for a, make in A.INPUT_ATTACKS.items()]
         suite.append((f"native_{NATIVE_SIZE}", NATIVE_SIZE, lambda q=model_query: A.GridQuery(q, (cfg.size, cfg.size))))
+        suite += [(f"spacing_{mm}mm", NATIVE_SIZE,
+                   lambda q=model_query, mm=mm: A.SpacingQuery(q, query_mm, mm, (cfg.size, cfg.size)))
+                  for mm in PIPELINE_SPACINGS]
         phase(f"{name} model behind {len(suite)} query pipelines")
         shown = bool(verify_ownership(model_query, grids[cfg.size][0], key).verdict)
         for label, size, build in suite:

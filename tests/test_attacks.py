@@ -6,11 +6,13 @@ import unittest
 
 import torch
 from monai.networks.nets import BasicUNet, UNet
+from parameterized import parameterized
 
 from monai_stealthmark.attacks import (
     INPUT_ATTACKS,
     GridQuery,
     CastQuery,
+    SpacingQuery,
     InputTransformQuery,
     channel_prune,
     distill,
@@ -150,6 +152,27 @@ class TestAttacks(unittest.TestCase):
         self.assertEqual(out.shape, (2, 2, 96, 96))
         torch.testing.assert_close(out.sum(1), torch.ones(2, 96, 96))
         torch.testing.assert_close(GridQuery(suspect, (96, 96))(x), suspect(x))
+
+    @parameterized.expand([("coarser_padded", 3.0, (48, 48), [(1, 1, 48, 48)]), ("finer_tiled", 1.5, (48, 48), None)])
+    def test_spacing_query(self, _, pixdim, roi, windows):
+        # Spacing 2 mm -> pixdim, sliding windows of the network's size, the answer inverted to the query grid
+        seen = []
+
+        def suspect(z):
+            seen.append(tuple(z.shape))
+            return torch.softmax(torch.stack([z[:, 0], -z[:, 0]], 1), 1)
+
+        x = images(2, size=64)
+        out = SpacingQuery(suspect, 2.0, pixdim, roi)(x)
+        self.assertEqual(out.shape, (2, 2, 64, 64))
+        torch.testing.assert_close(out.sum(1), torch.ones(2, 64, 64))
+        self.assertTrue(all(s[2:] == roi for s in seen))
+        if windows is not None:  # 64 px at 2 mm -> 43 px at 3 mm: one padded window per image
+            self.assertEqual(seen, windows * 2)
+        else:  # 64 px at 2 mm -> 85 px at 1.5 mm: several windows per image
+            self.assertGreater(sum(s[0] for s in seen), 2)
+        # at the query's own spacing and size the pipeline is the bare model
+        torch.testing.assert_close(SpacingQuery(suspect, 2.0, 2.0, (64, 64))(x), suspect(x), atol=1e-5, rtol=0)
 
     def test_overwrite_runs_and_changes_the_model(self):
         m = tiny()

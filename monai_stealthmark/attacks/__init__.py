@@ -32,7 +32,7 @@ from .false_claim import (
     uncertainty_loss,
 )
 from .finetune import finetune, reinit_head
-from .input import INPUT_ATTACKS, GridQuery, InputTransformQuery
+from .input import INPUT_ATTACKS, GridQuery, InputTransformQuery, SpacingQuery
 from .noise import weight_noise
 from .onnx import ONNX_PRECISIONS, ImageCalibrationReader, export_onnx, onnx_deployment, onnx_fp16, onnx_int8_static, save_onnx
 from .overwrite import overwrite
@@ -41,7 +41,7 @@ from .quantize import CastQuery, int8_static, int8_weights, torchscript_roundtri
 from .runner import AttackResult, is_removed, run_attack
 
 __all__ = [
-    "distill", "finetune", "reinit_head", "INPUT_ATTACKS", "InputTransformQuery", "GridQuery", "weight_noise", "overwrite",
+    "distill", "finetune", "reinit_head", "INPUT_ATTACKS", "InputTransformQuery", "GridQuery", "SpacingQuery", "weight_noise", "overwrite",
     "channel_prune", "global_magnitude_prune", "sparsity", "CastQuery", "int8_static", "int8_weights",
     "torchscript_roundtrip", "AttackResult", "is_removed", "run_attack",
     "ONNX_PRECISIONS", "ImageCalibrationReader", "export_onnx", "onnx_deployment", "onnx_fp16", "onnx_int8_static",

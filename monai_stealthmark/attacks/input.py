@@ -4,11 +4,15 @@ alters every image before the model sees it — noise, blur, intensity rescaling
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import Spacing
+from monai.utils import ensure_tuple_rep
 from PIL import Image
 
 __all__ = ["InputTransformQuery", "GridQuery", "INPUT_ATTACKS", "gaussian_noise", "rician_noise", "blur", "rescale", "resample", "flip_tta", "jpeg"]
@@ -136,6 +140,45 @@ class GridQuery:
         size = tuple(int(v) for v in x.shape[2:])
         small = F.interpolate(x, size=self.grid, mode="bilinear", align_corners=False, antialias=True)
         return F.interpolate(self.query(small), size=size, mode="bilinear", align_corners=False)
+
+
+class SpacingQuery:
+    """Wrap a black box as a bundle's inference pipeline serves it: each query image, on a grid of ``query_pixdim``
+    mm, is resampled by MONAI ``Spacing`` to the pipeline's ``pixdim``, segmented by a ``SlidingWindowInferer`` with
+    the network's window (padding or tiling where the resampled image differs from it), and the answer is resampled
+    back by the inverse of that ``Spacing``, as a bundle's ``Invertd`` post-processing does.
+
+    Args:
+        query: the suspect (windows of ``roi_size`` -> probabilities).
+        query_pixdim: the query images' pixel spacing in mm (per spatial axis, or one value for all).
+        pixdim: the pipeline's ``Spacingd`` target spacing in mm.
+        roi_size: the sliding window (the network's input size).
+        overlap: the windows' overlap, as the bundle's inferer sets it.
+    """
+
+    def __init__(
+        self,
+        query: Callable,
+        query_pixdim: float | Sequence[float],
+        pixdim: float | Sequence[float],
+        roi_size: Sequence[int],
+        overlap: float = 0.25,
+    ) -> None:
+        self.query = query
+        self.roi_size = tuple(int(v) for v in roi_size)
+        self.query_pixdim = ensure_tuple_rep(query_pixdim, len(self.roi_size))
+        self.spacing = Spacing(pixdim=pixdim, mode="bilinear")
+        self.inferer = SlidingWindowInferer(roi_size=self.roi_size, sw_batch_size=4, overlap=overlap)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        affine = torch.diag(torch.tensor([*self.query_pixdim, 1.0], dtype=torch.float64))
+        answers = []
+        for image in x:
+            resampled = self.spacing(MetaTensor(image, affine=affine))
+            pred = self.inferer(resampled.as_tensor()[None], self.query)[0]
+            pred = MetaTensor(pred, affine=resampled.affine, applied_operations=resampled.applied_operations)
+            answers.append(self.spacing.inverse(pred).as_tensor())
+        return torch.stack(answers)
 
 
 INPUT_ATTACKS: dict[str, Callable] = {
