@@ -153,7 +153,7 @@ class TestAttacks(unittest.TestCase):
         torch.testing.assert_close(out.sum(1), torch.ones(2, 96, 96))
         torch.testing.assert_close(GridQuery(suspect, (96, 96))(x), suspect(x))
 
-    @parameterized.expand([("coarser_padded", 3.0, (48, 48), [(1, 1, 48, 48)]), ("finer_tiled", 1.5, (48, 48), None)])
+    @parameterized.expand([("coarser_padded", 3.0, (48, 48), [(2, 1, 48, 48)]), ("finer_tiled", 1.5, (48, 48), None)])
     def test_spacing_query(self, _, pixdim, roi, windows):
         # Spacing 2 mm -> pixdim, sliding windows of the network's size, the answer inverted to the query grid
         seen = []
@@ -165,10 +165,14 @@ class TestAttacks(unittest.TestCase):
         x = images(2, size=64)
         out = SpacingQuery(suspect, 2.0, pixdim, roi)(x)
         self.assertEqual(out.shape, (2, 2, 64, 64))
+        one_by_one = torch.cat([SpacingQuery(suspect, 2.0, pixdim, roi)(x[i : i + 1]) for i in range(2)])
+        torch.testing.assert_close(out, one_by_one)  # the batch is resampled image by image
+        seen.clear()
+        out = SpacingQuery(suspect, 2.0, pixdim, roi)(x)
         torch.testing.assert_close(out.sum(1), torch.ones(2, 64, 64))
         self.assertTrue(all(s[2:] == roi for s in seen))
-        if windows is not None:  # 64 px at 2 mm -> 43 px at 3 mm: one padded window per image
-            self.assertEqual(seen, windows * 2)
+        if windows is not None:  # 64 px at 2 mm -> 43 px at 3 mm: one padded window per image, both in one call
+            self.assertEqual(seen, windows)
         else:  # 64 px at 2 mm -> 85 px at 1.5 mm: several windows per image
             self.assertGreater(sum(s[0] for s in seen), 2)
         # at the query's own spacing and size the pipeline is the bare model

@@ -154,6 +154,7 @@ class SpacingQuery:
         pixdim: the pipeline's ``Spacingd`` target spacing in mm.
         roi_size: the sliding window (the network's input size).
         overlap: the windows' overlap, as the bundle's inferer sets it.
+        sw_batch_size: windows per call of the suspect (batching only: the answer does not depend on it).
     """
 
     def __init__(
@@ -163,22 +164,23 @@ class SpacingQuery:
         pixdim: float | Sequence[float],
         roi_size: Sequence[int],
         overlap: float = 0.25,
+        sw_batch_size: int = 32,
     ) -> None:
         self.query = query
         self.roi_size = tuple(int(v) for v in roi_size)
         self.query_pixdim = ensure_tuple_rep(query_pixdim, len(self.roi_size))
         self.spacing = Spacing(pixdim=pixdim, mode="bilinear")
-        self.inferer = SlidingWindowInferer(roi_size=self.roi_size, sw_batch_size=4, overlap=overlap)
+        self.inferer = SlidingWindowInferer(roi_size=self.roi_size, sw_batch_size=sw_batch_size, overlap=overlap)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
         affine = torch.diag(torch.tensor([*self.query_pixdim, 1.0], dtype=torch.float64))
-        answers = []
-        for image in x:
-            resampled = self.spacing(MetaTensor(image, affine=affine))
-            pred = self.inferer(resampled.as_tensor()[None], self.query)[0]
-            pred = MetaTensor(pred, affine=resampled.affine, applied_operations=resampled.applied_operations)
-            answers.append(self.spacing.inverse(pred).as_tensor())
-        return torch.stack(answers)
+        # the batch's images share one grid: resample them together as the channels of one image, and back alike
+        resampled = self.spacing(MetaTensor(x.reshape(b * c, *x.shape[2:]), affine=affine))
+        preds = self.inferer(resampled.as_tensor().reshape(b, c, *resampled.shape[1:]), self.query)
+        stacked = MetaTensor(preds.reshape(-1, *preds.shape[2:]), affine=resampled.affine,
+                             applied_operations=resampled.applied_operations)
+        return self.spacing.inverse(stacked).as_tensor().reshape(b, preds.shape[1], *x.shape[2:])
 
 
 INPUT_ATTACKS: dict[str, Callable] = {
