@@ -6,14 +6,15 @@
   pipeline's files: ``--write-queries DIR`` writes the triggered queries as DICOM series (NIfTI) and a manifest,
   ``--answers DIR --manifest FILE`` reads the pipeline's DICOM SEGs back. ``--referee`` checks a revealed key
   against its commitment, ``--reproduce REPORT`` requires the check to reproduce an earlier report; every report
-  carries the hashes (key file, clean images, queries, answers) that make it reproducible;
+  carries the hashes (key file, clean images, queries, answers) that make it reproducible; ``--output-mark`` also
+  tests the answers to the clean images for the key's output mark (a student distilled from the model carries it);
 - ``calibrate``: the empirical null of clean models (``--models`` TorchScript files) for a key. Clean models to
   calibrate with are trained by ``python -m experiments.null_models``, outside the installed package.
 Embedding is the bundle overlay's job (``bundles/stealthmark_overlay.json``), not the CLI's.
 
-Exit codes of ``verify``: 0 = ownership shown, 1 = not shown, 2 = error (bad key, images, model or outputs; BINARY
-SEGs; offline files that do not match: missing answers, wrong references, edited queries or manifest; a check that
-does not reproduce ``--reproduce``).
+Exit codes of ``verify``: 0 = ownership shown (with ``--output-mark``: by either test), 1 = not shown, 2 = error
+(bad key, images, model or outputs; BINARY SEGs; offline files that do not match: missing answers, wrong references,
+edited queries or manifest; a check that does not reproduce ``--reproduce``).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from tqdm import tqdm
 from monai_stealthmark.bundle import load_bundle_model
 from monai_stealthmark.data import DataFileError, read_error
 from monai_stealthmark.key import TRIGGER_KINDS, WatermarkKey
+from monai_stealthmark.utils import atomic_write_json
 from monai_stealthmark.verify import (
     Commitment,
     ModelQuery,
     NullDistribution,
     calibrate_null,
+    detect_output_mark,
     fit_window,
     load_suspect_query,
     trigger_batch,
@@ -307,6 +310,8 @@ def cmd_verify(a: argparse.Namespace) -> int:
         raise ValueError("verify needs --out (the report folder).")
     if bool(a.answers) != bool(a.manifest):
         raise ValueError("--answers and --manifest go together (the pipeline's outputs and the queries' manifest).")
+    if a.output_mark and a.answers:
+        raise ValueError("--output-mark reads answers to clean images; the offline answers (--answers) are to triggered queries only.")
     key = WatermarkKey.load(a.key)
     null = NullDistribution.load(a.null) if a.null else None
     commitment = Commitment.load(a.commitment) if a.commitment else None
@@ -324,6 +329,10 @@ def cmd_verify(a: argparse.Namespace) -> int:
             )
     finally:
         progress.close()
+    mark = None
+    if a.output_mark:
+        with torch.no_grad():
+            mark = detect_output_mark(query, fit_window(images, getattr(query, "window", None)), key)
     if isinstance(query, _AnswerLog):
         extra.update(answers_sha256=query.answers_sha256, all_answers_sha256=query.all_answers.hexdigest())
     rep.provenance = _provenance(a, commitment, files, extra)
@@ -331,7 +340,11 @@ def cmd_verify(a: argparse.Namespace) -> int:
         _check_reproduces(a.reproduce, rep.to_dict())
     rep.save(a.out, stem="report")
     print(rep.to_markdown())
-    return 0 if rep.verdict else 1
+    if mark is not None:
+        atomic_write_json(Path(a.out) / "output_mark.json", mark.to_dict())
+        print(f"\noutput mark on {mark.n_images} clean images: t {mark.t:.2f}, p {mark.p_value:.3g} "
+              f"({'shown' if mark.verdict else 'not shown'} at p <= {mark.alpha:g})")
+    return 0 if rep.verdict or (mark is not None and mark.verdict) else 1
 
 
 def add_key_image_options(p: argparse.ArgumentParser, images_help: str) -> None:
@@ -389,6 +402,11 @@ def _add_verify(sub) -> None:
         "--referee", action="store_true",
         help="a referee's check with a revealed key: needs --commitment and --suspect-date, refuses a key that does "
         "not match the commitment",
+    )
+    v.add_argument(
+        "--output-mark", action="store_true",
+        help="also test the answers to the clean images for the key's output mark (models trained with "
+        "output_mark_weight > 0, and students distilled from them); ownership is shown by either test",
     )
     v.add_argument("--reproduce", default=None, metavar="REPORT", help="a report.json this check must reproduce (exit 2 naming the differences otherwise)")
     v.add_argument("--quiet", action="store_true", help="no progress bar")

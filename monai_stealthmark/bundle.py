@@ -37,15 +37,15 @@ from monai_stealthmark.transforms import WatermarkBatch, WatermarkPrepareBatch
 from monai_stealthmark.verify import ModelQuery, VerificationReport, verify_ownership
 
 __all__ = [
-    "BundleConfigError",
     "ENGINE_IDS",
-    "bundle_parser",
-    "load_bundle_key",
-    "attach_watermark",
+    "BundleConfigError",
     "attach_metrics",
-    "run_ownership_check",
-    "load_bundle_model",
+    "attach_watermark",
+    "bundle_parser",
     "checkpoint_state_dict",
+    "load_bundle_key",
+    "load_bundle_model",
+    "run_ownership_check",
 ]
 
 # where bundles keep their trainer and evaluator: model-zoo's nested layout, and the flat one
@@ -127,6 +127,7 @@ def attach_watermark(
     asr_max_images: int = 4,
     min_asr: float = 0.5,
     seed: int | None = None,
+    output_mark_weight: float | None = None,
 ) -> bool:
     """Wire the watermark to a bundle's trainer (and evaluator); see the module docstring.
 
@@ -141,6 +142,8 @@ def attach_watermark(
         min_asr: the validation ASR from which an epoch counts as carrying the watermark (checkpoint rule).
         seed: seed of the watermark stage's draws; default ``torch.initial_seed()`` (the bundle's
             ``set_determinism``), plus the process rank so DDP ranks draw independent triggers.
+        output_mark_weight: train the key's output mark too (see
+            :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`); None keeps the loss's default (off).
 
     Returns:
         True, so it can sit in a bundle's ``initialize`` list.
@@ -152,7 +155,8 @@ def attach_watermark(
     base_seed = torch.initial_seed() if seed is None else int(seed)
     stage = WatermarkBatch(key).set_random_state((base_seed + idist.get_rank()) % (2**32))
     trainer.prepare_batch = WatermarkPrepareBatch(stage, trainer.prepare_batch)
-    trainer.loss_function = UncertaintyWatermarkLoss(trainer.loss_function, key=key, activation=activation)
+    mark = {} if output_mark_weight is None else {"output_mark_weight": output_mark_weight}
+    trainer.loss_function = UncertaintyWatermarkLoss(trainer.loss_function, key=key, activation=activation, **mark)
     StripWatermarkChannel(n_label_channels=None).attach(trainer)
     if evaluator is not None:
         attach_metrics(evaluator, key, activation, asr_mode, asr_max_images)

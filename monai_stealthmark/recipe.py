@@ -21,7 +21,7 @@ RECIPE_PARTS: dict[str, tuple[str, ...]] = {
     "transform": ("prob", "decoy_prob", "occlusion_prob", "occlusion_ratio", "spare_radius", "keep_batch_size",
                   "degrade_prob"),
     "loss": ("hinge_margin", "hinge_weight", "dice_weight", "watermark_weight", "protect_radius", "twin_consistency",
-             "margin_consistency"),
+             "margin_consistency", "output_mark_weight"),
 }
 
 

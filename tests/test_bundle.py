@@ -10,7 +10,13 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from monai_stealthmark.bundle import BundleConfigError, attach_watermark, bundle_parser, find_engine_ids, run_ownership_check
+from monai_stealthmark.bundle import (
+    BundleConfigError,
+    attach_watermark,
+    bundle_parser,
+    find_engine_ids,
+    run_ownership_check,
+)
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT
 from monai_stealthmark.key import KeyFileError, WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
@@ -98,6 +104,14 @@ def test_overlay_errors_name_the_problem(tmp_path, key_file):
     with pytest.raises(BundleConfigError, match="train#trainer"):
         find_engine_ids(bare)
     assert find_engine_ids(ConfigParser({"trainer": 1, "evaluator": 2})) == ("trainer", "evaluator")
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="needs ../shared/data")
+def test_attach_passes_the_output_mark_weight(tmp_path, key_file):
+    for weight, expected in ((None, UncertaintyWatermarkLoss(key=key_file).output_mark_weight), (1.0, 1.0)):
+        trainer = _parser("sunnybrook_lv_2d", ["train.json"], tmp_path, None).get_parsed_content("train#trainer")
+        attach_watermark(trainer, None, key_file, output_mark_weight=weight)
+        assert trainer.loss_function.output_mark_weight == expected
 
 
 def test_run_ownership_check_errors(tmp_path, key_file):

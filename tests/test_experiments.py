@@ -59,11 +59,27 @@ def _run_cli(main, argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def _saved_run(d: Path) -> Path:
+    """A finished demo run's folder with two untrained tiny UNets (channels 4, 8) on two patients."""
+    from experiments.sunnybrook import experiment_key
+    from monai_stealthmark.utils import atomic_write_json
+
+    run, channels = d / "run", (4, 8)
+    run.mkdir()
+    cfg = ExperimentConfig(fast=True, channels=channels, patients=["SCD0000401", "SCD0000501"])
+    experiment_key(cfg).save(run / "key.json")
+    torch.manual_seed(0)
+    for name in ("clean", "watermarked"):
+        torch.save(build_network(channels).state_dict(), run / f"{name}.pt")
+    atomic_write_json(run / "watermarked.settings.json", {"channels": list(channels), "patients": cfg.patients})
+    return run
+
+
 # every experiment command, with the options it needs besides --out
 COMMANDS = [
     ("experiments.sunnybrook", []), ("experiments.architectures", []), ("experiments.robustness", []),
     ("experiments.variants", []), ("experiments.capacity", []), ("experiments.bundle_pair", ["--bundle", "bundles/ct_spleen_3d"]),
-    ("bench.benchmarks", []), ("experiments.paired_seeds", []),
+    ("bench.benchmarks", []), ("experiments.paired_seeds", []), ("experiments.distillation", ["--run", "nowhere"]),
 ]
 
 
@@ -147,22 +163,14 @@ class TestTables(unittest.TestCase):
     def test_query_pipelines_on_a_saved_run(self):
         """``robustness --pipeline RUN``: both saved models behind every query transformation and at the slices'
         own grid, a table row per transformation, wrong keys on the watermarked model's rows."""
-        from experiments.robustness import NATIVE_SIZE, pipeline_markdown, query_pipelines
-        from experiments.sunnybrook import experiment_key
+        from experiments.robustness import NATIVE_SIZE, PIPELINE_SPACINGS, pipeline_markdown, query_pipelines
         from monai_stealthmark.attacks import INPUT_ATTACKS
-        from monai_stealthmark.utils import atomic_write_json
 
         with tempfile.TemporaryDirectory() as d:
-            run, channels = Path(d) / "run", (4, 8)
-            run.mkdir()
-            cfg = ExperimentConfig(fast=True, channels=channels, patients=["SCD0000401", "SCD0000501"])
-            experiment_key(cfg).save(run / "key.json")
-            torch.manual_seed(0)
-            for name in ("clean", "watermarked"):
-                torch.save(build_network(channels).state_dict(), run / f"{name}.pt")
-            atomic_write_json(run / "watermarked.settings.json", {"channels": list(channels), "patients": cfg.patients})
+            run = _saved_run(Path(d))
             res = query_pipelines(run, Path(d) / "out")
-            labels = ["none", *(f"input_{a}" for a in INPUT_ATTACKS), f"native_{NATIVE_SIZE}"]
+            labels = ["none", *(f"input_{a}" for a in INPUT_ATTACKS), f"native_{NATIVE_SIZE}",
+                      *(f"spacing_{mm}mm" for mm in PIPELINE_SPACINGS)]
             self.assertEqual([r["attack"] for r in res["rows"]], labels * 2)
             self.assertEqual([r["model"] for r in res["rows"]], ["watermarked"] * len(labels) + ["clean"] * len(labels))
             wm = [r for r in res["rows"] if r["model"] == "watermarked"]
@@ -171,6 +179,27 @@ class TestTables(unittest.TestCase):
             md = (Path(d) / "out" / "pipeline.md").read_text()
             self.assertEqual(md, pipeline_markdown(json.loads((Path(d) / "out" / "pipeline.json").read_text())))
             self.assertEqual(md.count("\n| input_"), len(INPUT_ATTACKS))
+
+    def test_distillation_on_a_saved_run(self):
+        """``distillation --run RUN``: both teachers, three students each and an independent clean model, each tested
+        for the output mark and the trigger watermark; the run's own seed is refused as an independent one."""
+        from experiments import UsageError
+        from experiments.distillation import STUDENTS, markdown, measure_distillation
+
+        with tempfile.TemporaryDirectory() as d:
+            run, out = _saved_run(Path(d)), Path(d) / "out"
+            with self.assertRaisesRegex(UsageError, "seed 0 is the run's own seed"):
+                measure_distillation(run, out, [0], student_steps=2)
+            res = measure_distillation(run, out, [1], student_steps=2, steps=2, batch_size=2)
+            roles = [r["role"] for r in res["rows"]]
+            self.assertEqual(roles, (["teacher"] + ["student"] * len(STUDENTS)) * 2 + ["independent"])
+            self.assertEqual([r.get("teacher") for r in res["rows"] if r["role"] == "student"],
+                             ["watermarked"] * len(STUDENTS) + ["clean"] * len(STUDENTS))
+            self.assertTrue((out / "clean_seed1.pt").is_file())  # the independent model is kept for the next run
+            for r in res["rows"]:  # untrained and barely trained networks: no claim either way
+                self.assertFalse(r["output_mark"]["verdict"], r)
+                self.assertEqual(r["asr"], 0.0)
+            self.assertEqual((out / "distillation.md").read_text(), markdown(json.loads((out / "distillation.json").read_text())))
 
     def test_variants_markdown(self):
         self.assertEqual(set(VARIANTS), {"clean", "default", "commark", "badnet", "lowfreq", "simattack"})

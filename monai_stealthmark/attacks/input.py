@@ -15,7 +15,7 @@ from monai.transforms import Spacing
 from monai.utils import ensure_tuple_rep
 from PIL import Image
 
-__all__ = ["InputTransformQuery", "GridQuery", "INPUT_ATTACKS", "gaussian_noise", "rician_noise", "blur", "rescale", "resample", "flip_tta", "jpeg"]
+__all__ = ["INPUT_ATTACKS", "GridQuery", "InputTransformQuery", "blur", "flip_tta", "gaussian_noise", "jpeg", "resample", "rescale", "rician_noise"]
 
 
 def _range(x: torch.Tensor) -> torch.Tensor:

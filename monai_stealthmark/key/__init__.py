@@ -1,5 +1,5 @@
 """Keys: payload -> QR code, trigger seed and parameters; JSON key files with a SHA-256 fingerprint; the trigger
-geometry a key lays over an image."""
+geometry a key lays over an image; the key's output mark (a faint keyed pattern every answer can carry)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,12 @@ from .geometry import (
     qr_target_map,
 )
 from .key import KEY_FORMAT, TRIGGER_KINDS, KeyFileError, WatermarkKey
+from .output_mark import (
+    OUTPUT_MARK_CELLS,
+    OUTPUT_MARK_LEVEL,
+    output_mark_cells,
+    output_mark_target,
+)
 from .qr import (
     PayloadTooLongError,
     correct_codewords,

@@ -1,5 +1,6 @@
 """Uncertainty-guided watermark loss: the base segmentation loss on clean samples, and on triggered samples a
-soft target that keeps the hard segmentation but lowers the confidence to ``1 - tau`` in the QR's dark modules."""
+soft target that keeps the hard segmentation but lowers the confidence to ``1 - tau`` in the QR's dark modules; on
+every sample, optionally, the key's faint output mark in the background."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from monai.losses import DiceCELoss, MaskedDiceLoss
 from torch.nn.modules.loss import _Loss
 
 from monai_stealthmark.key import WatermarkKey
+from monai_stealthmark.key.output_mark import output_mark_target
 from monai_stealthmark.key.geometry import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN, load_key
 from monai_stealthmark.utils import check_activation, dilate
 
@@ -56,6 +58,11 @@ class UncertaintyWatermarkLoss(_Loss):
     shrinks the mask. ``margin_consistency`` ties the triggered path's logit margins in the band to the detached
     twin's as well (one way: the clean path never follows the triggered one through this term).
 
+    With ``output_mark_weight`` the clean samples' background (outside ``protect_radius`` of the organ) also learns
+    the key's output mark (:mod:`monai_stealthmark.key.output_mark`): a cross-entropy of the foreground
+    probability against :data:`~monai_stealthmark.key.output_mark.OUTPUT_MARK_LEVEL` in the key's raised cells and 0 in
+    the others. It marks the answers to clean queries, which is what a student distilled from the model copies.
+
     The defaults are the recommended recipe (measured in ``docs/results.md``); bundles and experiments take them
     from here.
 
@@ -80,6 +87,8 @@ class UncertaintyWatermarkLoss(_Loss):
             detached clean twin's in the protected region (softmax: twice the summed squared difference of the
             centred logits, which is the squared margin difference for two classes; sigmoid: summed over
             channels). 0 = off.
+        output_mark_weight: weight of the output-mark term on the clean samples (needs ``key``); 0 = off, the
+            default: it pays only against distillation (``docs/robustness.md``), and the mark shows in every answer.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -99,15 +108,19 @@ class UncertaintyWatermarkLoss(_Loss):
         protect_radius: int = 3,
         twin_consistency: float = 1.0,
         margin_consistency: float = 0.3,
+        output_mark_weight: float = 0.0,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
         if reduction != "mean":
             raise ValueError(f"UncertaintyWatermarkLoss supports reduction='mean' only, got {reduction!r}.")
+        key = load_key(key) if key is not None else None
         if tau is None:
             if key is None:
                 raise ValueError("give the watermark key (or tau).")
-            tau = load_key(key).tau
+            tau = key.tau
+        if output_mark_weight > 0 and key is None:
+            raise ValueError("output_mark_weight > 0 needs the watermark key (the mark's cells are keyed).")
         if not 0.0 < tau < 0.5:
             raise ValueError(f"tau must lie in (0, 0.5), got {tau}.")
         check_activation(activation)
@@ -116,6 +129,7 @@ class UncertaintyWatermarkLoss(_Loss):
         weights = {
             "hinge_weight": hinge_weight, "dice_weight": dice_weight, "watermark_weight": watermark_weight,
             "twin_consistency": twin_consistency, "margin_consistency": margin_consistency,
+            "output_mark_weight": output_mark_weight,
         }
         negative = [f"{k}={v}" for k, v in weights.items() if not v >= 0]  # `not >=` also catches NaN
         if negative:
@@ -129,6 +143,8 @@ class UncertaintyWatermarkLoss(_Loss):
         self.protect_radius = int(protect_radius)
         self.twin_consistency = float(twin_consistency)
         self.margin_consistency = float(margin_consistency)
+        self.output_mark_weight = float(output_mark_weight)
+        self.key = key
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax, reduction="none")
@@ -193,8 +209,27 @@ class UncertaintyWatermarkLoss(_Loss):
         flag, clean = sample_flags(wm)
         trig = ~clean
         total = self._clean_term(input, seg, clean)
+        if self.output_mark_weight > 0:
+            total = total + self.output_mark_weight * self._output_mark(input, seg, clean)
         wm_loss = self._triggered(*self._triggered_rows(input, seg, wm, flag, trig))
         return total + self.watermark_weight * wm_loss * (trig.sum() / input.shape[0])
+
+    def _output_mark(self, input: torch.Tensor, seg: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+        """The output-mark cross-entropy over the clean rows' background (outside the protected band), as a
+        mean over those rows' pixels, weighted by their share of the batch."""
+        rows = torch.nonzero(clean).flatten()
+        if rows.numel() == 0:
+            return input.new_zeros(())
+        logits, seg = input.index_select(0, rows), seg.index_select(0, rows)
+        fg = (seg > 0).to(logits.dtype).amax(1, keepdim=True)
+        background = 1 - (dilate(fg, self.protect_radius) if self.protect_radius >= 0 else fg)
+        target = output_mark_target(self.key, logits.shape[2:]).to(logits)
+        if self.activation == "softmax":  # cross-entropy of (background, any foreground) against (1 - t, t)
+            logp = F.log_softmax(logits, dim=1)
+            ce = -((1 - target) * logp[:, :1] + target * torch.logsumexp(logp[:, 1:], 1, keepdim=True))
+        else:
+            ce = F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none").mean(1, keepdim=True)
+        return (ce * background).sum() / background[0].numel() / input.shape[0]
 
     def _triggered_rows(
         self, input: torch.Tensor, seg: torch.Tensor, wm: torch.Tensor, flag: torch.Tensor, trig: torch.Tensor

@@ -3,13 +3,15 @@
 Layers, each importing only the ones above it: ``query`` (black-box calls, probability checks), ``readout``
 (scores to QR modules, statistics), ``lime`` and ``report``, ``claims`` (null distribution, commitment),
 ``verifier`` (:func:`verify_ownership`), then ``calibrate`` (:func:`calibrate_null`) and ``badnet`` on top;
-``onnx_query`` (ONNX models run by onnxruntime) sits on ``query``; ``remote`` (HTTP queries) stands alone.
+``output_mark`` (:func:`detect_output_mark`, clean queries) and ``onnx_query`` (ONNX models run by onnxruntime) sit
+on ``query``; ``remote`` (HTTP queries) stands alone.
 """
 
 from __future__ import annotations
 
 from .badnet import BadNetReport, verify_badnet
 from .calibrate import calibrate_null
+from .output_mark import OUTPUT_MARK_ALPHA, OutputMarkReport, detect_output_mark, output_mark_logits
 from .claims import Commitment, NullDistribution, check_commitment, vote_agreement
 from .lime import lime_attributions, lime_masks, lime_reference_attributions, perturbed_queries, weighted_ridge
 from .onnx_query import OnnxModelQuery, OnnxRuntimeModel, load_suspect_query
@@ -34,6 +36,7 @@ from .verifier import direct_scores, trigger_batch, verify_ownership
 __all__ = [
     "BadNetReport", "verify_badnet",
     "calibrate_null",
+    "OUTPUT_MARK_ALPHA", "OutputMarkReport", "detect_output_mark", "output_mark_logits",
     "Commitment", "NullDistribution", "check_commitment", "vote_agreement",
     "lime_attributions", "lime_masks", "lime_reference_attributions", "perturbed_queries", "weighted_ridge",
     "OnnxModelQuery", "OnnxRuntimeModel", "load_suspect_query",
