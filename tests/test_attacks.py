@@ -5,15 +5,16 @@ from __future__ import annotations
 import unittest
 
 import torch
+from helpers import TriggerOracle, images
 from monai.networks.nets import BasicUNet, UNet
 from parameterized import parameterized
 
 from monai_stealthmark.attacks import (
     INPUT_ATTACKS,
-    GridQuery,
     CastQuery,
-    SpacingQuery,
+    GridQuery,
     InputTransformQuery,
+    SpacingQuery,
     channel_prune,
     distill,
     finetune,
@@ -31,8 +32,6 @@ from monai_stealthmark.attacks import (
 from monai_stealthmark.attacks._common import conv_layers
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.verify import ModelQuery, verify_ownership
-
-from helpers import TriggerOracle, images
 
 KEY = WatermarkKey.generate("SM:attack", seed=31)
 
@@ -195,7 +194,7 @@ class TestRunner(unittest.TestCase):
     def test_run_attack_row(self):
         x = images(3)
         oracle = TriggerOracle(KEY)
-        verify = lambda m: verify_ownership(ModelQuery(m, device="cpu"), x, KEY)  # noqa: E731
+        verify = lambda m: verify_ownership(ModelQuery(m, device="cpu"), x, KEY)
         keep = run_attack("identity", {}, lambda: oracle, lambda m: 0.8, verify, reference_dice=0.8)
         self.assertTrue(keep.verdict and not keep.removed and keep.asr == 1.0)
         gone = run_attack("swap", {"k": 1}, lambda: TriggerOracle(KEY.replace(trigger_seed=5)), lambda m: 0.79, verify, 0.8)
