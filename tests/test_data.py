@@ -96,7 +96,9 @@ if __name__ == "__main__":
     unittest.main()
 
 
-DCMQI = DEFAULT_SUNNYBROOK_ROOT.parent / "dcmqi-ct"
+# the DICOM-SEG reference data: shipped in data/ or in the shared data folder beside the repository
+_DCMQI_PLACES = (DEFAULT_SUNNYBROOK_ROOT.parent / "dcmqi-ct", Path(__file__).resolve().parents[2] / "shared" / "data" / "dcmqi-ct")
+DCMQI = next((d for d in _DCMQI_PLACES if d.is_dir()), _DCMQI_PLACES[0])
 
 
 @pytest.mark.skipif(not DCMQI.is_dir(), reason="needs ../shared/data/dcmqi-ct")
