@@ -97,7 +97,10 @@ if __name__ == "__main__":
 
 
 # the DICOM-SEG reference data: shipped in data/ or in the shared data folder beside the repository
-_DCMQI_PLACES = (DEFAULT_SUNNYBROOK_ROOT.parent / "dcmqi-ct", Path(__file__).resolve().parents[2] / "shared" / "data" / "dcmqi-ct")
+_DCMQI_PLACES = (
+    DEFAULT_SUNNYBROOK_ROOT.parent / "dcmqi-ct",
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "dcmqi-ct",
+)
 DCMQI = next((d for d in _DCMQI_PLACES if d.is_dir()), _DCMQI_PLACES[0])
 
 
