@@ -50,12 +50,11 @@ def _student(teacher: torch.nn.Module, queries: torch.Tensor, outputs: str, arch
     return A.distill(oracle, build_network(channels, arch), queries, steps=steps, outputs=outputs, batch_size=STUDENT_BATCH)
 
 
-def _independent_clean(cfg, seed: int, out: Path) -> torch.nn.Module:
-    """A clean model of the run's setting at another seed, trained on the owner's patients (or reused from ``out``)."""
+def _independent_clean(cfg, seed: int, train: list[dict], out: Path) -> torch.nn.Module:
+    """A clean model of the run's setting at another seed, trained on ``train`` (the run's training samples) or
+    reused from ``out``."""
     cfg = copy.copy(cfg)
     cfg.seed = seed
-    samples = load_sunnybrook(cfg.data_root, size=cfg.size, patients=cfg.patients)
-    train, _ = split_by_patient(samples, [cfg.test_patient])
     path = out / f"clean_seed{seed}.pt"
     return load_or_train(path, train, cfg, None, torch.device("cpu"), out / f"ckpt_clean_seed{seed}",
                          _training_settings(cfg, "clean"))
@@ -82,10 +81,13 @@ def measure_distillation(run_dir: str | Path, out: str | Path, independent_seeds
             student = _student(net, split.query_x, outputs, arch, cfg.channels, student_steps)
             rows.append({"model": f"{name} -> {arch} ({outputs})", "role": "student", "teacher": name, "outputs": outputs,
                          "student": arch, "steps": student_steps, "seconds": time.perf_counter() - t0, **_measure(student, split, key)})
+    if independent_seeds:
+        samples = load_sunnybrook(cfg.data_root, size=cfg.size, patients=cfg.patients)
+        train, _ = split_by_patient(samples, [cfg.test_patient])
     for seed in independent_seeds:
         phase(f"independent clean model, seed {seed}")
         rows.append({"model": f"clean, seed {seed}", "role": "independent",
-                     **_measure(_independent_clean(cfg, int(seed), out), split, key)})
+                     **_measure(_independent_clean(cfg, int(seed), train, out), split, key)})
     res = {
         "setting": {"run": str(run_dir), "test_images": int(split.test_x.shape[0]), "queries": int(split.query_x.shape[0]),
                     "student_steps": student_steps, "key_fingerprint": key.fingerprint, "alpha": rows[0]["output_mark"]["alpha"]},

@@ -145,6 +145,7 @@ class UncertaintyWatermarkLoss(_Loss):
         self.margin_consistency = float(margin_consistency)
         self.output_mark_weight = float(output_mark_weight)
         self.key = key
+        self._mark_targets: dict[tuple[int, ...], torch.Tensor] = {}
         softmax = activation == "softmax"
         self.base_loss = base_loss if base_loss is not None else DiceCELoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax)
         self.light_dice = MaskedDiceLoss(to_onehot_y=softmax, softmax=softmax, sigmoid=not softmax, reduction="none")
@@ -217,19 +218,23 @@ class UncertaintyWatermarkLoss(_Loss):
     def _output_mark(self, input: torch.Tensor, seg: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
         """The output-mark cross-entropy over the clean rows' background (outside the protected band), as a
         mean over those rows' pixels, weighted by their share of the batch."""
-        rows = torch.nonzero(clean).flatten()
-        if rows.numel() == 0:
-            return input.new_zeros(())
-        logits, seg = input.index_select(0, rows), seg.index_select(0, rows)
-        fg = (seg > 0).to(logits.dtype).amax(1, keepdim=True)
+        fg = (seg > 0).to(input.dtype).amax(1, keepdim=True)
         background = 1 - (dilate(fg, self.protect_radius) if self.protect_radius >= 0 else fg)
-        target = output_mark_target(self.key, logits.shape[2:]).to(logits)
+        weight = background * _per_sample(clean, background.ndim).to(input.dtype)  # no row selection: no host sync
+        target = self._output_mark_target(input.shape[2:]).to(input)
         if self.activation == "softmax":  # cross-entropy of (background, any foreground) against (1 - t, t)
-            logp = F.log_softmax(logits, dim=1)
+            logp = F.log_softmax(input, dim=1)
             ce = -((1 - target) * logp[:, :1] + target * torch.logsumexp(logp[:, 1:], 1, keepdim=True))
         else:
-            ce = F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="none").mean(1, keepdim=True)
-        return (ce * background).sum() / background[0].numel() / input.shape[0]
+            ce = F.binary_cross_entropy_with_logits(input, target.expand_as(input), reduction="none").mean(1, keepdim=True)
+        return (ce * weight).sum() / background[0].numel() / input.shape[0]
+
+    def _output_mark_target(self, spatial_shape: torch.Size) -> torch.Tensor:
+        """The key's output-mark target for one image size, computed once per size."""
+        shape = tuple(spatial_shape)
+        if shape not in self._mark_targets:
+            self._mark_targets[shape] = output_mark_target(self.key, shape)
+        return self._mark_targets[shape]
 
     def _triggered_rows(
         self, input: torch.Tensor, seg: torch.Tensor, wm: torch.Tensor, flag: torch.Tensor, trig: torch.Tensor

@@ -11,6 +11,7 @@ space); the t-test is its normal approximation.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -114,7 +115,7 @@ def detect_output_mark(
             f"{lo.numel()} other cells with background pixels in {images.shape[0]} images."
         )
     res = stats.ttest_ind(hi.numpy(), lo.numpy(), equal_var=False, alternative="greater")
-    t = float(res.statistic) if torch.isfinite(torch.tensor(float(res.statistic))) else 0.0
-    p = float(res.pvalue) if torch.isfinite(torch.tensor(float(res.pvalue))) else 1.0
+    t = float(res.statistic) if math.isfinite(res.statistic) else 0.0  # constant halves: no evidence either way
+    p = float(res.pvalue) if math.isfinite(res.pvalue) else 1.0
     return OutputMarkReport(t=t, p_value=p, effect=float(hi.mean() - lo.mean()), n_cells=int(seen.sum()),
                              n_images=int(images.shape[0]), alpha=alpha)
