@@ -10,8 +10,8 @@ from monai.losses import DiceCELoss, MaskedDiceLoss
 from torch.nn.modules.loss import _Loss
 
 from monai_stealthmark.key import WatermarkKey
-from monai_stealthmark.key.output_mark import output_mark_target
 from monai_stealthmark.key.geometry import WM_CLEAN, WM_DARK, WM_LIGHT, WM_TWIN, load_key
+from monai_stealthmark.key.output_mark import output_mark_target
 from monai_stealthmark.utils import check_activation, dilate
 
 __all__ = ["UncertaintyWatermarkLoss", "sample_flags"]
