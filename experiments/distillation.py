@@ -1,10 +1,10 @@
 """Does a student distilled from the watermarked model carry the owner's output mark, and do students of a clean
 model and independently trained clean models stay clear of it?
 
-    python -m experiments.distillation --run runs/output_mark --out runs/distillation --independent-seeds 1,2,3
+    python -m experiments.distillation --run runs/sunnybrook --out runs/distillation --independent-seeds 1,2,3
 
-``--run`` is a finished ``python -m experiments.sunnybrook`` run trained with the output mark
-(``--output-mark-weight``); its clean model is the clean teacher. The attacker queries each teacher with the
+``--run`` is a finished ``python -m experiments.sunnybrook`` run (the recipe's output mark on, as by default); its
+clean model is the clean teacher. The attacker queries each teacher with the
 unlabelled slices of the four non-test patients (flipped and intensity-scaled copies included) and trains students
 on the answers: soft outputs into a UNet and a BasicUNet, hard masks into a UNet
 (:func:`monai_stealthmark.attacks.distill`). ``--independent-seeds`` trains clean models of the run's setting at
@@ -24,16 +24,14 @@ from typing import Any
 import torch
 
 from experiments import UsageError, cli, phase
-from experiments.robustness import Split, dice, load_demo_run
-from experiments.sunnybrook import _training_settings, build_network, load_or_train, make_config
-from monai_stealthmark import attacks as A
+from experiments.robustness import Distillation, Split, dice, distil, load_demo_run
+from experiments.sunnybrook import _training_settings, load_or_train, make_config
 from monai_stealthmark.data import load_sunnybrook, split_by_patient
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import ModelQuery, detect_output_mark, verify_ownership
 
 STUDENTS = (("soft", "unet"), ("soft", "basicunet"), ("hard", "unet"))  # (teacher outputs, student network)
-STUDENT_BATCH = 16
 
 
 def _measure(net: torch.nn.Module, split: Split, key: WatermarkKey) -> dict[str, Any]:
@@ -42,12 +40,6 @@ def _measure(net: torch.nn.Module, split: Split, key: WatermarkKey) -> dict[str,
     report = verify_ownership(q, split.test_x, key)
     return {"clean_dice": dice(q, split.test_x, split.test_y), "output_mark": detect_output_mark(q, split.test_x, key).to_dict(),
             "asr": report.asr, "trigger_p_value": report.p_value}
-
-
-def _student(teacher: torch.nn.Module, queries: torch.Tensor, outputs: str, arch: str, channels, steps: int) -> torch.nn.Module:
-    torch.manual_seed(1)
-    oracle = ModelQuery(teacher, activation="softmax", device="cpu")
-    return A.distill(oracle, build_network(channels, arch), queries, steps=steps, outputs=outputs, batch_size=STUDENT_BATCH)
 
 
 def _independent_clean(cfg, seed: int, train: list[dict], out: Path) -> torch.nn.Module:
@@ -61,7 +53,7 @@ def _independent_clean(cfg, seed: int, train: list[dict], out: Path) -> torch.nn
 
 
 def measure_distillation(run_dir: str | Path, out: str | Path, independent_seeds: list[int] | tuple[int, ...] = (),
-        student_steps: int = 600, fast: bool = True, **settings: Any) -> dict[str, Any]:
+        student_steps: int = 2400, fast: bool = True, **settings: Any) -> dict[str, Any]:
     """Measure the teachers, their students and the independent clean models; write the JSON and the table."""
     t_start = time.perf_counter()
     run_dir, out = Path(run_dir), Path(out)
@@ -78,7 +70,7 @@ def measure_distillation(run_dir: str | Path, out: str | Path, independent_seeds
         for outputs, arch in STUDENTS:
             phase(f"student of the {name} model: {arch} on {outputs} outputs, {student_steps} steps")
             t0 = time.perf_counter()
-            student = _student(net, split.query_x, outputs, arch, cfg.channels, student_steps)
+            student = distil(net, Distillation(split.query_x, student_steps, cfg.channels), outputs, arch)
             rows.append({"model": f"{name} -> {arch} ({outputs})", "role": "student", "teacher": name, "outputs": outputs,
                          "student": arch, "steps": student_steps, "seconds": time.perf_counter() - t0, **_measure(student, split, key)})
     if independent_seeds:
@@ -116,7 +108,7 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(run: str, out: str, independent_seeds: list[int] | tuple[int, ...] = (), student_steps: int = 600, fast: bool = True,
+def main(run: str, out: str, independent_seeds: list[int] | tuple[int, ...] = (), student_steps: int = 2400, fast: bool = True,
          **settings: Any) -> None:
     """Distil students from a demo run's two models and test every model for the key's output mark.
 

@@ -9,7 +9,10 @@ deviation (:class:`~experiments.sunnybrook.ExperimentConfig`, e.g. ``--steps 800
 
 The owner trains the watermarked UNet on three patients (SCD0000101/201/301); the attacker owns a fourth
 (SCD0000401) — disjoint from the owner's data — and every number is measured on the fifth (SCD0000501):
-clean Dice of the attacked model and the black-box claim (direct read-out) on its triggered slices.
+clean Dice of the attacked model and the black-box claim (direct read-out) on its triggered slices. Students
+distilled from the model's answers are claimed through the trigger or the key's output mark (the ``distill`` rows'
+p-value is the mark's); a clean model of the owner's setting, its student and two more clean models are the
+controls (in the soft UNet student's row, ``extra["controls"]``).
 Writes ``robustness.json`` (rows ``{"attack", "params", "clean_dice", "asr", "p_value", "removed", "seconds"}``),
 ``robustness.md``, ``persistence.json`` and the plots ``persistence.png`` and ``landscape.png``.
 
@@ -41,7 +44,14 @@ import torch
 from monai.metrics import DiceMetric
 
 from experiments import UsageError, cli, phase, progress
-from experiments.sunnybrook import ExperimentConfig, build_network, experiment_key, load_or_train, make_config
+from experiments.sunnybrook import (
+    ExperimentConfig,
+    _training_settings,
+    build_network,
+    experiment_key,
+    load_or_train,
+    make_config,
+)
 from monai_stealthmark import attacks as A
 from monai_stealthmark.attacks._common import train_steps
 from monai_stealthmark.data import load_sunnybrook, split_by_patient, sunnybrook_datalist
@@ -49,7 +59,15 @@ from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.key.geometry import WM_DARK, WM_LIGHT, qr_target_map
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
-from monai_stealthmark.verify import ModelQuery, OnnxModelQuery, trigger_batch, verify_badnet, verify_ownership
+from monai_stealthmark.verify import (
+    ModelQuery,
+    OnnxModelQuery,
+    detect_output_mark,
+    trigger_batch,
+    verify_badnet,
+    verify_over_scales,
+    verify_ownership,
+)
 
 __all__ = ["Split", "Distillation", "ONNX_ROWS", "onnx_attacks", "attack_suite", "run_attacks", "make_verify", "dice", "run", "deployment_formats", "formats_markdown", "query_pipelines", "pipeline_markdown", "runtime_ops", "markdown", "main"]
 
@@ -120,21 +138,77 @@ class Distillation:
     queries: torch.Tensor
     steps: int
     channels: Sequence[int]
-    batch_size: int = 8
+    batch_size: int = 16
+
+
+# clean models trained independently of the owner's at these seeds (with the run's own seed, the clean teacher, three)
+CONTROL_SEEDS = (1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillationClaim:
+    """The owner's claim against a student: the trigger watermark (ASR, bit accuracy) or the output mark, which
+    is what a student of the watermarked model's answers inherits; ``p_value`` is the output mark's."""
+
+    asr: float
+    mean_bit_accuracy: float
+    p_value: float
+    verdict: bool
+
+
+def make_distillation_verify(images: torch.Tensor, key: WatermarkKey) -> Callable[[Any], DistillationClaim]:
+    """``model -> DistillationClaim`` on the held-out ``images``: the trigger claim on their triggered copies, the
+    output-mark test on them as they are."""
+
+    def verify(m):
+        q = ModelQuery(m, activation="softmax", device="cpu")
+        trigger, mark = verify_ownership(q, images, key), detect_output_mark(q, images, key)
+        return DistillationClaim(trigger.asr, trigger.mean_bit_accuracy, mark.p_value, bool(trigger.verdict or mark.verdict))
+
+    return verify
+
+
+def distillation_controls(split: Split, cfg: ExperimentConfig, distillation: Distillation, key: WatermarkKey,
+                          out: Path) -> list[dict[str, Any]]:
+    """The models that must not carry the output mark: a clean model of the owner's setting (the run's seed) and
+    a soft-output UNet student of it, and clean models at :data:`CONTROL_SEEDS` (trained once, kept in ``out``).
+    Each row: ``{"model", "role", "clean_dice", "p_value", "t", "shown"}`` of the output-mark test on the held-out
+    slices."""
+
+    def clean_model(seed: int) -> torch.nn.Module:
+        c = copy.copy(cfg)
+        c.seed = seed
+        name = "clean" if seed == cfg.seed else f"clean_seed{seed}"
+        return load_or_train(out / f"{name}.pt", split.owner, c, None, torch.device("cpu"), out / f"ckpt_{name}",
+                             _training_settings(c, "clean")).cpu().eval()
+
+    def row(model: str, role: str, net: torch.nn.Module) -> dict[str, Any]:
+        mark = detect_output_mark(ModelQuery(net, activation="softmax", device="cpu"), split.test_x, key)
+        return {"model": model, "role": role, "clean_dice": dice(net, split.test_x, split.test_y), "p_value": mark.p_value,
+                "t": mark.t, "shown": mark.verdict}
+
+    phase(f"distillation controls: clean models (seeds {cfg.seed}, {', '.join(map(str, CONTROL_SEEDS))}) and a student")
+    teacher = clean_model(cfg.seed)
+    student = distil(teacher, distillation, "soft", "unet")
+    rows = [row(f"clean, seed {cfg.seed}", "independent", teacher),
+            row(f"clean seed {cfg.seed} -> unet (soft)", "student of a clean model", student)]
+    return rows + [row(f"clean, seed {s}", "independent", clean_model(s)) for s in CONTROL_SEEDS]
+
+
+def distil(net: torch.nn.Module, distillation: Distillation, outputs: str, arch: str) -> torch.nn.Module:
+    """A student (``arch``) trained on ``net``'s soft outputs or hard masks to the attacker's queries."""
+    torch.manual_seed(1)
+    teacher = ModelQuery(net, activation="softmax", device="cpu")
+    d = distillation
+    return A.distill(teacher, build_network(d.channels, arch), d.queries, steps=d.steps, outputs=outputs, batch_size=d.batch_size)
 
 
 def _distillation_attacks(net, distillation: Distillation) -> dict[str, tuple]:
     """Students trained on the suspect's soft outputs (UNet, BasicUNet) or hard masks (UNet)."""
-    teacher = ModelQuery(net, activation="softmax", device="cpu")
-    d = distillation
-    suite = {}
+    d, suite = distillation, {}
     for outputs, arch in (("soft", "unet"), ("soft", "basicunet"), ("hard", "unet")):
-        def student(arch=arch, outputs=outputs):
-            torch.manual_seed(1)
-            return A.distill(teacher, build_network(d.channels, arch), d.queries, steps=d.steps, outputs=outputs, batch_size=d.batch_size)
-
         params = {"outputs": outputs, "student": arch, "steps": d.steps, "queries": int(d.queries.shape[0] * 5)}
-        suite[f"distill_{outputs}_{arch}"] = ("distill", params, student)
+        suite[f"distill_{outputs}_{arch}"] = ("distill", params, lambda o=outputs, a=arch: distil(net, d, o, a))
     return suite
 
 
@@ -373,7 +447,7 @@ def run(
         out: output folder.
         fast: the CPU setting.
         epochs: fine-tuning epochs of the attacks and of the persistence run.
-        distill_steps: student steps (default 300 fast / 1500 full).
+        distill_steps: student steps (default 2400 fast / 4800 full).
         overwrite_steps: attacker's embedding steps (default 150 fast / 600 full).
         **settings: the owner's training settings and recipe deviations (:func:`~experiments.sunnybrook.make_config`:
             e.g. ``steps``, ``data``, ``cutmix_prob``, ``margin_consistency``).
@@ -395,9 +469,15 @@ def run(
     ref_dice = evaluate(net)
     base = verify(net)
     phase(f"attacks on the watermarked model (ASR {base.asr:.3f}, clean Dice {ref_dice:.4f})")
-    distillation = Distillation(split.att_x, distill_steps or (300 if fast else 1500), cfg.channels)
-    suite = attack_suite(net, split.att_x, split.att_y, epochs, distillation)
-    rows = run_attacks(list(suite.values()), evaluate, verify, ref_dice, base.verdict)
+    distillation = Distillation(split.query_x, distill_steps or (2400 if fast else 4800), cfg.channels)
+    suite = list(attack_suite(net, split.att_x, split.att_y, epochs, distillation).values())
+    rows = run_attacks([a for a in suite if a[0] != "distill"], evaluate, verify, ref_dice, base.verdict)
+    distill_verify = make_distillation_verify(split.test_x, key)
+    rows += run_attacks([a for a in suite if a[0] == "distill"], evaluate, distill_verify, ref_dice, base.verdict, "distillation")
+    controls = distillation_controls(split, cfg, distillation, key, out)
+    soft_unet = {"outputs": "soft", "student": "unet"}
+    soft_row = next(r for r in rows if r["attack"] == "distill" and soft_unet.items() <= r["params"].items())
+    soft_row["extra"] = {"claim": "output mark", "controls": controls}
     rows.append(_overwrite_row(net, split, cfg, overwrite_steps or (150 if fast else 600), evaluate, verify, ref_dice, base.verdict))
     phase(f"persistence: fine-tuning {epochs} epochs at lr {FINETUNE_LR}, then restoration and the loss landscape")
     persist, traj, tuned = _persistence(net, split, epochs, verify)
@@ -535,6 +615,8 @@ NATIVE_SIZE = 256  # the Sunnybrook slices' own grid: what the owner sends to a 
 # fields of view at 128 px): the resampled query is larger than the window (tiled by the sliding window) or smaller
 # (padded); 2.7344 mm puts the held-out patient's slices on exactly 128 px
 PIPELINE_SPACINGS = (2.5, 2.6, 2.7344, 3.0)
+# the stated-spacing factors the sweep searches (verify_over_scales): pipelines from half to twice the training spacing
+SWEEP_RANGE = (0.5, 2.0)
 
 
 def _pixel_spacing(data_root: str | Path, patient: str) -> float:
@@ -592,6 +674,7 @@ def query_pipelines(run_dir: str | Path, out: str | Path, fast: bool = True, **s
                 q = build()
                 row["extra"] = {"wrong_key_asr": max(verify_ownership(q, x, k).asr for k in wrong)}
             rows.append(row)
+        rows += _swept_spacing_rows(name, model_query, grids[NATIVE_SIZE][0], query_mm, cfg, key, wrong, rows, shown)
     res = {
         "setting": {"run": str(run_dir), "test": cfg.test_patient, "n_images": int(grids[cfg.size][0].shape[0]),
                     "network": f"{cfg.arch} {tuple(cfg.channels)}", "size": cfg.size, "native_size": NATIVE_SIZE,
@@ -602,6 +685,32 @@ def query_pipelines(run_dir: str | Path, out: str | Path, fast: bool = True, **s
     atomic_write_json(out / "pipeline.json", res)
     atomic_write_text(out / "pipeline.md", pipeline_markdown(res))
     return res
+
+
+def _swept_spacing_rows(name: str, query: ModelQuery, x: torch.Tensor, query_mm: float, cfg: ExperimentConfig,
+                        key: WatermarkKey, wrong: list[WatermarkKey], rows: list[dict[str, Any]], shown: bool) -> list[dict[str, Any]]:
+    """Each :data:`PIPELINE_SPACINGS` pipeline verified by stating a series of pixel spacings in the queries'
+    headers (:func:`~monai_stealthmark.verify.verify_over_scales`, p-value corrected for the series); the Dice is
+    the pipeline's at the true spacing (its row without the sweep)."""
+    out = []
+    for mm in PIPELINE_SPACINGS:
+        def make(scale: float, mm=mm):
+            return A.SpacingQuery(query, query_mm * scale, mm, (cfg.size, cfg.size))
+
+        t0 = time.perf_counter()
+        rep = verify_over_scales(make, x, key, *SWEEP_RANGE)
+        seconds = time.perf_counter() - t0
+        d = next(r["clean_dice"] for r in rows if r["model"] == name and r["attack"] == f"spacing_{mm}mm")
+        ref = next(r["clean_dice"] for r in rows if r["model"] == name and r["attack"] == "none")
+        row = {"attack": f"spacing_{mm}mm_stated", "params": {"query_size": NATIVE_SIZE, "scale": rep.scale,
+               "n_scales": rep.n_scales, "probes": rep.probes}, "clean_dice": d, "asr": rep.asr, "p_value": rep.p_value,
+               "bit_accuracy": rep.mean_bit_accuracy, "verdict": rep.verdict,
+               "removed": A.is_removed(rep.verdict, d, ref) and shown, "seconds": seconds, "model": name}
+        if name == "watermarked":
+            row["extra"] = {"wrong_key_asr": max(verify_over_scales(make, x, k, *SWEEP_RANGE).asr for k in wrong)}
+        print(f"{name} spacing_{mm}mm_stated scale {rep.scale:.4f} ASR {rep.asr:.3f} p {rep.p_value:.2g}", flush=True)
+        out.append(row)
+    return out
 
 
 def pipeline_markdown(res: dict[str, Any]) -> str:
@@ -680,12 +789,34 @@ def attack_table(watermarked: dict[str, Any], rows: list[dict[str, Any]]) -> str
     return "\n".join(lines) + "\n"
 
 
+def distillation_table(rows: list[dict[str, Any]]) -> str:
+    """The distillation claim (the output mark) on the watermarked model's students and on the controls."""
+    soft_row = next((r for r in rows if r["attack"] == "distill" and "controls" in r.get("extra", {})), None)
+    if soft_row is None:
+        return ""
+    students = [r for r in rows if r["attack"] == "distill"]
+    lines = [
+        f"Distillation: the students ({soft_row['params']['steps']} steps on the suspect's answers to "
+        f"{soft_row['params']['queries']} augmented unlabelled slices) are claimed through the output mark on the held-out "
+        "clean slices; the distill rows' p-value is the mark's, their ASR the trigger's.",
+        "",
+        "| model | role | clean Dice | output-mark p | shown |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| watermarked -> {r['params']['student']} ({r['params']['outputs']}) | student of the watermarked model | "
+              f"{r['clean_dice']:.4f} | {r['p_value']:.2g} | {'yes' if r['verdict'] else 'no'} |" for r in students]
+    lines += [f"| {c['model']} | {c['role']} | {c['clean_dice']:.4f} | {c['p_value']:.2g} | {'yes' if c['shown'] else 'no'} |"
+              for c in soft_row["extra"]["controls"]]
+    return "\n".join(lines) + "\n"
+
+
 def markdown(res: dict[str, Any]) -> str:
     rs = res["restoration"]
     lines = [
         "# Robustness of the watermark (Sunnybrook 2D, direct read-out, held-out patient SCD0000501)",
         "",
         attack_table(res["watermarked"], res["rows"]),
+        distillation_table(res["rows"]),
         f"Persistence (fine-tuning at lr {rs['finetune']['lr']}): ASR by epoch "
         + ", ".join(f"{p['epoch']}: {p['asr']:.2f}" for p in res["persistence"]),
         "",
@@ -711,7 +842,7 @@ def main(
         out: output folder (``watermarked.pt`` there is reused).
         fast: the CPU setting.
         epochs: fine-tuning epochs (attacks, persistence).
-        distill_steps: student steps (default 300 fast / 1500 full).
+        distill_steps: student steps (default 2400 fast / 4800 full).
         overwrite_steps: the attacker's embedding steps (default 150 fast / 600 full).
         formats: a finished ``python -m experiments.sunnybrook`` run folder: measure its clean and watermarked
             models in torch and through onnxruntime fp32 / fp16 / int8 instead (``formats.json``, ``formats.md``).

@@ -108,7 +108,7 @@ def test_overlay_errors_name_the_problem(tmp_path, key_file):
 
 @pytest.mark.skipif(not HAVE_DATA, reason="needs ../shared/data")
 def test_attach_passes_the_output_mark_weight(tmp_path, key_file):
-    for weight, expected in ((None, UncertaintyWatermarkLoss(key=key_file).output_mark_weight), (1.0, 1.0)):
+    for weight, expected in ((None, UncertaintyWatermarkLoss(key=key_file).output_mark_weight), (0.0, 0.0)):
         trainer = _parser("sunnybrook_lv_2d", ["train.json"], tmp_path, None).get_parsed_content("train#trainer")
         attach_watermark(trainer, None, key_file, output_mark_weight=weight)
         assert trainer.loss_function.output_mark_weight == expected

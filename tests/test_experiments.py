@@ -9,6 +9,7 @@ import json
 import tempfile
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from experiments import as_list, attach_progress, cli
 from experiments.architectures import architectures_markdown, run_architectures
 from experiments.sunnybrook import ARCHITECTURES, ExperimentConfig, build_network
 from experiments.variants import VARIANT_ATTACKS, VARIANTS, markdown
+from monai_stealthmark.verify import sweep_scales
 
 
 class TestNetworks(unittest.TestCase):
@@ -162,23 +164,68 @@ class TestTables(unittest.TestCase):
 
     def test_query_pipelines_on_a_saved_run(self):
         """``robustness --pipeline RUN``: both saved models behind every query transformation and at the slices'
-        own grid, a table row per transformation, wrong keys on the watermarked model's rows."""
-        from experiments.robustness import NATIVE_SIZE, PIPELINE_SPACINGS, pipeline_markdown, query_pipelines
+        own grid, a table row per transformation, wrong keys on the watermarked model's rows, and each spacing
+        pipeline again through the stated-spacing sweep (one spacing, a narrow sweep: the test's time)."""
+        from experiments import robustness
+        from experiments.robustness import NATIVE_SIZE, pipeline_markdown, query_pipelines
         from monai_stealthmark.attacks import INPUT_ATTACKS
 
-        with tempfile.TemporaryDirectory() as d:
+        spacings = (3.0,)
+        with tempfile.TemporaryDirectory() as d, mock.patch.object(robustness, "PIPELINE_SPACINGS", spacings), \
+                mock.patch.object(robustness, "SWEEP_RANGE", (0.98, 1.02)):
             run = _saved_run(Path(d))
             res = query_pipelines(run, Path(d) / "out")
-            labels = ["none", *(f"input_{a}" for a in INPUT_ATTACKS), f"native_{NATIVE_SIZE}",
-                      *(f"spacing_{mm}mm" for mm in PIPELINE_SPACINGS)]
+            per_model = ["none", *(f"input_{a}" for a in INPUT_ATTACKS), f"native_{NATIVE_SIZE}",
+                         *(f"spacing_{mm}mm" for mm in spacings)]
+            labels = per_model + [f"spacing_{mm}mm_stated" for mm in spacings]
             self.assertEqual([r["attack"] for r in res["rows"]], labels * 2)
             self.assertEqual([r["model"] for r in res["rows"]], ["watermarked"] * len(labels) + ["clean"] * len(labels))
             wm = [r for r in res["rows"] if r["model"] == "watermarked"]
             self.assertTrue(all(r["asr"] == 0 and r["extra"]["wrong_key_asr"] == 0 for r in wm))  # untrained: no QR
-            self.assertEqual(res["rows"][-1]["params"], {"query_size": NATIVE_SIZE})
+            stated = res["rows"][-1]
+            self.assertEqual(stated["params"]["n_scales"], len(sweep_scales(0.98, 1.02)))
+            self.assertEqual(stated["clean_dice"], res["rows"][-2]["clean_dice"])  # the pipeline's own Dice
+            self.assertGreater(stated["p_value"], 1e-3)
             md = (Path(d) / "out" / "pipeline.md").read_text()
             self.assertEqual(md, pipeline_markdown(json.loads((Path(d) / "out" / "pipeline.json").read_text())))
             self.assertEqual(md.count("\n| input_"), len(INPUT_ATTACKS))
+
+    def test_distillation_controls_and_table(self):
+        """The attack suite's distillation part: the students claimed through the output mark or the trigger, and
+        the controls (a clean model of the run's seed, its student, clean models at CONTROL_SEEDS), kept for a
+        rerun; the table lists every student and control."""
+        from experiments.robustness import (
+            CONTROL_SEEDS,
+            Distillation,
+            Split,
+            distil,
+            distillation_controls,
+            distillation_table,
+            make_distillation_verify,
+        )
+        from experiments.sunnybrook import experiment_key
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(6, 1, 32, 32, generator=g)
+        y = (x > 0.7).long()
+        owner = [{"image": x[i], "label": y[i]} for i in range(4)]
+        split = Split(owner, x[:4], y[:4], x[4:], y[4:], x[4:], y[4:], x)
+        cfg = ExperimentConfig(fast=True, channels=(4, 8), steps=2, batch_size=2, size=32)
+        key, attacker = experiment_key(cfg), Distillation(x, steps=2, channels=(4, 8), batch_size=2)
+        with tempfile.TemporaryDirectory() as d:
+            controls = distillation_controls(split, cfg, attacker, key, Path(d))
+            self.assertEqual([c["role"] for c in controls],
+                             ["independent", "student of a clean model"] + ["independent"] * len(CONTROL_SEEDS))
+            self.assertTrue(all((Path(d) / f"clean_seed{s}.pt").is_file() for s in CONTROL_SEEDS))
+            self.assertTrue(all(not c["shown"] and 0 <= c["p_value"] <= 1 for c in controls))
+        claim = make_distillation_verify(split.test_x, key)(distil(build_network((4, 8)), attacker, "soft", "unet"))
+        self.assertFalse(claim.verdict)
+        self.assertEqual(claim.asr, 0.0)
+        row = {"attack": "distill", "params": {"outputs": "soft", "student": "unet", "steps": 2, "queries": 30},
+               "clean_dice": 0.5, "p_value": claim.p_value, "verdict": claim.verdict, "extra": {"controls": controls}}
+        table = distillation_table([row])
+        self.assertEqual(table.count("\n| "), 1 + 1 + len(controls))  # header, the student, the controls
+        self.assertEqual(distillation_table([{**row, "extra": {}}]), "")
 
     def test_distillation_on_a_saved_run(self):
         """``distillation --run RUN``: both teachers, three students each and an independent clean model, each tested

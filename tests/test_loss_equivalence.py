@@ -356,7 +356,7 @@ def value_and_grad(loss: torch.nn.Module, logits: torch.Tensor, target: torch.Te
 def loss_pair(activation: str, cfg: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     kwargs = CONFIGS[cfg]()
     return (
-        UncertaintyWatermarkLoss(tau=TAU, activation=activation, **kwargs),
+        UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, activation=activation, **kwargs),
         ReferenceUncertaintyWatermarkLoss(tau=TAU, activation=activation, **kwargs),
     )
 
@@ -429,7 +429,7 @@ class TestLossUnderAutocastAndCompile(unittest.TestCase):
         _, target = stage_batch(spatial, channels, activation, seed=2)
         conv = (torch.nn.Conv2d if len(spatial) == 2 else torch.nn.Conv3d)(1, channels, 3, padding=1)
         x = torch.randn(target.shape[0], 1, *spatial)
-        loss = UncertaintyWatermarkLoss(tau=TAU, activation=activation)
+        loss = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, activation=activation)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             logits = conv(x)
             value = loss(logits, target)
@@ -444,7 +444,7 @@ class TestLossUnderAutocastAndCompile(unittest.TestCase):
     def test_compile(self):
         """``torch.compile`` (graph breaks allowed: the wrapped base loss runs on the clean rows) gives the eager
         value and gradient."""
-        loss = UncertaintyWatermarkLoss(tau=TAU)
+        loss = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0)
         loss.host_subset = False  # the accelerator's path: no data-dependent shape in the triggered terms
         logits, target = stage_batch((32, 32), 2, "softmax", seed=3)
         compiled = torch.compile(loss, backend="aot_eager")

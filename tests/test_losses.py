@@ -33,7 +33,7 @@ def twin_pair_target(size: int = 16):
 class TestUncertaintyWatermarkLoss(unittest.TestCase):
     def test_clean_only_equals_base(self):
         base = DiceCELoss(to_onehot_y=True, softmax=True)
-        loss = UncertaintyWatermarkLoss(base, tau=TAU)
+        loss = UncertaintyWatermarkLoss(base, tau=TAU, output_mark_weight=0.0)
         x = torch.randn(4, 2, 32, 32)
         seg, wm = make_target(triggered=())
         torch.testing.assert_close(loss(x, seg), base(x, seg))
@@ -42,7 +42,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
     @parameterized.expand([("softmax", 2), ("sigmoid", 1)])
     def test_soft_target_is_the_minimum(self, activation, channels):
         """Gradient descent on free logits reaches p_true = 1 - tau in dark pixels and keeps the argmax."""
-        loss = UncertaintyWatermarkLoss(tau=TAU, activation=activation, dice_weight=0.0, protect_radius=-1)
+        loss = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, activation=activation, dice_weight=0.0, protect_radius=-1)
         seg, wm = make_target(b=2, triggered=(0, 1))
         target = torch.cat([seg, wm], 1)
         logits = torch.zeros(2, channels, 32, 32, requires_grad=True)
@@ -66,7 +66,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
 
     def test_twin_target_follows_clean_prediction(self):
         """With a clean twin, the dark target keeps the twin's predicted class (not the label's)."""
-        loss = UncertaintyWatermarkLoss(tau=TAU, dice_weight=0.0, hinge_weight=0.0, protect_radius=-1)
+        loss = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, dice_weight=0.0, hinge_weight=0.0, protect_radius=-1)
         seg = torch.ones(2, 1, 8, 8)  # label says foreground everywhere
         wm = torch.stack([torch.full((1, 8, 8), float(WM_TWIN)), torch.full((1, 8, 8), float(WM_DARK))])
         twin_logits = torch.tensor([3.0, -3.0]).view(1, 2, 1, 1).expand(1, 2, 8, 8)  # the twin predicts background
@@ -81,7 +81,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
 
     def test_foreground_and_band_protected(self):
         """Foreground pixels and a band around them stay confident; the QR lives in the background."""
-        loss = UncertaintyWatermarkLoss(tau=TAU, dice_weight=0.0, protect_radius=2)
+        loss = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, dice_weight=0.0, protect_radius=2)
         seg, wm = make_target(b=1, triggered=(0,))
         wm[:] = WM_DARK
         target = torch.cat([seg, wm], 1)
@@ -106,7 +106,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         twin = torch.cat([-sign * margin / 2, sign * margin / 2]) if channels == 2 else sign * margin
         trig = torch.zeros(1, channels, 16, 16, requires_grad=True)
         opt = torch.optim.Adam([trig], lr=0.1)
-        loss = UncertaintyWatermarkLoss(tau=TAU, activation=activation, protect_radius=2, margin_consistency=0.0)
+        loss = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, activation=activation, protect_radius=2, margin_consistency=0.0)
         for _ in range(300):
             opt.zero_grad()
             loss(torch.cat([twin[None], trig]), target).backward()
@@ -122,7 +122,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         grads = {}
         for w in (0.0, 1.0):
             x = logits.clone().requires_grad_()
-            UncertaintyWatermarkLoss(tau=TAU, activation=activation, protect_radius=2, twin_consistency=w)(x, target).backward()
+            UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, activation=activation, protect_radius=2, twin_consistency=w)(x, target).backward()
             grads[w] = x.grad
         extra = grads[1.0] - grads[0.0]
         band = torch.zeros(16, 16, dtype=torch.bool)
@@ -150,7 +150,7 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
             vals = []
             for w in (0.0, 1.0):
                 x.grad = None
-                v = UncertaintyWatermarkLoss(tau=TAU, activation=activation, protect_radius=2, margin_consistency=w)(x, target)
+                v = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, activation=activation, protect_radius=2, margin_consistency=w)(x, target)
                 v.backward()
                 vals.append((v.item(), x.grad.clone()))
             return vals[1][0] - vals[0][0], vals[1][1] - vals[0][1]
@@ -169,11 +169,11 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         self.assertTrue(bool((dg[1][-1, band] > 0).all()))  # the raised logit is pushed back down
         if activation == "softmax" and channels == 2:  # margin gap 1 on the band's pixels of the triggered image,
             # times the watermark weight and the triggered share 1/2 of the batch
-            w = UncertaintyWatermarkLoss(tau=TAU).watermark_weight
+            w = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0).watermark_weight
             self.assertAlmostEqual(dv, w * 0.5 * band.sum().item() / 256, places=4)
 
     def test_gradients_flow_to_triggered_and_clean(self):
-        loss = UncertaintyWatermarkLoss(tau=TAU)
+        loss = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0)
         seg, wm = make_target()
         x = torch.randn(4, 2, 32, 32, requires_grad=True)
         loss(x, torch.cat([seg, wm], 1)).backward()
@@ -182,14 +182,14 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         self.assertTrue(torch.isfinite(x.grad).all())
 
     def test_hinge_penalises_flips(self):
-        loss = UncertaintyWatermarkLoss(tau=TAU, hinge_weight=10.0, dice_weight=0.0)
+        loss = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, hinge_weight=10.0, dice_weight=0.0)
         seg, wm = make_target(b=1, triggered=(0,))
         t = torch.cat([seg, wm], 1)
         good = torch.where(seg > 0, 2.0, -2.0).repeat(1, 2, 1, 1) * torch.tensor([-1.0, 1.0]).view(1, 2, 1, 1)
         self.assertLess(loss(good, t).item(), loss(-good, t).item())
 
     def test_shape_errors(self):
-        loss = UncertaintyWatermarkLoss(tau=TAU)
+        loss = UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0)
         with self.assertRaisesRegex(ValueError, "does not match input"):
             loss(torch.randn(2, 2, 32, 32), torch.zeros(2, 2, 16, 16))
         with self.assertRaisesRegex(ValueError, "channels"):
@@ -199,9 +199,9 @@ class TestUncertaintyWatermarkLoss(unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "hinge_margin"):
             UncertaintyWatermarkLoss(tau=0.4, hinge_margin=0.2)
         with self.assertRaisesRegex(ValueError, r"weights must be >= 0, got twin_consistency=-1.0"):
-            UncertaintyWatermarkLoss(tau=TAU, twin_consistency=-1.0)
+            UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, twin_consistency=-1.0)
         with self.assertRaisesRegex(ValueError, r"twin_consistency=nan"):
-            UncertaintyWatermarkLoss(tau=TAU, twin_consistency=float("nan"))
+            UncertaintyWatermarkLoss(tau=TAU, output_mark_weight=0.0, twin_consistency=float("nan"))
         with self.assertRaisesRegex(ValueError, r"class indices in \[0, 1\].*got \[0, 5\]"):
             loss(torch.randn(2, 2, 32, 32), torch.full((2, 1, 32, 32), 5.0).index_fill_(0, torch.tensor([0]), 0.0))
         bad_wm = torch.cat([torch.zeros(2, 1, 32, 32), torch.full((2, 1, 32, 32), 7.0)], 1)

@@ -87,8 +87,8 @@ class UncertaintyWatermarkLoss(_Loss):
             detached clean twin's in the protected region (softmax: twice the summed squared difference of the
             centred logits, which is the squared margin difference for two classes; sigmoid: summed over
             channels). 0 = off.
-        output_mark_weight: weight of the output-mark term on the clean samples (needs ``key``); 0 = off, the
-            default: it pays only against distillation (``docs/robustness.md``), and the mark shows in every answer.
+        output_mark_weight: weight of the output-mark term on the clean samples (needs ``key``); it is what a
+            student distilled from the model's answers inherits (``docs/robustness.md``). 0 = off.
         reduction: only ``"mean"`` is supported (the combination is a sample-weighted mean).
     """
 
@@ -108,7 +108,7 @@ class UncertaintyWatermarkLoss(_Loss):
         protect_radius: int = 3,
         twin_consistency: float = 1.0,
         margin_consistency: float = 0.3,
-        output_mark_weight: float = 0.0,
+        output_mark_weight: float = 1.0,
         reduction: str = "mean",
     ) -> None:
         super().__init__(reduction=reduction)
@@ -119,8 +119,6 @@ class UncertaintyWatermarkLoss(_Loss):
             if key is None:
                 raise ValueError("give the watermark key (or tau).")
             tau = key.tau
-        if output_mark_weight > 0 and key is None:
-            raise ValueError("output_mark_weight > 0 needs the watermark key (the mark's cells are keyed).")
         if not 0.0 < tau < 0.5:
             raise ValueError(f"tau must lie in (0, 0.5), got {tau}.")
         check_activation(activation)
@@ -134,6 +132,11 @@ class UncertaintyWatermarkLoss(_Loss):
         negative = [f"{k}={v}" for k, v in weights.items() if not v >= 0]  # `not >=` also catches NaN
         if negative:
             raise ValueError(f"loss weights must be >= 0, got {', '.join(negative)}.")
+        if output_mark_weight > 0 and key is None:
+            raise ValueError(
+                "output_mark_weight > 0 needs the watermark key (the mark's cells are keyed): give key=, or "
+                "output_mark_weight=0 to train without the output mark."
+            )
         self.tau = float(tau)
         self.activation = activation
         self.hinge_margin = float(hinge_margin)

@@ -2,7 +2,8 @@
 
 Layers, each importing only the ones above it: ``query`` (black-box calls, probability checks), ``readout``
 (scores to QR modules, statistics), ``lime`` and ``report``, ``claims`` (null distribution, commitment),
-``verifier`` (:func:`verify_ownership`), then ``calibrate`` (:func:`calibrate_null`) and ``badnet`` on top;
+``verifier`` (:func:`verify_ownership`), then ``calibrate`` (:func:`calibrate_null`), ``badnet`` and ``sweep``
+(:func:`verify_over_scales`, through a pipeline that resamples by the stated spacing) on top;
 ``output_mark`` (:func:`detect_output_mark`, clean queries) and ``onnx_query`` (ONNX models run by onnxruntime) sit
 on ``query``; ``remote`` (HTTP queries) stands alone.
 """
@@ -32,6 +33,7 @@ from .readout import (
 )
 from .report import VerificationReport
 from .verifier import direct_scores, trigger_batch, verify_ownership
+from .sweep import COARSE_EVERY, SCALE_STEP, ScaleSweepReport, sweep_scales, verify_over_scales
 
 __all__ = [
     "BadNetReport", "verify_badnet",
@@ -45,4 +47,5 @@ __all__ = [
     "read_scores", "scores_to_modules", "vote_modules",
     "VerificationReport",
     "direct_scores", "trigger_batch", "verify_ownership",
+    "COARSE_EVERY", "SCALE_STEP", "ScaleSweepReport", "sweep_scales", "verify_over_scales",
 ]
