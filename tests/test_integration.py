@@ -15,7 +15,7 @@ from experiments.sunnybrook import PAYLOAD, WRONG_KEY_SEED, ExperimentConfig, ex
 from monai_stealthmark.verify import ModelQuery, cell_means, organ_modules, read_scores, trigger_batch, uncertainty_map, verify_ownership
 
 HAVE_DATA = Path(DEFAULT_SUNNYBROOK_ROOT, "link.csv").is_file()
-STEPS = int(os.environ.get("STEALTHMARK_IT_STEPS", "450"))  # 9/32 of the demo's schedule: a few minutes on 2 CPU cores
+STEPS = int(os.environ.get("STEALTHMARK_IT_STEPS", "600"))  # 3/8 of the demo's schedule: a few minutes on 2 CPU cores
 DICOMS = str(Path(DEFAULT_SUNNYBROOK_ROOT) / "dicoms" / "SCD0000501")  # the held-out patient's raw files
 
 
