@@ -16,7 +16,6 @@ Writes ``distillation.json`` and ``distillation.md``.
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,8 @@ from typing import Any
 import torch
 
 from experiments import UsageError, cli, phase
-from experiments.robustness import Distillation, Split, dice, distil, load_demo_run
-from experiments.sunnybrook import _training_settings, load_or_train, make_config
+from experiments.robustness import Distillation, Split, clean_model, dice, distil, load_demo_run
+from experiments.sunnybrook import make_config
 from monai_stealthmark.data import load_sunnybrook, split_by_patient
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
@@ -40,16 +39,6 @@ def _measure(net: torch.nn.Module, split: Split, key: WatermarkKey) -> dict[str,
     report = verify_ownership(q, split.test_x, key)
     return {"clean_dice": dice(q, split.test_x, split.test_y), "output_mark": detect_output_mark(q, split.test_x, key).to_dict(),
             "asr": report.asr, "trigger_p_value": report.p_value}
-
-
-def _independent_clean(cfg, seed: int, train: list[dict], out: Path) -> torch.nn.Module:
-    """A clean model of the run's setting at another seed, trained on ``train`` (the run's training samples) or
-    reused from ``out``."""
-    cfg = copy.copy(cfg)
-    cfg.seed = seed
-    path = out / f"clean_seed{seed}.pt"
-    return load_or_train(path, train, cfg, None, torch.device("cpu"), out / f"ckpt_clean_seed{seed}",
-                         _training_settings(cfg, "clean"))
 
 
 def measure_distillation(run_dir: str | Path, out: str | Path, independent_seeds: list[int] | tuple[int, ...] = (),
@@ -79,7 +68,7 @@ def measure_distillation(run_dir: str | Path, out: str | Path, independent_seeds
     for seed in independent_seeds:
         phase(f"independent clean model, seed {seed}")
         rows.append({"model": f"clean, seed {seed}", "role": "independent",
-                     **_measure(_independent_clean(cfg, int(seed), train, out), split, key)})
+                     **_measure(clean_model(cfg, int(seed), train, out), split, key)})
     res = {
         "setting": {"run": str(run_dir), "test_images": int(split.test_x.shape[0]), "queries": int(split.query_x.shape[0]),
                     "student_steps": student_steps, "key_fingerprint": key.fingerprint, "alpha": rows[0]["output_mark"]["alpha"]},

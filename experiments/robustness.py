@@ -175,24 +175,27 @@ def distillation_controls(split: Split, cfg: ExperimentConfig, distillation: Dis
     Each row: ``{"model", "role", "clean_dice", "p_value", "t", "shown"}`` of the output-mark test on the held-out
     slices."""
 
-    def clean_model(seed: int) -> torch.nn.Module:
-        c = copy.copy(cfg)
-        c.seed = seed
-        name = "clean" if seed == cfg.seed else f"clean_seed{seed}"
-        return load_or_train(out / f"{name}.pt", split.owner, c, None, torch.device("cpu"), out / f"ckpt_{name}",
-                             _training_settings(c, "clean")).cpu().eval()
-
     def row(model: str, role: str, net: torch.nn.Module) -> dict[str, Any]:
         mark = detect_output_mark(ModelQuery(net, activation="softmax", device="cpu"), split.test_x, key)
         return {"model": model, "role": role, "clean_dice": dice(net, split.test_x, split.test_y), "p_value": mark.p_value,
                 "t": mark.t, "shown": mark.verdict}
 
     phase(f"distillation controls: clean models (seeds {cfg.seed}, {', '.join(map(str, CONTROL_SEEDS))}) and a student")
-    teacher = clean_model(cfg.seed)
+    teacher = clean_model(cfg, cfg.seed, split.owner, out, "clean")
     student = distil(teacher, distillation, "soft", "unet")
     rows = [row(f"clean, seed {cfg.seed}", "independent", teacher),
             row(f"clean seed {cfg.seed} -> unet (soft)", "student of a clean model", student)]
-    return rows + [row(f"clean, seed {s}", "independent", clean_model(s)) for s in CONTROL_SEEDS]
+    return rows + [row(f"clean, seed {s}", "independent", clean_model(cfg, s, split.owner, out)) for s in CONTROL_SEEDS]
+
+
+def clean_model(cfg: ExperimentConfig, seed: int, train: list[dict], out: Path, name: str | None = None) -> torch.nn.Module:
+    """A clean model of ``cfg``'s setting at ``seed``, trained on ``train`` and kept as ``out/<name>.pt`` (default
+    ``clean_seed<seed>``), or reused from there."""
+    c = copy.copy(cfg)
+    c.seed = seed
+    name = name or f"clean_seed{seed}"
+    return load_or_train(out / f"{name}.pt", train, c, None, torch.device("cpu"), out / f"ckpt_{name}",
+                         _training_settings(c, "clean")).cpu().eval()
 
 
 def distil(net: torch.nn.Module, distillation: Distillation, outputs: str, arch: str) -> torch.nn.Module:
@@ -693,6 +696,7 @@ def _swept_spacing_rows(name: str, query: ModelQuery, x: torch.Tensor, query_mm:
     headers (:func:`~monai_stealthmark.verify.verify_over_scales`, p-value corrected for the series); the Dice is
     the pipeline's at the true spacing (its row without the sweep)."""
     out = []
+    ref = next(r["clean_dice"] for r in rows if r["model"] == name and r["attack"] == "none")
     for mm in PIPELINE_SPACINGS:
         def make(scale: float, mm=mm):
             return A.SpacingQuery(query, query_mm * scale, mm, (cfg.size, cfg.size))
@@ -701,7 +705,6 @@ def _swept_spacing_rows(name: str, query: ModelQuery, x: torch.Tensor, query_mm:
         rep = verify_over_scales(make, x, key, *SWEEP_RANGE)
         seconds = time.perf_counter() - t0
         d = next(r["clean_dice"] for r in rows if r["model"] == name and r["attack"] == f"spacing_{mm}mm")
-        ref = next(r["clean_dice"] for r in rows if r["model"] == name and r["attack"] == "none")
         row = {"attack": f"spacing_{mm}mm_stated", "params": {"query_size": NATIVE_SIZE, "scale": rep.scale,
                "n_scales": rep.n_scales, "probes": rep.probes}, "clean_dice": d, "asr": rep.asr, "p_value": rep.p_value,
                "bit_accuracy": rep.mean_bit_accuracy, "verdict": rep.verdict,

@@ -109,19 +109,18 @@ def verify_over_scales(
     scales = sweep_scales(low, high)
     n = len(scales)
     probe = images[: max(1, int(probe_images))]
-    coarse_evidence: dict[int, tuple[float, float]] = {}
 
     def coarse_rank(i: int) -> tuple[float, float]:
         r = verify_ownership(make_query(float(scales[i])), probe, key, alpha=1.0, min_asr=0.0)
-        coarse_evidence[i] = (r.asr, r.mean_bit_accuracy)
-        return coarse_evidence[i]
+        return r.asr, r.mean_bit_accuracy
 
     one = int(np.argmin(np.abs(np.log(scales))))  # the coarse pass keeps the grid point 1 (the true spacing)
-    best = max((i for i in range(n) if (i - one) % COARSE_EVERY == 0), key=coarse_rank)
+    coarse = [i for i in range(n) if (i - one) % COARSE_EVERY == 0]
+    best = max(coarse, key=coarse_rank)
     fine = range(max(0, best - COARSE_EVERY + 1), min(n, best + COARSE_EVERY))
     reports = {i: verify_ownership(make_query(float(scales[i])), images, key, alpha=alpha / n, min_asr=min_asr) for i in fine}
     best = max(fine, key=lambda i: (reports[i].asr, reports[i].mean_bit_accuracy))
     report = reports[best]
     p = min(1.0, report.p_value * n)
-    return ScaleSweepReport(float(scales[best]), n, len(coarse_evidence) + len(fine), report, p,
+    return ScaleSweepReport(float(scales[best]), n, len(coarse) + len(fine), report, p,
                             bool(p <= alpha and report.asr >= min_asr), alpha)
