@@ -9,7 +9,9 @@ deviation (:class:`~experiments.sunnybrook.ExperimentConfig`, e.g. ``--steps 800
 
 The owner trains the watermarked UNet on three patients (SCD0000101/201/301); the attacker owns a fourth
 (SCD0000401) — disjoint from the owner's data — and every number is measured on the fifth (SCD0000501):
-clean Dice of the attacked model and the black-box claim (direct read-out) on its triggered slices. Students
+clean Dice of the attacked model and the black-box claim (direct read-out) on its triggered slices. The
+``pipeline_spacing`` rows send the test slices at their own 256 x 256 grid to a bundle pipeline that resamples them to
+another spacing, verified through the stated-spacing sweep (:func:`pipeline_spacing_rows`). Students
 distilled from the model's answers are claimed through the trigger or the key's output mark (the ``distill`` rows'
 p-value is the mark's); a clean model of the owner's setting, its student and two more clean models are the
 controls (in the soft UNet student's row, ``extra["controls"]``).
@@ -69,7 +71,7 @@ from monai_stealthmark.verify import (
     verify_ownership,
 )
 
-__all__ = ["Split", "Distillation", "ONNX_ROWS", "onnx_attacks", "attack_suite", "run_attacks", "make_verify", "dice", "run", "deployment_formats", "formats_markdown", "query_pipelines", "pipeline_markdown", "runtime_ops", "markdown", "main"]
+__all__ = ["Split", "Distillation", "ONNX_ROWS", "onnx_attacks", "attack_suite", "run_attacks", "make_verify", "dice", "run", "deployment_formats", "formats_markdown", "query_pipelines", "pipeline_markdown", "pipeline_spacing_rows", "swept_spacing_row", "runtime_ops", "markdown", "main"]
 
 OWNER = ["SCD0000101", "SCD0000201", "SCD0000301"]
 ATTACKER = ["SCD0000401"]
@@ -475,6 +477,8 @@ def run(
     distillation = Distillation(split.query_x, distill_steps or (2400 if fast else 4800), cfg.channels)
     suite = list(attack_suite(net, split.att_x, split.att_y, epochs, distillation).values())
     rows = run_attacks([a for a in suite if a[0] != "distill"], evaluate, verify, ref_dice, base.verdict)
+    phase(f"bundle pipelines resampling the {NATIVE_SIZE} px slices to {', '.join(map(str, PIPELINE_SPACINGS))} mm, stated-spacing sweep")
+    rows += pipeline_spacing_rows(net, cfg, key, base.verdict)
     distill_verify = make_distillation_verify(split.test_x, key)
     rows += run_attacks([a for a in suite if a[0] == "distill"], evaluate, distill_verify, ref_dice, base.verdict, "distillation")
     controls = distillation_controls(split, cfg, distillation, key, out)
@@ -690,30 +694,57 @@ def query_pipelines(run_dir: str | Path, out: str | Path, fast: bool = True, **s
     return res
 
 
+def swept_spacing_row(query: ModelQuery, x: torch.Tensor, query_mm: float, mm: float, cfg: ExperimentConfig,
+                      key: WatermarkKey, dice_value: float, reference_dice: float, shown: bool,
+                      wrong: Sequence[WatermarkKey] = ()) -> dict[str, Any]:
+    """One bundle pipeline that resamples the owner's ``query_mm`` queries to ``mm`` and segments them with a sliding
+    window (:class:`~monai_stealthmark.attacks.SpacingQuery`), verified by stating a series of pixel spacings in the
+    queries' headers (:func:`~monai_stealthmark.verify.verify_over_scales`, p-value corrected for the series).
+
+    ``dice_value`` is the pipeline's Dice at the true spacing, ``reference_dice`` the model's without the pipeline;
+    each of ``wrong`` is swept alike and the most decoded share is ``extra["wrong_key_asr"]``.
+    """
+    def make(scale: float):
+        return A.SpacingQuery(query, query_mm * scale, mm, (cfg.size, cfg.size))
+
+    t0 = time.perf_counter()
+    rep = verify_over_scales(make, x, key, *SWEEP_RANGE)
+    row = {"attack": "pipeline_spacing", "params": {"spacing_mm": mm, "query_size": int(x.shape[-1]), "scale": rep.scale,
+           "n_scales": rep.n_scales, "probes": rep.probes}, "clean_dice": dice_value, "asr": rep.asr,
+           "p_value": rep.p_value, "bit_accuracy": rep.mean_bit_accuracy, "verdict": rep.verdict,
+           "removed": A.is_removed(rep.verdict, dice_value, reference_dice) and shown, "seconds": time.perf_counter() - t0}
+    if wrong:
+        row["extra"] = {"wrong_key_asr": max(verify_over_scales(make, x, k, *SWEEP_RANGE).asr for k in wrong)}
+    print(f"pipeline_spacing {mm} mm: stated scale {rep.scale:.4f} ASR {rep.asr:.3f} p {rep.p_value:.2g}", flush=True)
+    return row
+
+
 def _swept_spacing_rows(name: str, query: ModelQuery, x: torch.Tensor, query_mm: float, cfg: ExperimentConfig,
                         key: WatermarkKey, wrong: list[WatermarkKey], rows: list[dict[str, Any]], shown: bool) -> list[dict[str, Any]]:
-    """Each :data:`PIPELINE_SPACINGS` pipeline verified by stating a series of pixel spacings in the queries'
-    headers (:func:`~monai_stealthmark.verify.verify_over_scales`, p-value corrected for the series); the Dice is
-    the pipeline's at the true spacing (its row without the sweep)."""
-    out = []
+    """Each :data:`PIPELINE_SPACINGS` pipeline through :func:`swept_spacing_row` (rows ``spacing_<mm>mm_stated``);
+    the Dice is the pipeline's row without the sweep."""
     ref = next(r["clean_dice"] for r in rows if r["model"] == name and r["attack"] == "none")
+    out = []
     for mm in PIPELINE_SPACINGS:
-        def make(scale: float, mm=mm):
-            return A.SpacingQuery(query, query_mm * scale, mm, (cfg.size, cfg.size))
-
-        t0 = time.perf_counter()
-        rep = verify_over_scales(make, x, key, *SWEEP_RANGE)
-        seconds = time.perf_counter() - t0
         d = next(r["clean_dice"] for r in rows if r["model"] == name and r["attack"] == f"spacing_{mm}mm")
-        row = {"attack": f"spacing_{mm}mm_stated", "params": {"query_size": NATIVE_SIZE, "scale": rep.scale,
-               "n_scales": rep.n_scales, "probes": rep.probes}, "clean_dice": d, "asr": rep.asr, "p_value": rep.p_value,
-               "bit_accuracy": rep.mean_bit_accuracy, "verdict": rep.verdict,
-               "removed": A.is_removed(rep.verdict, d, ref) and shown, "seconds": seconds, "model": name}
-        if name == "watermarked":
-            row["extra"] = {"wrong_key_asr": max(verify_over_scales(make, x, k, *SWEEP_RANGE).asr for k in wrong)}
-        print(f"{name} spacing_{mm}mm_stated scale {rep.scale:.4f} ASR {rep.asr:.3f} p {rep.p_value:.2g}", flush=True)
-        out.append(row)
+        row = swept_spacing_row(query, x, query_mm, mm, cfg, key, d, ref, shown, wrong if name == "watermarked" else ())
+        out.append({**row, "attack": f"spacing_{mm}mm_stated", "model": name})
     return out
+
+
+def pipeline_spacing_rows(net: torch.nn.Module, cfg: ExperimentConfig, key: WatermarkKey, shown: bool) -> list[dict[str, Any]]:
+    """The attack suite's pipeline rows: the test patient's slices sent at their own 256 x 256 grid to a bundle
+    pipeline that resamples them to each of :data:`PIPELINE_SPACINGS` (:func:`swept_spacing_row`; the wrong-key
+    controls of the same sweep are in ``--pipeline``'s table)."""
+    x, y = _stack(load_sunnybrook(cfg.data_root, size=NATIVE_SIZE, patients=TEST))
+    query_mm = _pixel_spacing(cfg.data_root, TEST[0])
+    query = ModelQuery(net, activation="softmax", device="cpu")
+    ref = dice(A.GridQuery(query, (cfg.size, cfg.size)), x, y)
+    rows = []
+    for mm in PIPELINE_SPACINGS:
+        d = dice(A.SpacingQuery(query, query_mm, mm, (cfg.size, cfg.size)), x, y)
+        rows.append(swept_spacing_row(query, x, query_mm, mm, cfg, key, d, ref, shown))
+    return rows
 
 
 def pipeline_markdown(res: dict[str, Any]) -> str:

@@ -75,8 +75,8 @@ class ExperimentConfig:
     """Settings of one run. ``fast`` is the CPU setting; the full setting trains longer on GPU when there is one.
 
     The watermark recipe is not set here: it is the defaults of :class:`~monai_stealthmark.key.WatermarkKey`,
-    :class:`~monai_stealthmark.transforms.WatermarkBatch` and :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`
-    (:mod:`monai_stealthmark.recipe`). A run that deviates from it passes the settings it changes by their class
+    :class:`~monai_stealthmark.transforms.WatermarkBatch`, :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`
+    and :class:`~monai_stealthmark.handlers.SimulatedAttacks` (:mod:`monai_stealthmark.recipe`). A run that deviates from it passes the settings it changes by their class
     argument names (e.g. ``ExperimentConfig(tau=0.2, margin_consistency=0)``); they are kept in ``recipe``.
 
     Args:
@@ -95,8 +95,6 @@ class ExperimentConfig:
         cutmix_prob: share of training samples (both models) that get a box of another training slice pasted in,
             image and label (:class:`~monai_stealthmark.transforms.RandPoolCutMixd`), before the watermark transform;
             0 = off. Part of both models' training, so the comparison stays paired.
-        simulate_attacks: share of iterations trained at attacked weights
-            (:class:`~monai_stealthmark.handlers.SimulatedAttacks`, ComMark's idea; 0 = off).
         badnet: train the BadNet baseline instead (:class:`~monai_stealthmark.transforms.RandBadNetd`, plain
             DiceCE) — the key's trigger switches a keyed square to foreground.
         patients: restrict the data to these patients (all when None).
@@ -120,7 +118,6 @@ class ExperimentConfig:
         self.lime_images: int | None = None
         self.cutmix_prob = 0.5
         self.arch = "unet"
-        self.simulate_attacks = 0.0
         self.badnet = False
         self.patients: list[str] | None = None
         self.data_root = str(DEFAULT_SUNNYBROOK_ROOT)
@@ -136,7 +133,7 @@ class ExperimentConfig:
                 setattr(self, k, v)
 
     def watermark(self) -> dict[str, dict[str, Any]]:
-        """The watermark settings of this run, per part (``key``, ``transform``, ``loss``): recipe + deviations."""
+        """The watermark settings of this run, per part (``key``, ``transform``, ``loss``, ``hardening``): recipe + deviations."""
         return resolve_recipe(self.recipe)
 
     def to_dict(self) -> dict[str, Any]:
@@ -249,8 +246,9 @@ def train_model(
         prepare_batch=prepare, amp=False,
     )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: sched.step())
-    if key is not None and cfg.simulate_attacks > 0:
-        SimulatedAttacks(prob=cfg.simulate_attacks, seed=cfg.seed).attach(trainer)
+    simulate = cfg.watermark()["hardening"]["simulate_attacks"]
+    if key is not None and simulate > 0:
+        SimulatedAttacks(prob=simulate, seed=cfg.seed).attach(trainer)
     if ckpt_dir is not None:
         _attach_checkpoints(trainer, ckpt_dir, {"net": net, "opt": opt, "sched": sched, "trainer": trainer}, epochs, device)
     attach_progress(trainer, f"train {'clean' if key is None else 'watermarked'} {cfg.arch}")
@@ -461,7 +459,7 @@ def results_markdown(res: dict[str, Any], cfg: ExperimentConfig) -> str:
 
 
 # settings that shape only the watermarked model (the clean one trains without them) or only the verification
-_WATERMARK_ONLY = ("simulate_attacks", "badnet", *(n for names in RECIPE_PARTS.values() for n in names))
+_WATERMARK_ONLY = ("badnet", *(n for names in RECIPE_PARTS.values() for n in names))
 _VERIFY_ONLY = ("lime_samples", "lime_images")
 
 

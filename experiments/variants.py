@@ -6,10 +6,12 @@ setting of :mod:`experiments.robustness` (owner 101/201/301, attacker 401, test 
 Variants (each an owner model trained with the same seed, data and schedule):
 
 - ``clean``: no watermark (the reference for the Dice cost);
-- ``default``: the uncertainty QR watermark as shipped;
-- ``commark``: ComMark's ideas — a low-frequency trigger and simulated weight noise / pruning in the loop
-  (half of the steps); ``lowfreq`` and ``simattack`` (30 % of the steps) each of the two alone;
-- ``badnet``: the BadNet-style backdoor baseline (trigger -> a keyed square of the mask turns foreground).
+- ``default``: the uncertainty QR watermark as shipped (simulated weight noise / pruning on 30 % of the steps);
+- ``no_simattack``: the same without the simulated attacks;
+- ``commark``: ComMark's ideas — a low-frequency trigger and simulated attacks on half of the steps; ``lowfreq`` the
+  low-frequency trigger alone (no simulated attacks);
+- ``badnet``: the BadNet-style backdoor baseline (trigger -> a keyed square of the mask turns foreground; plain
+  training, no simulated attacks).
 
 For each: clean Dice, the Dice on triggered inputs, the stealth (mask Dice clean vs triggered input), the
 ASR, and the ASR after the attacks that matter most (fine-tuning, pruning, static int8, input noise / blur /
@@ -44,9 +46,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "clean": ({}, {}),
     "default": ({}, {}),
     "commark": ({"simulate_attacks": 0.5}, {"trigger": "lowfreq"}),
-    "lowfreq": ({}, {"trigger": "lowfreq"}),
-    "simattack": ({"simulate_attacks": 0.3}, {}),
-    "badnet": ({"badnet": True}, {}),
+    "lowfreq": ({"simulate_attacks": 0.0}, {"trigger": "lowfreq"}),
+    "no_simattack": ({"simulate_attacks": 0.0}, {}),
+    "badnet": ({"badnet": True, "simulate_attacks": 0.0}, {}),
 }
 # the attacks that matter most, by their label in experiments.robustness.attack_suite
 VARIANT_ATTACKS = (

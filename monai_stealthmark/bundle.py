@@ -10,6 +10,8 @@ At ``initialize`` :func:`attach_watermark` wires the watermark to them:
 - the trainer's ``prepare_batch`` runs :class:`~monai_stealthmark.transforms.WatermarkPrepareBatch` after the
   bundle's own preparation, on collated batches on the training device (multi-sample crops, any patch size);
 - the trainer's ``loss_function`` is wrapped in :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`;
+- :class:`~monai_stealthmark.handlers.SimulatedAttacks` trains a share of the steps at pruned or noisy weights, so
+  the watermark survives fine-tuning and pruning of a stolen copy;
 - the evaluator gains ``val_auc`` (mean over the foreground classes, and each class), ``val_wm_asr`` and
   ``val_wm_asr_bit_acc``, computed before its own handlers log or save;
 - the evaluator's key metric becomes ``val_wm_score``: its Dice when the QR decodes on at least ``min_asr`` of the
@@ -30,7 +32,13 @@ from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
 from monai.handlers import from_engine
 
-from monai_stealthmark.handlers import PixelAUC, StashProbabilities, StripWatermarkChannel, WatermarkASR
+from monai_stealthmark.handlers import (
+    PixelAUC,
+    SimulatedAttacks,
+    StashProbabilities,
+    StripWatermarkChannel,
+    WatermarkASR,
+)
 from monai_stealthmark.key import KeyFileError, WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.transforms import WatermarkBatch, WatermarkPrepareBatch
@@ -128,6 +136,7 @@ def attach_watermark(
     min_asr: float = 0.5,
     seed: int | None = None,
     output_mark_weight: float | None = None,
+    simulate_attacks: float | None = None,
 ) -> bool:
     """Wire the watermark to a bundle's trainer (and evaluator); see the module docstring.
 
@@ -142,8 +151,10 @@ def attach_watermark(
         min_asr: the validation ASR from which an epoch counts as carrying the watermark (checkpoint rule).
         seed: seed of the watermark stage's draws; default ``torch.initial_seed()`` (the bundle's
             ``set_determinism``), plus the process rank so DDP ranks draw independent triggers.
-        output_mark_weight: train the key's output mark too (see
-            :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`); None keeps the loss's default (off).
+        output_mark_weight: weight of the key's output mark (see
+            :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`); None keeps the loss's default.
+        simulate_attacks: share of steps trained at attacked weights (see
+            :class:`~monai_stealthmark.handlers.SimulatedAttacks`); None keeps its default, 0 turns it off.
 
     Returns:
         True, so it can sit in a bundle's ``initialize`` list.
@@ -158,6 +169,9 @@ def attach_watermark(
     mark = {} if output_mark_weight is None else {"output_mark_weight": output_mark_weight}
     trainer.loss_function = UncertaintyWatermarkLoss(trainer.loss_function, key=key, activation=activation, **mark)
     StripWatermarkChannel(n_label_channels=None).attach(trainer)
+    if simulate_attacks is None or simulate_attacks > 0:
+        share = {} if simulate_attacks is None else {"prob": simulate_attacks}
+        SimulatedAttacks(seed=(base_seed + idist.get_rank()) % (2**32), **share).attach(trainer)
     if evaluator is not None:
         attach_metrics(evaluator, key, activation, asr_mode, asr_max_images)
         if getattr(evaluator.state, "key_metric_name", None) is None:

@@ -1,5 +1,5 @@
-"""The recommended watermark recipe, read from one place: the defaults of the key, the training transform and the
-loss. Bundles and experiments take the recipe from here instead of repeating its numbers; an experiment that
+"""The recommended watermark recipe, read from one place: the defaults of the key, the training transform, the
+loss and the hardening handler. Bundles and experiments take the recipe from here instead of repeating its numbers; an experiment that
 deviates names only the settings it changes (``split_recipe``) and records the resolved values (``resolve_recipe``).
 """
 
@@ -9,6 +9,7 @@ import dataclasses
 import inspect
 from typing import Any
 
+from monai_stealthmark.handlers import SimulatedAttacks
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.transforms import WatermarkBatch
@@ -22,6 +23,8 @@ RECIPE_PARTS: dict[str, tuple[str, ...]] = {
                   "degrade_prob"),
     "loss": ("hinge_margin", "hinge_weight", "dice_weight", "watermark_weight", "protect_radius", "twin_consistency",
              "margin_consistency", "output_mark_weight"),
+    # SimulatedAttacks' ``prob`` (the share of steps trained at attacked weights), named apart from the stage's prob
+    "hardening": ("simulate_attacks",),
 }
 
 
@@ -30,10 +33,11 @@ def _signature_defaults(cls: type) -> dict[str, Any]:
 
 
 def recipe_defaults() -> dict[str, dict[str, Any]]:
-    """The recipe as the classes define it: ``{"key": {...}, "transform": {...}, "loss": {...}}``."""
+    """The recipe as the classes define it: ``{"key": {...}, "transform": {...}, "loss": {...}, "hardening": {...}}``."""
     key_fields = {f.name: f.default for f in dataclasses.fields(WatermarkKey)}
     sources = {"key": key_fields, "transform": _signature_defaults(WatermarkBatch),
-               "loss": _signature_defaults(UncertaintyWatermarkLoss)}
+               "loss": _signature_defaults(UncertaintyWatermarkLoss),
+               "hardening": {"simulate_attacks": _signature_defaults(SimulatedAttacks)["prob"]}}
     return {part: {name: sources[part][name] for name in names} for part, names in RECIPE_PARTS.items()}
 
 

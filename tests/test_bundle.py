@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 
 from monai_stealthmark.bundle import (
@@ -18,6 +19,7 @@ from monai_stealthmark.bundle import (
     run_ownership_check,
 )
 from monai_stealthmark.data import DEFAULT_SUNNYBROOK_ROOT
+from monai_stealthmark.handlers import SimulatedAttacks
 from monai_stealthmark.key import KeyFileError, WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.transforms import WatermarkPrepareBatch
@@ -112,6 +114,16 @@ def test_attach_passes_the_output_mark_weight(tmp_path, key_file):
         trainer = _parser("sunnybrook_lv_2d", ["train.json"], tmp_path, None).get_parsed_content("train#trainer")
         attach_watermark(trainer, None, key_file, output_mark_weight=weight)
         assert trainer.loss_function.output_mark_weight == expected
+
+
+@pytest.mark.skipif(not HAVE_DATA, reason="needs ../shared/data")
+def test_attach_trains_at_simulated_attacks(tmp_path, key_file):
+    """The recipe's hardening comes with the overlay (SimulatedAttacks at its default share); 0 turns it off."""
+    for share, expected in ((None, [SimulatedAttacks().prob]), (0.5, [0.5]), (0.0, [])):
+        trainer = _parser("sunnybrook_lv_2d", ["train.json"], tmp_path, None).get_parsed_content("train#trainer")
+        attach_watermark(trainer, None, key_file, simulate_attacks=share)
+        handlers = [h for h, *_ in trainer._event_handlers[Events.ITERATION_STARTED]]
+        assert [h.__self__.prob for h in handlers if isinstance(getattr(h, "__self__", None), SimulatedAttacks)] == expected
 
 
 def test_run_ownership_check_errors(tmp_path, key_file):

@@ -190,6 +190,27 @@ class TestTables(unittest.TestCase):
             self.assertEqual(md, pipeline_markdown(json.loads((Path(d) / "out" / "pipeline.json").read_text())))
             self.assertEqual(md.count("\n| input_"), len(INPUT_ATTACKS))
 
+    def test_attack_suite_pipeline_rows(self):
+        """The attack suite's bundle-pipeline rows: the test patient's native-grid slices resampled to each spacing,
+        verified through the stated-spacing sweep; an untrained model is neither claimed nor counted as removed."""
+        from experiments import robustness
+        from experiments.robustness import NATIVE_SIZE, pipeline_spacing_rows
+        from experiments.sunnybrook import experiment_key
+
+        cfg = ExperimentConfig(fast=True, channels=(4, 8))
+        torch.manual_seed(0)
+        net = build_network(cfg.channels).eval()
+        with mock.patch.object(robustness, "PIPELINE_SPACINGS", (2.6, 3.0)), \
+                mock.patch.object(robustness, "SWEEP_RANGE", (0.99, 1.01)):
+            rows = pipeline_spacing_rows(net, cfg, experiment_key(cfg), shown=False)
+        self.assertEqual([(r["attack"], r["params"]["spacing_mm"]) for r in rows], [("pipeline_spacing", 2.6), ("pipeline_spacing", 3.0)])
+        for r in rows:
+            self.assertEqual(r["params"]["query_size"], NATIVE_SIZE)
+            self.assertEqual(r["params"]["n_scales"], len(sweep_scales(0.99, 1.01)))
+            self.assertEqual((r["asr"], r["verdict"], r["removed"]), (0.0, False, False))
+            self.assertGreater(r["p_value"], 1e-3)
+            self.assertTrue(0.0 <= r["clean_dice"] <= 1.0)
+
     def test_distillation_controls_and_table(self):
         """The attack suite's distillation part: the students claimed through the output mark or the trigger, and
         the controls (a clean model of the run's seed, its student, clean models at CONTROL_SEEDS), kept for a
@@ -249,7 +270,7 @@ class TestTables(unittest.TestCase):
             self.assertEqual((out / "distillation.md").read_text(), markdown(json.loads((out / "distillation.json").read_text())))
 
     def test_variants_markdown(self):
-        self.assertEqual(set(VARIANTS), {"clean", "default", "commark", "badnet", "lowfreq", "simattack"})
+        self.assertEqual(set(VARIANTS), {"clean", "default", "commark", "badnet", "lowfreq", "no_simattack"})
         att = {"attack": "global_prune", "params": {"amount": 0.5}, "asr": 0.9, "clean_dice": 0.81}
         rows = [
             {"variant": "default", "clean_dice": 0.82, "triggered_input_dice": 0.81, "stealth_mask_dice": 0.95, "asr": 1.0, "p_value": 1e-90, "attacks": [att]},

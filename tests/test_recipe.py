@@ -9,6 +9,7 @@ from pathlib import Path
 from parameterized import parameterized
 
 from experiments.sunnybrook import ExperimentConfig, experiment_key
+from monai_stealthmark.handlers import SimulatedAttacks
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.recipe import RECIPE_PARTS, recipe_defaults, resolve_recipe, split_recipe
@@ -31,6 +32,7 @@ class TestRecipe(unittest.TestCase):
         self.assertFalse(per_sample.stage.keep_batch_size)
         loss = UncertaintyWatermarkLoss(key=key)
         self.assertEqual({n: getattr(loss, n) for n in RECIPE_PARTS["loss"]}, d["loss"])
+        self.assertEqual(d["hardening"], {"simulate_attacks": SimulatedAttacks().prob})
 
     def test_experiment_uses_the_recipe(self):
         cfg = ExperimentConfig(fast=True)
@@ -71,7 +73,7 @@ class TestRecipe(unittest.TestCase):
 
     def test_split_and_resolve(self):
         parts = split_recipe({"tau": 0.3, "prob": 0.1, "watermark_weight": 2.0})
-        self.assertEqual(parts, {"key": {"tau": 0.3}, "transform": {"prob": 0.1}, "loss": {"watermark_weight": 2.0}})
+        self.assertEqual(parts, {"key": {"tau": 0.3}, "transform": {"prob": 0.1}, "loss": {"watermark_weight": 2.0}, "hardening": {}})
         self.assertEqual(resolve_recipe({"prob": 0.1})["transform"]["prob"], 0.1)
         with self.assertRaisesRegex(ValueError, "not a setting of the watermark recipe"):
             split_recipe({"bogus": 1})

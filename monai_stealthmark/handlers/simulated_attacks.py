@@ -24,7 +24,9 @@ class SimulatedAttacks:
     Attach to a MONAI ``SupervisedTrainer`` (it fires ``IterationEvents.BACKWARD_COMPLETED`` between backward
     and optimiser step)::
 
-        SimulatedAttacks(prob=0.5).attach(trainer)
+        SimulatedAttacks().attach(trainer)
+
+    Part of the recommended recipe: ``attach_watermark`` (the bundle overlay) attaches it with these defaults.
 
     Args:
         kinds: attacks to draw from: ``"noise"`` (Gaussian, ``noise_scale`` times each tensor's std) and
@@ -39,7 +41,7 @@ class SimulatedAttacks:
     def __init__(
         self,
         kinds: Sequence[str] = _KINDS,
-        prob: float = 0.5,
+        prob: float = 0.3,
         noise_scale: float = 0.05,
         prune_amount: Sequence[float] = (0.3, 0.7),
         seed: int = 0,
