@@ -76,8 +76,9 @@ class ExperimentConfig:
 
     The watermark recipe is not set here: it is the defaults of :class:`~monai_stealthmark.key.WatermarkKey`,
     :class:`~monai_stealthmark.transforms.WatermarkBatch`, :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`
-    and :class:`~monai_stealthmark.handlers.SimulatedAttacks` (:mod:`monai_stealthmark.recipe`). A run that deviates from it passes the settings it changes by their class
-    argument names (e.g. ``ExperimentConfig(tau=0.2, margin_consistency=0)``); they are kept in ``recipe``.
+    and :class:`~monai_stealthmark.handlers.SimulatedAttacks` (:mod:`monai_stealthmark.recipe`). A run that deviates
+    from it passes the settings it changes by their class argument names (e.g. ``ExperimentConfig(tau=0.2,
+    margin_consistency=0)``; ``simulate_attacks`` for ``SimulatedAttacks``' ``prob``); they are kept in ``recipe``.
 
     Args:
         fast: CPU setting.
@@ -133,7 +134,8 @@ class ExperimentConfig:
                 setattr(self, k, v)
 
     def watermark(self) -> dict[str, dict[str, Any]]:
-        """The watermark settings of this run, per part (``key``, ``transform``, ``loss``, ``hardening``): recipe + deviations."""
+        """The watermark settings of this run, per part (``key``, ``transform``, ``loss``, ``hardening``): recipe +
+        deviations."""
         return resolve_recipe(self.recipe)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The recommended watermark recipe, read from one place: the defaults of the key, the training transform, the
-loss and the hardening handler. Bundles and experiments take the recipe from here instead of repeating its numbers; an experiment that
-deviates names only the settings it changes (``split_recipe``) and records the resolved values (``resolve_recipe``).
+loss and the hardening handler. Bundles and experiments take the recipe from here instead of repeating its numbers;
+an experiment that deviates names only the settings it changes (``split_recipe``) and records the resolved values
+(``resolve_recipe``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def _signature_defaults(cls: type) -> dict[str, Any]:
 
 
 def recipe_defaults() -> dict[str, dict[str, Any]]:
-    """The recipe as the classes define it: ``{"key": {...}, "transform": {...}, "loss": {...}, "hardening": {...}}``."""
+    """The recipe as the classes define it, per part: ``{"key": {...}, "transform": {...}, "loss": {...},
+    "hardening": {...}}``."""
     key_fields = {f.name: f.default for f in dataclasses.fields(WatermarkKey)}
     sources = {"key": key_fields, "transform": _signature_defaults(WatermarkBatch),
                "loss": _signature_defaults(UncertaintyWatermarkLoss),
