@@ -55,7 +55,8 @@ class ScaleSweepReport:
             stated).
         n_scales: the scales the search could choose from (the Bonferroni factor).
         probes: scales probed (coarse and fine passes).
-        report: the final check on all images at ``scale`` (its own p-value and verdict are uncorrected).
+        report: the final check on all images at ``scale`` (its p-value is uncorrected; its verdict was taken at
+            ``alpha / n_scales``, so it agrees with ``verdict``).
         p_value: ``report.p_value`` times ``n_scales`` (at most 1).
         verdict: ownership shown: ``p_value <= alpha`` and the final check's ASR at least its ``min_asr``.
         alpha: the corrected p-value a claim needs.
