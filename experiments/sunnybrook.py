@@ -40,7 +40,7 @@ from monai_stealthmark.handlers import SimulatedAttacks
 from monai_stealthmark.key import WatermarkKey
 from monai_stealthmark.losses import UncertaintyWatermarkLoss
 from monai_stealthmark.metrics import pixel_auc
-from monai_stealthmark.recipe import RECIPE_PARTS, resolve_recipe, split_recipe
+from monai_stealthmark.recipe import RECIPE_PARTS, recipe_defaults, resolve_recipe, split_recipe
 from monai_stealthmark.transforms import RandBadNetd, RandPoolCutMixd, WatermarkBatch, WatermarkPrepareBatch
 from monai_stealthmark.utils import atomic_write_json, atomic_write_text
 from monai_stealthmark.verify import (
@@ -78,7 +78,8 @@ class ExperimentConfig:
     :class:`~monai_stealthmark.transforms.WatermarkBatch`, :class:`~monai_stealthmark.losses.UncertaintyWatermarkLoss`
     and :class:`~monai_stealthmark.handlers.SimulatedAttacks` (:mod:`monai_stealthmark.recipe`). A run that deviates
     from it passes the settings it changes by their class argument names (e.g. ``ExperimentConfig(tau=0.2,
-    margin_consistency=0)``; ``simulate_attacks`` for ``SimulatedAttacks``' ``prob``); they are kept in ``recipe``.
+    margin_consistency=0)``; ``simulate_attacks`` and ``simulate_attack_kinds`` for ``SimulatedAttacks``' ``prob`` and
+    ``kinds``); they are kept in ``recipe``.
 
     Args:
         fast: CPU setting.
@@ -128,7 +129,7 @@ class ExperimentConfig:
         except ValueError as e:
             bad = next(k for k in recipe if all(k not in names for names in RECIPE_PARTS.values()))
             raise UsageError(f"unknown setting {bad!r} (run settings: {', '.join(sorted(vars(self)))}); {e}") from None
-        self.recipe: dict[str, Any] = recipe
+        self.recipe: dict[str, Any] = {k: _as_default_type(k, v) for k, v in recipe.items()}
         for k, v in overrides.items():
             if k in vars(self) and v is not None:
                 setattr(self, k, v)
@@ -139,8 +140,18 @@ class ExperimentConfig:
         return resolve_recipe(self.recipe)
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items() if k != "recipe"}
-        return {**d, "recipe": self.watermark()}
+        """The settings as JSON values (tuples as lists), with the resolved recipe."""
+        d = {k: v for k, v in vars(self).items() if k != "recipe"}
+        return json.loads(json.dumps({**d, "recipe": self.watermark()}))
+
+
+def _as_default_type(name: str, value: Any) -> Any:
+    """A recipe setting from the command line in its default's type: a sequence setting given one name (``--kinds
+    noise``, a string to the parser) or a list becomes a tuple."""
+    default = next(values[name] for values in recipe_defaults().values() if name in values)
+    if isinstance(default, tuple) and not isinstance(value, tuple):
+        return (value,) if isinstance(value, str) else tuple(value)
+    return value
 
 
 def make_config(fast: bool = True, **settings: Any) -> ExperimentConfig:
@@ -217,7 +228,8 @@ def _training_loader(
 def _attach_checkpoints(trainer: SupervisedTrainer, ckpt_dir: Path, objs: dict[str, Any], epochs: int, device: torch.device) -> None:
     """Save about ten checkpoints over the run into ``ckpt_dir`` and resume from the last one found there.
 
-    The augmentation's random state is not part of a checkpoint: a resumed run continues with fresh draws.
+    The simulated attacks' draws are part of a checkpoint; the augmentation's random state is not: a resumed run
+    continues with fresh augmentation draws.
     """
     ckpts = sorted(ckpt_dir.glob("checkpoint_epoch=*.pt"), key=lambda f: int(f.stem.split("=")[1]))
     if ckpts:
@@ -248,11 +260,14 @@ def train_model(
         prepare_batch=prepare, amp=False,
     )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: sched.step())
-    simulate = cfg.watermark()["hardening"]["simulate_attacks"]
-    if key is not None and simulate > 0:
-        SimulatedAttacks(prob=simulate, seed=cfg.seed).attach(trainer)
+    objs: dict[str, Any] = {"net": net, "opt": opt, "sched": sched, "trainer": trainer}
+    hardening = cfg.watermark()["hardening"]
+    if key is not None and hardening["simulate_attacks"] > 0:
+        objs["hardening"] = SimulatedAttacks(kinds=hardening["simulate_attack_kinds"], prob=hardening["simulate_attacks"],
+                                             seed=cfg.seed)
+        objs["hardening"].attach(trainer)
     if ckpt_dir is not None:
-        _attach_checkpoints(trainer, ckpt_dir, {"net": net, "opt": opt, "sched": sched, "trainer": trainer}, epochs, device)
+        _attach_checkpoints(trainer, ckpt_dir, objs, epochs, device)
     attach_progress(trainer, f"train {'clean' if key is None else 'watermarked'} {cfg.arch}")
     trainer.run()
     return net.eval()

@@ -24,8 +24,9 @@ RECIPE_PARTS: dict[str, tuple[str, ...]] = {
                   "degrade_prob"),
     "loss": ("hinge_margin", "hinge_weight", "dice_weight", "watermark_weight", "protect_radius", "twin_consistency",
              "margin_consistency", "output_mark_weight"),
-    # SimulatedAttacks' ``prob`` (the share of steps trained at attacked weights), named apart from the stage's prob
-    "hardening": ("simulate_attacks",),
+    # SimulatedAttacks' ``prob`` (the share of steps trained at attacked weights) and ``kinds``, named apart from the
+    # stage's prob
+    "hardening": ("simulate_attacks", "simulate_attack_kinds"),
 }
 
 
@@ -37,9 +38,10 @@ def recipe_defaults() -> dict[str, dict[str, Any]]:
     """The recipe as the classes define it, per part: ``{"key": {...}, "transform": {...}, "loss": {...},
     "hardening": {...}}``."""
     key_fields = {f.name: f.default for f in dataclasses.fields(WatermarkKey)}
+    attacks = _signature_defaults(SimulatedAttacks)
     sources = {"key": key_fields, "transform": _signature_defaults(WatermarkBatch),
                "loss": _signature_defaults(UncertaintyWatermarkLoss),
-               "hardening": {"simulate_attacks": _signature_defaults(SimulatedAttacks)["prob"]}}
+               "hardening": {"simulate_attacks": attacks["prob"], "simulate_attack_kinds": tuple(attacks["kinds"])}}
     return {part: {name: sources[part][name] for name in names} for part, names in RECIPE_PARTS.items()}
 
 

@@ -369,6 +369,23 @@ class TestSegmentationScores(unittest.TestCase):
         self.assertEqual(segmentation_scores(probs, labels), {"dice": 1.0, "auc": 1.0})
 
 
+class TestTrainModel(unittest.TestCase):
+    def test_checkpoint_carries_the_simulated_attacks(self):
+        """The watermarked run's checkpoints hold the simulated attacks' draws, of the kinds the recipe names."""
+        from experiments.sunnybrook import experiment_key, train_model
+
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(4, 1, 32, 32, generator=g)
+        samples = [{"image": x[i], "label": (x[i] > 0.7).float()} for i in range(4)]
+        cfg = ExperimentConfig(fast=True, channels=(4, 8), steps=4, batch_size=2, size=32, cutmix_prob=0.0,
+                               simulate_attacks=1.0, simulate_attack_kinds="noise")
+        with tempfile.TemporaryDirectory() as d:
+            train_model(samples, cfg, experiment_key(cfg), torch.device("cpu"), Path(d))
+            (ckpt,) = Path(d).glob("checkpoint_epoch=*.pt")
+            state = torch.load(ckpt, weights_only=True)
+        self.assertEqual(state["hardening"]["n_attacked"], 4)  # prob 1: every step of the two epochs
+
+
 class TestReuseCheck(unittest.TestCase):
     def test_saved_model_reused_only_with_its_settings(self):
         from experiments.sunnybrook import _check_reuse, _training_settings

@@ -275,6 +275,37 @@ class TestSimulatedAttacks(unittest.TestCase):
             torch.testing.assert_close(p.detach(), w)  # lr 0: every perturbation was undone
         with self.assertRaisesRegex(ValueError, "kinds"):
             SimulatedAttacks(kinds=("dropout",))
+
+    def test_checkpoint_resumes_the_draws(self):
+        """A run resumed from a checkpoint draws the same attacks as one that was never interrupted."""
+        import tempfile
+
+        from ignite.handlers import Checkpoint
+
+        from monai_stealthmark.handlers import SimulatedAttacks
+
+        def fresh():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 1))
+
+        whole = SimulatedAttacks(prob=0.5, seed=7)
+        trainer, *_ = self._trainer(fresh(), lr=0.0, iters=8)
+        whole.attach(trainer)
+        trainer.run()
+        first = SimulatedAttacks(prob=0.5, seed=7)
+        trainer, *_ = self._trainer(fresh(), lr=0.0, iters=3)
+        first.attach(trainer)
+        trainer.run()
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/sim.pt"
+            torch.save({"sim": first.state_dict()}, path)
+            resumed = SimulatedAttacks(prob=0.5, seed=123)  # another seed: the checkpoint decides the draws
+            Checkpoint.load_objects({"sim": resumed}, torch.load(path, weights_only=True))
+        trainer, *_ = self._trainer(fresh(), lr=0.0, iters=5)
+        resumed.attach(trainer)
+        trainer.run()
+        self.assertEqual(resumed.n_attacked, whole.n_attacked)
+        self.assertEqual(resumed.R.rand(), whole.R.rand())
         with self.assertRaisesRegex(ValueError, "prune_amount"):
             SimulatedAttacks(prune_amount=(0.8, 0.2))
 

@@ -32,14 +32,20 @@ class TestRecipe(unittest.TestCase):
         self.assertFalse(per_sample.stage.keep_batch_size)
         loss = UncertaintyWatermarkLoss(key=key)
         self.assertEqual({n: getattr(loss, n) for n in RECIPE_PARTS["loss"]}, d["loss"])
-        self.assertEqual(d["hardening"], {"simulate_attacks": SimulatedAttacks().prob})
+        attacks = SimulatedAttacks()
+        self.assertEqual(d["hardening"], {"simulate_attacks": attacks.prob, "simulate_attack_kinds": attacks.kinds})
 
     def test_experiment_uses_the_recipe(self):
         cfg = ExperimentConfig(fast=True)
         self.assertEqual(cfg.watermark(), recipe_defaults())
         key = experiment_key(cfg)
         self.assertEqual({n: getattr(key, n) for n in RECIPE_PARTS["key"]}, recipe_defaults()["key"])
-        self.assertEqual(cfg.to_dict()["recipe"], recipe_defaults())
+        self.assertEqual(cfg.to_dict()["recipe"], json.loads(json.dumps(recipe_defaults())))  # as written to results.json
+
+    def test_sequence_setting_from_the_command_line(self):
+        """``--simulate-attack-kinds noise`` reaches the config as a string, a list from JSON: both become tuples."""
+        for given in ("noise", ["noise"], ("noise",)):
+            self.assertEqual(ExperimentConfig(fast=True, simulate_attack_kinds=given).watermark()["hardening"]["simulate_attack_kinds"], ("noise",))
 
     def test_experiment_deviation_is_named_and_recorded(self):
         cfg = ExperimentConfig(fast=True, tau=0.2, margin_consistency=0.0, steps=10)

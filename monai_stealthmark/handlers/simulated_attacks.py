@@ -28,6 +28,9 @@ class SimulatedAttacks:
 
     Part of the recommended recipe: ``attach_watermark`` (the bundle overlay) attaches it with these defaults.
 
+    Its draws are part of a training run's state: ``state_dict()`` / ``load_state_dict()`` let an ignite
+    ``Checkpoint`` save and restore them, so a resumed run draws the attacks an uninterrupted one would.
+
     Args:
         kinds: attacks to draw from: ``"noise"`` (Gaussian, ``noise_scale`` times each tensor's std) and
             ``"prune"`` (zero the smallest ``prune_amount`` share of all conv/linear weights by magnitude;
@@ -64,6 +67,20 @@ class SimulatedAttacks:
         """Perturb at each iteration's start and restore after its backward pass, before the optimiser step."""
         engine.add_event_handler(Events.ITERATION_STARTED, self.perturb)
         engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.restore)
+
+    def state_dict(self) -> dict:
+        """The draw state (the random generator and the count of attacked steps), for checkpoints."""
+        name, keys, pos, has_gauss, cached = self.R.get_state()
+        return {"rng": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                "n_attacked": self.n_attacked}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the draw state saved by :meth:`state_dict`."""
+        rng = state["rng"]
+        keys = torch.as_tensor(rng["keys"]).numpy().astype(np.uint32)
+        self.R.set_state((rng["name"], keys, int(rng["pos"]), int(rng["has_gauss"]), float(rng["cached_gaussian"])))
+        self.n_attacked = int(state["n_attacked"])
 
     @staticmethod
     def _weights(net: torch.nn.Module) -> list[torch.nn.Parameter]:
