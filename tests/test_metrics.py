@@ -47,6 +47,21 @@ class TestPixelAUC(unittest.TestCase):
             s = torch.round(s, decimals=decimals)
         self.assertAlmostEqual(pixel_auc(s, y), roc_auc_score(y.numpy().ravel(), s.numpy().ravel()), places=10)
 
+    @parameterized.expand([
+        ("probabilities", lambda x: torch.sigmoid(x)),
+        ("float16", lambda x: torch.sigmoid(x).half()),
+        ("logits, wide range of float64", lambda x: x.double() * 1e290),
+        ("integers with ties", lambda x: (x * 3).round().long()),
+        ("every bucket mixed", lambda x: torch.rand(x.shape, generator=torch.Generator().manual_seed(5))),
+    ])
+    def test_bucketed_count_matches_sklearn(self, _, scores):
+        """The bucket counts plus the sort inside mixed buckets give sklearn's AUC on scores of any range and type."""
+        g = torch.Generator().manual_seed(3)
+        y = torch.rand(20000, generator=g) < 0.1
+        logits = torch.where(y, torch.randn(20000, generator=g) * 3 + 5, torch.randn(20000, generator=g) * 3 - 5)
+        s = scores(logits)
+        self.assertAlmostEqual(pixel_auc(s, y), roc_auc_score(y.numpy(), s.double().numpy()), places=12)
+
     def test_edge_cases(self):
         self.assertTrue(math.isnan(pixel_auc(torch.rand(10), torch.zeros(10))))
         self.assertEqual(pixel_auc(torch.tensor([0.1, 0.9]), torch.tensor([0, 1])), 1.0)

@@ -24,9 +24,8 @@ AVERAGES = ("mean", "none")
 def pixel_auc(y_score: torch.Tensor, y_true: torch.Tensor) -> float:
     """Area under the ROC curve over all pixels, exact, with ties counted as 1/2 (Mann-Whitney U).
 
-    Runs on the tensors' device (sort-based, O(n log n)), so it is cheap on GPU for whole volumes. The scores are
-    sorted as integers that order like them (:func:`_order_keys`), which CPU sorts by radix, several times faster
-    than a floating-point sort; ties are equal keys, so the tie groups are exact.
+    Runs on the tensors' device in about linear time (:func:`_mann_whitney_u`: counts per bucket of scores, a sort
+    only inside the buckets that hold both classes), so it is cheap for whole volumes, on CPU and GPU.
 
     Args:
         y_score: scores of the positive class, any shape.
@@ -45,15 +44,51 @@ def pixel_auc(y_score: torch.Tensor, y_true: torch.Tensor) -> float:
     n_neg = t.numel() - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    keys, order = torch.sort(_order_keys(s))
-    pos = t[order].to(torch.float64)
-    _, counts = torch.unique_consecutive(keys, return_counts=True)
-    ends = torch.cumsum(counts, 0) - 1
-    pos_group = torch.diff(torch.cumsum(pos, 0)[ends], prepend=pos.new_zeros(1))  # positives in each tie group
-    neg_group = counts.to(torch.float64) - pos_group
-    neg_below = torch.cumsum(neg_group, 0) - neg_group
-    # each positive beats the negatives below its group and ties with half of those in it
-    return float((pos_group * (neg_below + neg_group / 2)).sum() / (n_pos * n_neg))
+    return float(_mann_whitney_u(_order_keys(s), t) / (n_pos * n_neg))
+
+
+_BUCKET_BITS = 16  # at most 2**16 buckets: counting them is cheap next to the pixels
+
+
+def _mann_whitney_u(keys: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The number of (positive, negative) pairs whose positive has the larger key, ties counted 1/2 (float64).
+
+    The keys are put in buckets of equal high bits, in their order. Pairs from different buckets are counted from
+    the buckets' class counts (``bincount``, linear); pairs inside one bucket need the keys' order, so only the
+    buckets that hold both classes are sorted (:func:`_sorted_u`). On segmentation outputs those hold a small share
+    of the pixels; in the worst case (every bucket mixed) this is one sort of all keys, as a plain rank sum is.
+    """
+    lo, hi = int(keys.min()), int(keys.max())
+    shift = max(0, (hi - lo).bit_length() - _BUCKET_BITS)
+    bucket = ((keys >> shift) - (lo >> shift)).long()  # order-preserving; no overflow, unlike keys - lo
+    n_buckets = (hi >> shift) - (lo >> shift) + 1
+    pos_n = torch.bincount(bucket[pos], minlength=n_buckets)
+    neg_n = torch.bincount(bucket, minlength=n_buckets) - pos_n
+    u = (pos_n.double() * (torch.cumsum(neg_n, 0) - neg_n).double()).sum()  # each positive beats lower buckets
+    mixed = (pos_n > 0) & (neg_n > 0)
+    inside = mixed[bucket].nonzero().squeeze(1)
+    if inside.numel():
+        u = u + _sorted_u(keys[inside], pos[inside], bucket[inside])
+    return u
+
+
+def _sorted_u(keys: torch.Tensor, pos: torch.Tensor, bucket: torch.Tensor) -> torch.Tensor:
+    """The U count of the pairs whose two members share a bucket, by a sort of the keys and their tie groups."""
+    keys, order = torch.sort(keys)
+    pos, bucket = pos[order], bucket[order]
+    last = torch.ones_like(pos)
+    torch.ne(keys[1:], keys[:-1], out=last[:-1])  # each tie group ends where the key changes
+    ends = last.nonzero().squeeze(1)
+    pos_cum = torch.cumsum(pos, 0)[ends]
+    pos_group = torch.diff(pos_cum, prepend=pos_cum.new_zeros(1)).double()
+    neg_group = torch.diff(ends, prepend=ends.new_full((1,), -1)).double() - pos_group
+    neg_below = torch.cumsum(neg_group, 0) - neg_group  # negatives of the sorted keys below each group
+    # the same count up to each group's bucket: pairs across buckets are counted by _mann_whitney_u already
+    group_bucket = bucket[ends]
+    starts = torch.ones_like(group_bucket, dtype=torch.bool)
+    torch.ne(group_bucket[1:], group_bucket[:-1], out=starts[1:])
+    below_bucket = (neg_below * starts).cummax(0).values  # constant over a bucket: its first group's neg_below
+    return (pos_group * (neg_below - below_bucket + neg_group / 2)).sum()
 
 
 def _order_keys(scores: torch.Tensor) -> torch.Tensor:
