@@ -129,7 +129,8 @@ class ExperimentConfig:
         except ValueError as e:
             bad = next(k for k in recipe if all(k not in names for names in RECIPE_PARTS.values()))
             raise UsageError(f"unknown setting {bad!r} (run settings: {', '.join(sorted(vars(self)))}); {e}") from None
-        self.recipe: dict[str, Any] = {k: _as_default_type(k, v) for k, v in recipe.items()}
+        defaults = {name: value for part in recipe_defaults().values() for name, value in part.items()}
+        self.recipe: dict[str, Any] = {k: _as_default_type(defaults[k], v) for k, v in recipe.items()}
         for k, v in overrides.items():
             if k in vars(self) and v is not None:
                 setattr(self, k, v)
@@ -145,10 +146,9 @@ class ExperimentConfig:
         return json.loads(json.dumps({**d, "recipe": self.watermark()}))
 
 
-def _as_default_type(name: str, value: Any) -> Any:
+def _as_default_type(default: Any, value: Any) -> Any:
     """A recipe setting from the command line in its default's type: a sequence setting given one name (``--kinds
     noise``, a string to the parser) or a list becomes a tuple."""
-    default = next(values[name] for values in recipe_defaults().values() if name in values)
     if isinstance(default, tuple) and not isinstance(value, tuple):
         return (value,) if isinstance(value, str) else tuple(value)
     return value

@@ -275,6 +275,8 @@ class TestSimulatedAttacks(unittest.TestCase):
             torch.testing.assert_close(p.detach(), w)  # lr 0: every perturbation was undone
         with self.assertRaisesRegex(ValueError, "kinds"):
             SimulatedAttacks(kinds=("dropout",))
+        with self.assertRaisesRegex(ValueError, "prune_amount"):
+            SimulatedAttacks(prune_amount=(0.8, 0.2))
 
     def test_checkpoint_resumes_the_draws(self):
         """A run resumed from a checkpoint draws the same attacks as one that was never interrupted."""
@@ -306,8 +308,6 @@ class TestSimulatedAttacks(unittest.TestCase):
         trainer.run()
         self.assertEqual(resumed.n_attacked, whole.n_attacked)
         self.assertEqual(resumed.R.rand(), whole.R.rand())
-        with self.assertRaisesRegex(ValueError, "prune_amount"):
-            SimulatedAttacks(prune_amount=(0.8, 0.2))
 
 
 if __name__ == "__main__":
