@@ -228,8 +228,8 @@ def _training_loader(
 def _attach_checkpoints(trainer: SupervisedTrainer, ckpt_dir: Path, objs: dict[str, Any], epochs: int, device: torch.device) -> None:
     """Save about ten checkpoints over the run into ``ckpt_dir`` and resume from the last one found there.
 
-    The simulated attacks' draws are part of a checkpoint; the augmentation's random state is not: a resumed run
-    continues with fresh augmentation draws.
+    The watermark stage's and the simulated attacks' draws are part of a checkpoint; the augmentation's random state
+    is not: a resumed run continues with fresh augmentation draws.
     """
     ckpts = sorted(ckpt_dir.glob("checkpoint_epoch=*.pt"), key=lambda f: int(f.stem.split("=")[1]))
     if ckpts:
@@ -261,6 +261,8 @@ def train_model(
     )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: sched.step())
     objs: dict[str, Any] = {"net": net, "opt": opt, "sched": sched, "trainer": trainer}
+    if isinstance(prepare, WatermarkPrepareBatch):
+        objs["stage"] = prepare.stage
     hardening = cfg.watermark()["hardening"]
     if key is not None and hardening["simulate_attacks"] > 0:
         objs["hardening"] = SimulatedAttacks(kinds=hardening["simulate_attack_kinds"], prob=hardening["simulate_attacks"],

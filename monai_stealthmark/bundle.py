@@ -16,7 +16,11 @@ At ``initialize`` :func:`attach_watermark` wires the watermark to them:
   ``val_wm_asr_bit_acc``, computed before its own handlers log or save;
 - the evaluator's key metric becomes ``val_wm_score``: its Dice when the QR decodes on at least ``min_asr`` of the
   validation queries, its Dice minus 1 otherwise, so the bundle's own ``CheckpointSaver`` keeps the best epoch that
-  carries the watermark.
+  carries the watermark;
+- the draw states of the stage and of the simulated attacks join the bundle's training checkpoints (a
+  ``CheckpointSaver`` whose ``save_dict`` holds the trainer) and are restored with them (a ``CheckpointLoader``
+  whose ``load_dict`` holds the trainer), so a resumed run draws what an uninterrupted one would. Checkpoints
+  without the trainer, such as the model file a bundle ships, stay as the bundle writes them.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from monai.bundle import ConfigParser
-from monai.handlers import from_engine
+from monai.handlers import CheckpointLoader, CheckpointSaver, from_engine
 
 from monai_stealthmark.handlers import (
     PixelAUC,
@@ -169,9 +173,12 @@ def attach_watermark(
     mark = {} if output_mark_weight is None else {"output_mark_weight": output_mark_weight}
     trainer.loss_function = UncertaintyWatermarkLoss(trainer.loss_function, key=key, activation=activation, **mark)
     StripWatermarkChannel(n_label_channels=None).attach(trainer)
+    draws: dict[str, Any] = {"stealthmark_stage": stage}
     if simulate_attacks is None or simulate_attacks > 0:
         share = {} if simulate_attacks is None else {"prob": simulate_attacks}
-        SimulatedAttacks(seed=(base_seed + idist.get_rank()) % (2**32), **share).attach(trainer)
+        draws["stealthmark_attacks"] = SimulatedAttacks(seed=(base_seed + idist.get_rank()) % (2**32), **share)
+        draws["stealthmark_attacks"].attach(trainer)
+    _join_training_checkpoints(trainer, (trainer, evaluator), draws)
     if evaluator is not None:
         attach_metrics(evaluator, key, activation, asr_mode, asr_max_images)
         if getattr(evaluator.state, "key_metric_name", None) is None:
@@ -217,6 +224,49 @@ class _WatermarkScore:
         if self.dice_name not in m:
             raise BundleConfigError(f"the evaluator has no key metric {self.dice_name!r} (e.g. val_mean_dice) to score.")
         m[self.name] = float(m[self.dice_name]) - (0.0 if m["val_wm_asr"] >= self.min_asr else 1.0)
+
+
+def _checkpoint_handlers(engines: Sequence[Any]) -> list[CheckpointSaver | CheckpointLoader]:
+    """The ``CheckpointSaver`` and ``CheckpointLoader`` objects attached to ``engines`` (through any event filter)."""
+    found: list[Any] = []
+    for engine in (e for e in engines if e is not None):
+        for handlers in getattr(engine, "_event_handlers", {}).values():
+            for fn, *_ in handlers:
+                fn = fn._parent() if hasattr(fn, "_parent") else fn  # ignite wraps filtered handlers
+                owner = fn if isinstance(fn, (CheckpointSaver, CheckpointLoader)) else getattr(fn, "__self__", None)
+                if isinstance(owner, (CheckpointSaver, CheckpointLoader)) and all(owner is not f for f in found):
+                    found.append(owner)
+    return found
+
+
+def _join_training_checkpoints(trainer: Any, engines: Sequence[Any], draws: dict[str, Any]) -> None:
+    """Save ``draws`` (objects with ``state_dict``) in the checkpoints that hold the trainer, and restore them
+    from such a checkpoint when one is loaded; a checkpoint written without them leaves the draws as seeded."""
+    for handler in _checkpoint_handlers(engines):
+        if isinstance(handler, CheckpointSaver) and any(v is trainer for v in handler.save_dict.values()):
+            handler.save_dict.update(draws)  # the same dict object the saver's ignite Checkpoints write
+        elif isinstance(handler, CheckpointLoader) and any(v is trainer for v in handler.load_dict.values()):
+            trainer.add_event_handler(Events.STARTED, _DrawRestorer(handler, draws))
+
+
+class _DrawRestorer:
+    """Restore the watermark's draw states from the checkpoint a bundle's ``CheckpointLoader`` resumes from."""
+
+    def __init__(self, loader: CheckpointLoader, draws: dict[str, Any]) -> None:
+        self.loader, self.draws = loader, draws
+
+    def __call__(self, engine: Engine) -> None:
+        ckpt = torch.load(self.loader.load_path, map_location="cpu", weights_only=False)
+        missing = [k for k in self.draws if not (isinstance(ckpt, dict) and k in ckpt)]
+        for k, obj in self.draws.items():
+            if k not in missing:
+                obj.load_state_dict(ckpt[k])
+        if missing:
+            warnings.warn(
+                f"the checkpoint {self.loader.load_path} has no {', '.join(missing)}: the watermark's draws continue "
+                "from their seed instead of where that run stopped.",
+                stacklevel=2,
+            )
 
 
 def _require(engine: Any, attrs: Sequence[str], what: str, kind: str) -> None:

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic file writes, optional-dependency checks, output activations and mask dilation."""
+"""Small shared helpers: atomic file writes, optional-dependency checks, output activations, mask dilation and the
+checkpoint form of a numpy random state."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -18,6 +20,8 @@ __all__ = [
     "atomic_write_text",
     "check_activation",
     "dilate",
+    "load_random_state",
+    "random_state_dict",
     "require_pyzbar",
 ]
 
@@ -119,3 +123,17 @@ def dilate(mask: torch.Tensor, radius: int, in_plane: bool = False) -> torch.Ten
             acc.narrow(axis, 0, n - s).logical_or_(out.narrow(axis, s, n - s))
         out = acc
     return out if mask.dtype == torch.bool else out.to(mask.dtype)
+
+
+def random_state_dict(rng: np.random.RandomState) -> dict[str, Any]:
+    """A numpy ``RandomState``'s state as tensors and numbers, so ``torch.save`` / ``torch.load(weights_only=True)``
+    and ignite's ``Checkpoint`` carry it (the draws of a resumed run continue where the saved run stopped)."""
+    name, keys, pos, has_gauss, cached = rng.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def load_random_state(rng: np.random.RandomState, state: dict[str, Any]) -> None:
+    """Restore a state saved by :func:`random_state_dict` into ``rng``."""
+    keys = torch.as_tensor(state["keys"]).numpy().astype(np.uint32)
+    rng.set_state((state["name"], keys, int(state["pos"]), int(state["has_gauss"]), float(state["cached_gaussian"])))

@@ -126,6 +126,75 @@ def test_attach_trains_at_simulated_attacks(tmp_path, key_file):
         assert [h.__self__.prob for h in handlers if isinstance(getattr(h, "__self__", None), SimulatedAttacks)] == expected
 
 
+def _tiny_trainer(epochs: int, handlers=()):
+    """A SupervisedTrainer on synthetic 2D batches (image, class-index label), as a bundle builds one."""
+    from monai.engines import SupervisedTrainer
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(1, 2, 3, padding=1)
+    data = [{"image": torch.rand(2, 1, 32, 32), "label": (torch.rand(2, 1, 32, 32) > 0.8).float()} for _ in range(2)]
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=epochs, train_data_loader=data, network=net,
+        optimizer=torch.optim.SGD(net.parameters(), 0.0), loss_function=DiceCELoss(to_onehot_y=True, softmax=True),
+    )
+    for make in handlers:
+        make(trainer, net).attach(trainer)
+    return trainer
+
+
+def test_draw_states_join_the_training_checkpoints(tmp_path, key_file):
+    """The stage's and the simulated attacks' draws are saved with a checkpoint that holds the trainer (not in a
+    model-only file) and restored by the bundle's CheckpointLoader: the resumed run continues the draws."""
+    from monai.handlers import CheckpointLoader, CheckpointSaver
+
+    def savers(trainer, net):
+        return _Both(CheckpointSaver(str(tmp_path / "train"), {"trainer": trainer, "model": net}, save_interval=1,
+                                     n_saved=1, file_prefix="ckpt"),
+                     CheckpointSaver(str(tmp_path / "model"), {"model": net}, save_final=True, final_filename="model.pt"))
+
+    whole = _tiny_trainer(2)
+    attach_watermark(whole, None, key_file, seed=3)
+    whole.run()
+    first = _tiny_trainer(1, [savers])
+    attach_watermark(first, None, key_file, seed=3)
+    first.run()
+    ckpt = torch.load(next((tmp_path / "train").glob("ckpt*.pt")), weights_only=False)
+    assert {"stealthmark_stage", "stealthmark_attacks", "trainer", "model"} <= set(ckpt)
+    shipped = torch.load(tmp_path / "model" / "model.pt", weights_only=True)
+    assert not any(k.startswith("stealthmark") for k in shipped)  # the model file reveals nothing of the watermark
+    path = str(next((tmp_path / "train").glob("ckpt*.pt")))
+    resumed = _tiny_trainer(2, [lambda t, n: CheckpointLoader(path, {"trainer": t, "model": n})])
+    attach_watermark(resumed, None, key_file, seed=99)  # another seed: the checkpoint decides the draws
+    resumed.run()
+    assert resumed.state.epoch == 2
+    for name in ("stage", "attacks"):
+        got, want = _draw_object(resumed, name), _draw_object(whole, name)
+        assert got.R.rand() == want.R.rand(), name
+    # a checkpoint written without the draws: the run resumes from its seed and says so
+    torch.save({"trainer": ckpt["trainer"], "model": ckpt["model"]}, tmp_path / "old.pt")
+    old = _tiny_trainer(2, [lambda t, n: CheckpointLoader(str(tmp_path / "old.pt"), {"trainer": t, "model": n})])
+    attach_watermark(old, None, key_file, seed=99)
+    with pytest.warns(UserWarning, match="stealthmark_stage, stealthmark_attacks"):
+        old.run()
+
+
+class _Both:
+    def __init__(self, *handlers):
+        self.handlers = handlers
+
+    def attach(self, engine):
+        for h in self.handlers:
+            h.attach(engine)
+
+
+def _draw_object(trainer, name: str):
+    if name == "stage":
+        return trainer.prepare_batch.stage
+    return next(h.__self__ for h, *_ in trainer._event_handlers[Events.ITERATION_STARTED]
+                if isinstance(getattr(h, "__self__", None), SimulatedAttacks))
+
+
 def test_run_ownership_check_errors(tmp_path, key_file):
     net = torch.nn.Conv2d(1, 2, 1)
     with pytest.raises(FileNotFoundError, match="checkpoint"):

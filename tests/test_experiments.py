@@ -370,8 +370,9 @@ class TestSegmentationScores(unittest.TestCase):
 
 
 class TestTrainModel(unittest.TestCase):
-    def test_checkpoint_carries_the_simulated_attacks(self):
-        """The watermarked run's checkpoints hold the simulated attacks' draws, of the kinds the recipe names."""
+    def test_checkpoint_carries_the_draws(self):
+        """The watermarked run's checkpoints hold the stage's draws and the simulated attacks' draws, of the kinds
+        the recipe names."""
         from experiments.sunnybrook import experiment_key, train_model
 
         g = torch.Generator().manual_seed(0)
@@ -384,6 +385,7 @@ class TestTrainModel(unittest.TestCase):
             (ckpt,) = Path(d).glob("checkpoint_epoch=*.pt")
             state = torch.load(ckpt, weights_only=True)
         self.assertEqual(state["hardening"]["n_attacked"], 4)  # prob 1: every step of the two epochs
+        self.assertEqual(set(state["stage"]), {"rng"})
 
 
 class TestReuseCheck(unittest.TestCase):

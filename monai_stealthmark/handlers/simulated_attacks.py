@@ -10,6 +10,8 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines.utils import IterationEvents
 
+from monai_stealthmark.utils import load_random_state, random_state_dict
+
 __all__ = ["SimulatedAttacks"]
 
 _KINDS = ("noise", "prune")
@@ -70,16 +72,11 @@ class SimulatedAttacks:
 
     def state_dict(self) -> dict:
         """The draw state (the random generator and the count of attacked steps), for checkpoints."""
-        name, keys, pos, has_gauss, cached = self.R.get_state()
-        return {"rng": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                        "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-                "n_attacked": self.n_attacked}
+        return {"rng": random_state_dict(self.R), "n_attacked": self.n_attacked}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the draw state saved by :meth:`state_dict`."""
-        rng = state["rng"]
-        keys = torch.as_tensor(rng["keys"]).numpy().astype(np.uint32)
-        self.R.set_state((rng["name"], keys, int(rng["pos"]), int(rng["has_gauss"]), float(rng["cached_gaussian"])))
+        load_random_state(self.R, state["rng"])
         self.n_attacked = int(state["n_attacked"])
 
     @staticmethod

@@ -35,7 +35,7 @@ from monai_stealthmark.key.geometry import (
     qr_target_map,
     stamp_triggers,
 )
-from monai_stealthmark.utils import dilate
+from monai_stealthmark.utils import dilate, load_random_state, random_state_dict
 
 __all__ = ["WatermarkDraws", "WatermarkBatch", "WatermarkPrepareBatch", "PIPELINE_DEGRADATIONS", "degrade"]
 
@@ -128,6 +128,14 @@ class WatermarkBatch(Randomizable):
         self.degrade_prob = float(degrade_prob)
         self.draws: WatermarkDraws | None = None
         self._maps: dict[tuple[tuple[int, ...], str], torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The stage's draw state, so a training checkpoint resumes with the draws an uninterrupted run makes."""
+        return {"rng": random_state_dict(self.R)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the draw state saved by :meth:`state_dict`."""
+        load_random_state(self.R, state["rng"])
 
     def randomize(self, data: int) -> None:
         """Draw the choices for a batch of ``data`` samples (a fixed number of draws per batch)."""
