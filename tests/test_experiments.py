@@ -484,3 +484,30 @@ class TestBundlePairVolumes(unittest.TestCase):
         self.assertAlmostEqual(res["auc"], (64 + 0.5 * 16) / 80)  # the 16 missed voxels tie with every negative
         windows = _as_windows(vols, query.window)
         self.assertEqual(tuple(windows.shape), (2, 1, 16, 16, 8))
+
+
+class TestWindowProbe(unittest.TestCase):
+    def test_free_slices_read_the_qr_the_organ_leaves(self):
+        """The QR drawn only in the slices without organ: the organ-free read recovers it, margins drop the slices
+        next to the organ, and a window whose every slice holds organ reads all of them."""
+        from experiments.window_probe import free_slice_scores, read_windows
+        from monai_stealthmark.key import WatermarkKey
+        from monai_stealthmark.key.geometry import qr_target_map
+
+        key = WatermarkKey.generate("SM:probe", seed=5)
+        dark = qr_target_map(key, (64, 64)).float()
+        fg = torch.zeros(2, 64, 64, 4)
+        fg[:, 20:40, 20:40, :2] = 1.0  # organ in slices 0-1 of both windows
+        fg[1, 20:40, 20:40, 2:] = 1.0  # and in every slice of the second
+        u = torch.zeros(2, 64, 64, 4)
+        u[0, ..., 2:] = 0.25 * dark[..., None]  # the first window's free slices carry the QR
+        p_bg = torch.where(fg > 0, torch.zeros_like(u), 1 - u)
+        probs = torch.stack([p_bg, 1 - p_bg], 1)
+        scores, n = free_slice_scores(probs, key)
+        self.assertEqual(n.tolist(), [2.0, 0.0])
+        _, n1 = free_slice_scores(probs, key, margin=1)
+        self.assertEqual(n1.tolist(), [1.0, 0.0])
+        row = read_windows(probs[:1], key)
+        self.assertEqual(row["free_slices_margin0"]["bits"], 1.0)
+        self.assertEqual(row["free_slices_margin0"]["decodes"], 1)
+        self.assertEqual(set(row), {"verifier", "free_slices_margin0", "free_slices_margin2"})
